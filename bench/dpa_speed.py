@@ -22,67 +22,17 @@ Writes bench/results/dpa_speed_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PeakMemory, machine, run_child, write_results  # noqa: E402
+
 MEASUREMENTS = ("forward", "forward+backward", "fwd+bwd (inputs)", "DPA")
 RESULTS = Path(__file__).parent / "results"
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory above the level at entry (RSS sampled every ms on CPU; the CUDA allocator on GPU)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self):
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            # hand memory freed earlier (model loading) back to the OS, or new tensors would reuse
-            # it without raising the resident size
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            self.base = _rss()
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, _rss() - self.base)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(self.peak, _rss() - self.base)
 
 
 def run_one(length: int, measurement: str, repeats: int, device: str, threads: int) -> dict:
@@ -143,24 +93,6 @@ def run_one(length: int, measurement: str, repeats: int, device: str, threads: i
     return {"length": length, "measurement": measurement, "seconds": statistics.median(times), "times": times, "peak_bytes": mem.peak}
 
 
-def machine(device: str) -> dict:
-    import torch
-    import transformer_lens  # noqa: F401
-    from importlib.metadata import version
-
-    info = {
-        "device": device,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformer_lens": version("transformer_lens"),
-        "python": platform.python_version(),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 256, 1024])
@@ -179,17 +111,14 @@ def main() -> None:
     jobs = [(n, m) for n in args.lengths for m in MEASUREMENTS]
     for i, (n, m) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {n} tokens: {m} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--child", str(n), m, "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        row = run_child(__file__, [str(n), m, "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)])
+        if "error" in row:
+            sys.exit(f"{n} tokens, {m} failed:\n{row['error']}")
+        rows.append(row)
         print(f"      {rows[-1]['seconds']:.3f} s, peak {rows[-1]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
 
     result = {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "machine": machine(args.device), "repeats": args.repeats, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"dpa_speed_{args.device.split(':')[0]}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out / f"dpa_speed_{args.device.split(':')[0]}", result, markdown)
 
 
 def markdown(result: dict) -> str:

@@ -8,7 +8,7 @@
 Every method returns an `Attribution`; `attribute(name, ...)` runs one by name.
 """
 
-from dpa_lens import datasets, plot
+from dpa_lens import datasets, evaluation, plot
 from dpa_lens.attribution import Attribution
 from dpa_lens.inputs import CacheError
 from dpa_lens.methods._grad import TrainModeError
@@ -44,6 +44,7 @@ __all__ = [
     "available_methods",
     "datasets",
     "dla",
+    "evaluation",
     "dpa",
     "dpa_hook_names",
     "dpa_names_filter",

@@ -55,7 +55,7 @@ def _recover_tokens(view: ModelView, embed: Tensor) -> Tensor:
     r = torch.randn(W_E.shape[1], generator=gen).to(W_E.device)
     keys = W_E.float() @ r
     sorted_keys, order = keys.sort()
-    flat = embed.detach().reshape(-1, embed.shape[-1]).to(W_E.device).float()
+    flat = embed.detach().reshape(-1, embed.shape[-1]).to(W_E.device).float() / view.embed_scale
     idx = torch.searchsorted(sorted_keys, flat @ r)
     window = torch.arange(-3, 4, device=W_E.device)
     cand = order[(idx[:, None] + window).clamp(0, len(order) - 1)]  # [n, 7]
@@ -73,17 +73,19 @@ def _recover_tokens(view: ModelView, embed: Tensor) -> Tensor:
 
 
 def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
-    """Check that layer 0's cached values are this model's ``W_V`` applied to the cached embeddings.
+    """Check that layer 0's cached values are this model's ``W_V`` applied to its cached input stream.
 
     Together with the embedding check of `read_inputs`, this catches a cache made by another
-    model of the same shape (another checkpoint, another seed). Needs ``hook_embed``,
+    model of the same shape (another checkpoint, another seed). Needs ``blocks.0.hook_resid_pre``,
     ``blocks.0.ln1.hook_scale`` and ``blocks.0.attn.hook_v``; costs a few positions of one layer.
     """
-    names = ("hook_embed", "blocks.0.ln1.hook_scale", "blocks.0.attn.hook_v")
+    names = ("blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale", "blocks.0.attn.hook_v")
     if not all(n in cache for n in names):
         return
     embed, scale, v = (cache[n][:, :n_pos].float() for n in names)
     a = view.attn(0)
+    if view.rules.norm == "ln":
+        embed = embed - embed.mean(-1, keepdim=True)
     x = embed / scale.to(embed.device)
     gamma = view.norm_weight("ln1", 0)
     if gamma is not None:
@@ -101,10 +103,12 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
 
 
 def _real_mask(view: ModelView, tokens: Tensor) -> Tensor:
-    """Right padding is read from trailing pad tokens in rows shorter than the longest one.
+    """Padding read from the pad token, in a batch of several rows (a single row is never padded).
 
-    Left padding needs no mask here: the last position of every row is real, and padded keys
-    carry no attention, so no score reaches them.
+    Right padding: trailing pad tokens in rows shorter than the longest one. Left padding: leading
+    pad tokens; when the BOS token is the pad token and the model prepends it, the last of them is
+    the BOS and is real (TransformerLens's rule). Pass ``attention_mask`` where this is ambiguous
+    (a prompt that really ends with the pad token, say).
     """
     real = torch.ones_like(tokens, dtype=torch.bool)
     tokenizer = getattr(view.model, "tokenizer", None)
@@ -112,14 +116,24 @@ def _real_mask(view: ModelView, tokens: Tensor) -> Tensor:
     if pad is None or tokens.shape[0] < 2:
         return real
     ends_in_pad = tokens[:, -1] == pad
-    if bool(ends_in_pad.all()) or not bool(ends_in_pad.any()):
+    if bool(ends_in_pad.any()) and not bool(ends_in_pad.all()):
+        for b in torch.nonzero(ends_in_pad).flatten().tolist():
+            row = tokens[b]
+            n = row.shape[0]
+            while n > 0 and int(row[n - 1]) == pad:
+                n -= 1
+            real[b, n:] = False
         return real
-    for b in torch.nonzero(ends_in_pad).flatten().tolist():
-        row = tokens[b]
-        n = row.shape[0]
-        while n > 0 and int(row[n - 1]) == pad:
-            n -= 1
-        real[b, n:] = False
+    bos_is_pad = getattr(tokenizer, "bos_token_id", None) == pad and bool(getattr(view.cfg, "default_prepend_bos", True))
+    leading = []
+    for row in tokens:
+        run = 0
+        while run < len(row) and int(row[run]) == pad:
+            run += 1
+        leading.append(max(run - 1, 0) if bos_is_pad else run)
+    if any(leading) and not all(leading):
+        for b, count in enumerate(leading):
+            real[b, :count] = False
     return real
 
 
@@ -141,7 +155,8 @@ def read_inputs(
         )
     if "embed.hook_in" in cache and cache["embed.hook_in"].shape == embed.shape[:2]:
         found = cache["embed.hook_in"].long()
-        if not torch.allclose(view.W_E[found.to(view.W_E.device)].float(), embed.float().to(view.W_E.device), rtol=1e-3, atol=1e-5):
+        rows = view.W_E[found.to(view.W_E.device)].float() * view.embed_scale
+        if not torch.allclose(rows, embed.float().to(view.W_E.device), rtol=1e-3, atol=1e-5 * view.embed_scale):
             raise CacheError("the cache's hook_embed does not match this model's embedding matrix: cache from another model")
     else:
         found = _recover_tokens(view, embed)

@@ -11,13 +11,14 @@ attribution was made; several methods can be compared side by side.
     dpa_lens.plot.neurons_top(attr, k=20), dpa_lens.plot.neurons_overview(attr)
     dpa_lens.plot.flow(attr)                       # layer × position (dpa(..., flow=True))
     dpa_lens.plot.scatter(dpa, patching)           # two methods' scores, with their correlation
+    dpa_lens.plot.faithfulness([curves_dpa, curves_atp])  # disruption and recovery curves
 """
 
 from __future__ import annotations
 
 import html
 import math
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -25,6 +26,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from dpa_lens.attribution import Attribution
+from dpa_lens.evaluation.agreement import correlation
 
 COLORSCALE = "RdBu_r"  # red positive, blue negative, white at zero
 Positions = Literal["sum", "answer"] | int | Sequence[int]
@@ -251,22 +253,6 @@ def flow(attr: Attribution, *, row: int = 0, title: str | None = None) -> go.Fig
     return fig
 
 
-def _ranks(x: Tensor) -> Tensor:
-    order = x.argsort()
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
-    return ranks
-
-
-def correlation(x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Pearson and Spearman correlation of two score vectors (NaN entries dropped)."""
-    keep = ~(x.isnan() | y.isnan())
-    x, y = x[keep].double(), y[keep].double()
-    pearson = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
-    spearman = float(torch.corrcoef(torch.stack([_ranks(x), _ranks(y)]))[0, 1])
-    return pearson, spearman
-
-
 def _flat_units(attr: Attribution, kind: str, row: int, sum_positions: bool) -> tuple[Tensor, list[str]]:
     t = attr.scores(kind)[row].detach().float().cpu()
     if kind == "tokens":
@@ -274,7 +260,7 @@ def _flat_units(attr: Attribution, kind: str, row: int, sum_positions: bool) -> 
         return t, [f"{i}:{s!r}" for i, s in enumerate(strs)]
     letter = "H" if kind == "heads" else "N"
     if sum_positions:
-        t = t.nansum(1)
+        t = t.sum(1)  # NaN (an unmeasured layer) stays NaN; correlation drops it
         L, U = t.shape
         return t.flatten(), [f"L{l}{letter}{u}" for l in range(L) for u in range(U)]
     L, P, U = t.shape
@@ -308,4 +294,40 @@ def scatter(
         height=520,
     )
     fig.layout.meta = {"pearson": pearson, "spearman": spearman}
+    return fig
+
+
+def faithfulness(curves: Sequence[Any], *, axis: Literal["linear", "log"] | None = None, title: str | None = None) -> go.Figure:
+    """Disruption (left) and recovery (right) curves of several methods, mean ± one standard error.
+
+    ``curves``: `dpa_lens.evaluation.Curves`, one per method. The legend gives each method's AUCs
+    (on ``axis``: log for component units, linear for tokens, by default).
+    """
+    curves = list(curves)
+    if not curves:
+        raise ValueError("no curves to plot")
+    axis = axis or ("linear" if curves[0].unit == "tokens" else "log")
+    palette = ["#4a6fa5", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c", "#30638e", "#e07a5f", "#3d405b", "#81b29a", "#f2cc8f"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["disruption: top-k ablated (lower is better)", "recovery: all but top-k ablated (higher is better)"])
+    for i, c in enumerate(curves):
+        color = palette[i % len(palette)]
+        auc = c.auc(axis)
+        name = f"{c.method} (total {auc['total']:.1f})"
+        x = c.fractions.numpy()
+        for col, y in ((1, c.disruption), (2, c.recovery)):
+            y = y.double()
+            mean = y.mean(0)
+            se = y.std(0) / max(1, y.shape[0]) ** 0.5 if y.shape[0] > 1 else torch.zeros_like(mean)
+            fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list((mean + se).numpy()) + list((mean - se).numpy()[::-1]),
+                                     fill="toself", fillcolor=color, opacity=0.15, line=dict(width=0), hoverinfo="skip",
+                                     showlegend=False, legendgroup=c.method), row=1, col=col)
+            fig.add_trace(go.Scatter(x=x, y=mean.numpy(), mode="lines+markers", line=dict(color=color), marker=dict(size=4),
+                                     name=name, legendgroup=c.method, showlegend=col == 1,
+                                     hovertemplate=c.method + "<br>fraction %{x:.3g}<br>p / p_clean %{y:.3f}<extra></extra>"),
+                          row=1, col=col)
+    for col in (1, 2):
+        fig.update_xaxes(title_text=f"fraction of {curves[0].unit}", type="log" if axis == "log" else "linear", row=1, col=col)
+    fig.update_yaxes(title_text="p(answer) / p(answer, clean)", row=1, col=1)
+    fig.update_layout(title=title or f"Faithfulness: {curves[0].unit}, {curves[0].ablation} ablation, {curves[0].disruption.shape[0]} prompts",
+                      width=1100, height=450)
     return fig

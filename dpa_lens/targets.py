@@ -40,14 +40,20 @@ class TargetError(ValueError):
 class Target:
     """A resolved target, one row per batch element.
 
-    ``directions[b] · ln_final(resid[b, position[b]]) + bias[b]`` is the explained quantity.
+    The explained quantity of a row is ``Σ_k signs[k]·cap(x̂ · columns[k] + column_bias[k])`` for
+    token targets (``cap`` is the model's final-logit soft cap, or nothing), and ``x̂ · direction``
+    for a direction, where ``x̂`` is the final norm's output at the answer position.
     """
 
-    directions: Float[Tensor, "batch d_model"]
+    directions: Float[Tensor, "batch d_model"]  # Σ signs·columns (uncapped), or the direction
     bias: Float[Tensor, " batch"]
     labels: list[str]
     token_ids: Int[Tensor, "batch 2"]  # (correct, incorrect); -1 where not a token
     logit: list[LogitKind]
+    columns: Float[Tensor, "batch 2 d_model"] | None = None
+    column_bias: Float[Tensor, "batch 2"] | None = None
+    signs: Float[Tensor, "batch 2"] | None = None  # +1, -1, or 0 where unused (direction rows)
+    final_softcap: float | None = None
 
     @property
     def batch(self) -> int:
@@ -56,13 +62,42 @@ class Target:
     def rows(self, index: Tensor) -> "Target":
         """The target of some rows (``index`` may repeat rows, e.g. one per integration step)."""
         idx = index.tolist()
+        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
         return Target(
-            directions=self.directions[index.to(self.directions.device)],
-            bias=self.bias[index.to(self.bias.device)],
+            directions=pick(self.directions),
+            bias=pick(self.bias),
             labels=[self.labels[i] for i in idx],
             token_ids=self.token_ids[index.cpu()],
             logit=[self.logit[i] for i in idx],
+            columns=pick(self.columns),
+            column_bias=pick(self.column_bias),
+            signs=pick(self.signs),
+            final_softcap=self.final_softcap,
         )
+
+    def value(self, x: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+        """The explained quantity from the final norm's output at the answer positions (differentiable)."""
+        plain = (x * self.directions.to(x)).sum(-1) + self.bias.to(x)
+        if self.final_softcap is None:
+            return plain
+        logits = torch.einsum("bd,bkd->bk", x, self.columns.to(x)) + self.column_bias.to(x)
+        capped = self.final_softcap * torch.tanh(logits / self.final_softcap)
+        tokens = (self.signs.to(x) * capped).sum(-1)
+        return torch.where(self.signs.to(x).abs().sum(-1) > 0, tokens, plain)
+
+    def linearized(self, x: Float[Tensor, "batch d_model"]) -> tuple[Tensor, Tensor]:
+        """Direction and bias with the final soft cap replaced by its secant at ``x`` (DPA's rule):
+        ``x̂·direction + bias`` equals `value`."""
+        if self.final_softcap is None:
+            return self.directions, self.bias
+        from dpa_lens.models.view import softcap_ratio
+
+        logits = torch.einsum("bd,bkd->bk", x, self.columns.to(x)) + self.column_bias.to(x)
+        weight = self.signs.to(x) * softcap_ratio(logits, self.final_softcap)
+        token_rows = self.signs.to(x).abs().sum(-1) > 0
+        directions = torch.where(token_rows[:, None], torch.einsum("bk,bkd->bd", weight, self.columns.to(x)), self.directions.to(x))
+        bias = torch.where(token_rows, (weight * self.column_bias.to(x)).sum(-1), self.bias.to(x))
+        return directions, bias
 
     def describe(self) -> dict[str, Any]:
         return {"labels": self.labels, "token_ids": self.token_ids.tolist(), "logit": self.logit}
@@ -159,7 +194,8 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
         bias = b_U[tid].float() if b_U is not None else torch.zeros((), device=device)
         return vec, bias
 
-    directions, biases, labels, ids, kinds = [], [], [], [], []
+    directions, biases, labels, ids, kinds, columns, cbias, signs = [], [], [], [], [], [], [], []
+    zero_col, zero = torch.zeros(view.d_model, device=device), torch.zeros((), device=device)
     warned = False
     for row in _per_row(target, batch):
         if isinstance(row, Tensor) and row.dtype.is_floating_point:
@@ -172,6 +208,9 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
             labels.append("direction")
             ids.append((-1, -1))
             kinds.append("direction")
+            columns.append(torch.stack([zero_col, zero_col]))
+            cbias.append(torch.stack([zero, zero]))
+            signs.append((0.0, 0.0))
         elif isinstance(row, tuple):
             if len(row) != 2:
                 raise TargetError(f"a tuple target must be (correct, incorrect), got {len(row)} entries")
@@ -182,6 +221,9 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
             labels.append(f"{_label(model, good)} − {_label(model, bad)}")
             ids.append((good, bad))
             kinds.append("difference")
+            columns.append(torch.stack([vg, vb]))
+            cbias.append(torch.stack([bg, bb]))
+            signs.append((1.0, -1.0))
         else:
             tid = token_id(model, row, view.d_vocab)
             vec, bias = column(tid)
@@ -202,12 +244,19 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
             biases.append(bias)
             labels.append(_label(model, tid))
             ids.append((tid, -1))
+            columns.append(torch.stack([vec, zero_col]))
+            cbias.append(torch.stack([bias, zero]))
+            signs.append((1.0, 0.0))
     return Target(
         directions=torch.stack(directions),
         bias=torch.stack(biases),
         labels=labels,
         token_ids=torch.tensor(ids, dtype=torch.long),
         logit=kinds,
+        columns=torch.stack(columns),
+        column_bias=torch.stack(cbias),
+        signs=torch.tensor(signs, device=device),
+        final_softcap=view.rules.final_softcap,
     )
 
 
@@ -218,8 +267,13 @@ def target_values(
     ln_final_weight: Float[Tensor, " d_model"] | None = None,
 ) -> Float[Tensor, " batch"]:
     """The explained quantity as the model computed it, from ``ln_final.hook_normalized``."""
-    rows = torch.arange(target.batch, device=normalized_final.device)
+    return target.value(final_input(normalized_final, positions, ln_final_weight))
+
+
+def final_input(
+    normalized_final: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, " batch"], ln_final_weight: Tensor | None = None
+) -> Float[Tensor, "batch d_model"]:
+    """The final norm's output at each row's answer position (what the unembedding reads)."""
+    rows = torch.arange(normalized_final.shape[0], device=normalized_final.device)
     x = normalized_final[rows, positions.to(normalized_final.device)].float()
-    if ln_final_weight is not None:
-        x = x * ln_final_weight.to(x.device)
-    return (x * target.directions.to(x.device)).sum(-1) + target.bias.to(x.device)
+    return x * ln_final_weight.to(x.device) if ln_final_weight is not None else x

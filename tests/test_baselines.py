@@ -8,6 +8,8 @@ import torch
 import dpa_lens
 from dpa_lens.methods import atp as atp_module
 
+from dpa_lens.models.testing import FAMILIES
+
 from .conftest import IOI_PROMPT, make_tiny, rel_err
 
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
@@ -38,18 +40,23 @@ def test_dla_equals_transformer_lens_logit_attrs(target, incorrect, line):
 
 
 @pytest.mark.parametrize("target", [PAIR, " Mary", 17])
-def test_dla_sums_to_the_target_with_the_remainder(target, line):
-    model, _ = make_tiny("qwen2", line=line, seed=2)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dla_sums_to_the_target_with_the_remainder(family, target, line):
+    """Every family: output norms (Gemma), learned positions (GPT-2), parallel blocks (NeoX) and
+    the final soft cap (Gemma 2) included."""
+    model, _ = make_tiny(family, line=line, seed=2)
     _, cache = model.run_with_cache([IOI_PROMPT, "The Eiffel Tower is in"], padding_side="left")
     attr = dpa_lens.dla(model, cache, target)
     total = attr.tokens.sum(-1) + attr.heads.sum((1, 2, 3)) + attr.neurons.sum((1, 2, 3)) + attr.bias
     torch.testing.assert_close(total, attr.target_value, rtol=1e-4, atol=1e-4)
-    assert attr.bias.abs().max() > 0  # qwen2 has output biases: the remainder is not empty
+    if family in ("qwen2", "gpt2", "neox"):  # output biases: the remainder is not empty
+        assert attr.bias.abs().max() > 0
 
 
-def test_dla_heads_are_dpa_direct_paths(line):
-    """DLA of the last layer's heads is what DPA gives them (nothing lies downstream but the MLP)."""
-    model, _ = make_tiny("llama", line=line, seed=3)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dla_last_neurons_are_dpa_direct_paths(family, line):
+    """DLA of the last layer's neurons is what DPA gives them: nothing lies downstream of them."""
+    model, _ = make_tiny(family, line=line, seed=3)
     _, cache = model.run_with_cache(IOI_PROMPT)
     d = dpa_lens.dla(model, cache, PAIR)
     p = dpa_lens.dpa(model, cache, PAIR, mu=dpa_lens.Mu.content_only(), effective_targets=True)
@@ -132,21 +139,23 @@ def test_atp_accepts_the_clean_cache(line):
         dpa_lens.atp(model, IOI_PROMPT, CORRUPTED, PAIR, clean_cache=other)
 
 
-def test_atp_star_parts_are_exact_single_patches(line):
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "neox"])
+def test_atp_star_parts_are_exact_single_patches(family, line):
     """AtP*'s query, key and value estimates of a head equal ∂f/∂z · Δz, where Δz comes from a real
-    forward with only that query, key or value patched: the softmax is recomputed, not linearised."""
+    forward with only that query, key or value patched: the softmax (soft cap included) is
+    recomputed, not linearised."""
     from dpa_lens.models.view import ModelView
     from dpa_lens.targets import resolve_target
 
-    model, _ = make_tiny("llama", line=line, seed=7)
+    model, _ = make_tiny(family, line=line, seed=7)
     view = ModelView(model)
-    layer, head, G = 1, 2, model.cfg.n_heads // model.cfg.n_key_value_heads
+    layer, head, G = 1, 2, view.n_heads // view.n_kv_heads
     kv = head // G
     group = slice(kv * G, (kv + 1) * G)
     clean_tok, tokens = model.to_tokens(IOI_PROMPT), model.to_tokens(CORRUPTED)
     resolved = resolve_target(model, view, PAIR, 1)
     names = atp_module.atp_names(view, qk_fix=True)
-    run = atp_module.forward_with_grads(model, view, tokens, resolved, torch.tensor([tokens.shape[1] - 1]), names)
+    run = atp_module.corrupted_run(model, view, tokens, resolved, torch.tensor([tokens.shape[1] - 1]), names)
     clean = atp_module.clean_activations(model, view, clean_tok, None, names, None)
     value, query, key = atp_module.qk_fixed_parts(view, layer, run, clean)
     z_name = f"blocks.{layer}.attn.hook_z"
@@ -165,9 +174,10 @@ def test_atp_star_parts_are_exact_single_patches(line):
         return out["z"][0] - z0
 
     q_pos, k_pos = 11, 10
-    d = dz(f"blocks.{layer}.attn.hook_rot_q", (q_pos, head))
+    q_hook, k_hook = view.qk_hook_names(layer)[:2]  # rotated queries and keys, or the un-rotated ones
+    d = dz(q_hook, (q_pos, head))
     assert float(query[0, q_pos, head]) == pytest.approx(float((g[:, head] * d[:, head]).sum()), rel=1e-3, abs=1e-6)
-    d = dz(f"blocks.{layer}.attn.hook_rot_k", (k_pos, kv))
+    d = dz(k_hook, (k_pos, kv))
     assert float(key[0, k_pos, group].sum()) == pytest.approx(float((g[:, group] * d[:, group]).sum()), rel=1e-3, abs=1e-6)
     d = dz(f"blocks.{layer}.attn.hook_v", (k_pos, kv))
     assert float(value[0, k_pos, group].sum()) == pytest.approx(float((g[:, group] * d[:, group]).sum()), rel=1e-3, abs=1e-6)

@@ -144,17 +144,20 @@ def test_mu_must_be_a_mu(tiny):
         dpa_lens.dpa(model, cache, " Mary", mu=(0.25, 0.25, 0.5, 0.5, 0.5))
 
 
-def test_unsupported_architecture_names_what_is_supported():
+def test_unsupported_architecture_names_what_is_supported(line):
+    """A mixture-of-experts model (Mixtral): its router is no block DPA's rules cover."""
     import transformers
 
     from dpa_lens.models.testing import tiny_tokenizer
 
-    cfg = transformers.GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    model = dpa_lens.load_model(transformers.GPT2LMHeadModel(cfg).eval(), tokenizer=tiny_tokenizer())
+    cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)
+    cfg.architectures = ["MixtralForCausalLM"]
+    model = dpa_lens.load_model(transformers.MixtralForCausalLM(cfg).eval(), tokenizer=tiny_tokenizer(), line=line)
     _, cache = model.run_with_cache(IOI_PROMPT)
-    with pytest.raises(UnsupportedModelError, match="Supported: Llama-family") as info:
+    with pytest.raises(UnsupportedModelError, match="Supported: Llama") as info:
         dpa_lens.dpa(model, cache, " Mary")
-    assert "GPT2LMHeadModel" in str(info.value)
+    assert "MixtralForCausalLM" in str(info.value) and "GPT-2" in str(info.value)
 
 
 def test_not_a_transformer_lens_model():

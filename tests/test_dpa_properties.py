@@ -11,14 +11,14 @@ import torch
 import dpa_lens
 from dpa_lens import Mu
 from dpa_lens.models import tl
-from dpa_lens.models.testing import tiny_hf_model, tiny_tokenizer
+from dpa_lens.models.testing import FAMILIES, tiny_hf_model, tiny_tokenizer
 
 from .conftest import IOI_PROMPT, LINES, make_tiny, rel_err
 
 PROMPTS = [IOI_PROMPT, "The Eiffel Tower is in", "After Alice and Bob went to the park, Bob gave a ball to"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("target", [" Mary", (" Mary", " John"), 7])
 def test_content_only_is_complete(family, target, line):
     """With μ_v = μ_up = 1 the re-wired network is linear in the embeddings: tokens + bias = target."""
@@ -26,6 +26,21 @@ def test_content_only_is_complete(family, target, line):
     _, cache = model.run_with_cache(IOI_PROMPT)
     attr = dpa_lens.dpa(model, cache, target, mu=Mu.content_only())
     assert torch.allclose(attr.tokens.sum(-1) + attr.bias, attr.target_value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_content_only_tokens_sum_to_the_transformers_logit(family, line):
+    """Token scores (learned positions and Gemma's embedding scale included) plus the bias terms are
+    the logit of the untouched transformers model (after its final soft cap, if any)."""
+    model, ref = make_tiny(family, line=line, seed=6)
+    tokens = model.to_tokens(IOI_PROMPT)
+    _, cache = model.run_with_cache(tokens)
+    attr = dpa_lens.dpa(model, cache, " Mary", mu=Mu.content_only())
+    with torch.no_grad():
+        logit = ref(tokens).logits[0, -1, model.to_single_token(" Mary")]
+    total = attr.tokens.sum() + attr.bias.sum()
+    assert abs(float(total - logit)) < 1e-5 * max(1.0, abs(float(logit)))
+    assert attr.bias.abs().max() < 0.5 * attr.tokens.abs().sum()  # the tokens carry the logit, not the bias
 
 
 def test_other_mu_are_not_complete(line):
@@ -167,7 +182,7 @@ def test_half_precision_models(dtype, line):
 
 
 @pytest.mark.skipif(len(LINES) < 2, reason="needs HookedTransformer and TransformerBridge (TransformerLens 3.x)")
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_hooked_transformer_equals_bridge(family):
     """The same weights through HookedTransformer and TransformerBridge give the same scores."""
     hooked, _ = make_tiny(family, line="hooked", seed=9)
@@ -209,7 +224,7 @@ def _xline_attr(family: str) -> dpa_lens.Attribution:
 
 
 @pytest.mark.skipif(XLINE_DIR is None, reason="set DPA_LENS_XLINE_DIR to compare TransformerLens lines across environments")
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_same_numbers_across_transformer_lens_versions(family):
     """CI runs the suite on TransformerLens 4.x first, which writes its scores; the 3.x run
     (HookedTransformer) must reproduce them."""
@@ -224,3 +239,25 @@ def test_same_numbers_across_transformer_lens_versions(family):
     ref = dpa_lens.Attribution.load(path)
     for kind in ("tokens", "heads", "neurons"):
         assert rel_err(getattr(attr, kind), getattr(ref, kind)) < 1e-5, kind
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_patterns_recomputed_when_not_cached(side, line):
+    """dpa_names_filter(model, patterns=False) saves the patterns' memory: DPA recomputes them from
+    the cached queries and keys (checked against the cached head outputs) with the same numbers."""
+    model, _ = make_tiny("qwen2", line=line, seed=15)
+    _, full = model.run_with_cache(PROMPTS, padding_side=side)
+    _, lean = model.run_with_cache(PROMPTS, padding_side=side, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+    assert not any(k.endswith("hook_pattern") for k in lean.keys())
+    a = dpa_lens.dpa(model, full, (" Mary", " John"), head_keys=True)
+    b = dpa_lens.dpa(model, lean, (" Mary", " John"), head_keys=True)
+    for kind in ("tokens", "heads", "neurons", "head_keys"):
+        torch.testing.assert_close(getattr(b, kind), getattr(a, kind), rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrong_recomputed_pattern_is_refused(line):
+    model, _ = make_tiny("llama", line=line, seed=16)
+    _, lean = model.run_with_cache(IOI_PROMPT, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+    lean.cache_dict["blocks.1.attn.hook_rot_k"] = lean["blocks.1.attn.hook_rot_k"].flip(1)  # not what the model used
+    with pytest.raises(dpa_lens.CacheError, match="could not be recomputed"):
+        dpa_lens.dpa(model, lean, " Mary")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dpa_lens.models.view import ModelView
-from dpa_lens.targets import Target
+from dpa_lens.targets import Target, final_input
 
 
 class TrainModeError(RuntimeError):
@@ -65,6 +65,7 @@ def forward_with_grads(
     attention_mask: Tensor | None = None,
     embed_override: Callable[[Tensor], Tensor] | None = None,
     extra_fwd_hooks: list[tuple[str, Callable]] = (),
+    act_only: Iterable[str] = (),
 ) -> GradRun:
     """Forward, then backward of the target quantity; activations and gradients at ``names``.
 
@@ -72,9 +73,11 @@ def forward_with_grads(
     position, read from ``ln_final.hook_normalized`` (gradients flow through the final norm,
     scale included, exactly as through the logits). Rows are independent, so the gradient of
     the sum over rows is each row's own gradient. ``embed_override`` maps the token embeddings
-    to what the blocks receive (integrated gradients' interpolation).
+    to what the blocks receive (integrated gradients' interpolation). ``act_only`` names are
+    recorded in ``acts`` without a gradient (constants such as rotary cos/sin).
     """
     names = list(dict.fromkeys(names))
+    act_only = [n for n in dict.fromkeys(act_only) if n not in names]
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
     captured: dict[str, Tensor] = {}
@@ -100,18 +103,13 @@ def forward_with_grads(
         captured["normalized"] = x
 
     fwd = [("hook_embed", embed_leaf), *extra_fwd_hooks]
-    fwd += [(n, save(n)) for n in names] + [("ln_final.hook_normalized", keep_normalized)]
+    fwd += [(n, save(n)) for n in names + act_only] + [("ln_final.hook_normalized", keep_normalized)]
     bwd = [(n, save_grad(n)) for n in names]
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     with torch.enable_grad(), frozen_parameters(model), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
         model(tokens, return_type=None, **kwargs)
-        x = captured["normalized"]
-        rows = torch.arange(x.shape[0], device=x.device)
-        x = x[rows, positions.to(x.device)].float()
-        ln_f = view.norm_weight("ln_final")
-        if ln_f is not None:
-            x = x * ln_f.to(x.device)
-        value = (x * target.directions.to(x.device)).sum(-1) + target.bias.to(x.device)
+        x = final_input(captured["normalized"], positions, view.norm_weight("ln_final"))
+        value = target.value(x)
         value.sum().backward()
     missing = [n for n in names if n not in grads]
     if missing:

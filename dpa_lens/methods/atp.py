@@ -28,7 +28,7 @@ from dpa_lens.attribution import Attribution
 from dpa_lens.inputs import RunInputs, inputs_from_tokens, prepare_tokens, read_inputs, resolve_positions
 from dpa_lens.methods._grad import forward_with_grads, require_eval
 from dpa_lens.methods.registry import register
-from dpa_lens.models.view import ModelView
+from dpa_lens.models.view import ModelView, softcap
 from dpa_lens.targets import Target, resolve_target, target_values
 
 
@@ -59,7 +59,7 @@ def atp_names(view: ModelView, qk_fix: bool) -> list[str]:
     for layer in range(view.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post"]
         if qk_fix:
-            names += [f"blocks.{layer}.attn.hook_{n}" for n in ("v", "rot_q", "rot_k", "pattern", "attn_scores")]
+            names += [f"blocks.{layer}.attn.hook_{n}" for n in ("v", "pattern", "attn_scores")] + view.qk_hook_names(layer)
     return names
 
 
@@ -78,6 +78,14 @@ def clean_activations(model: Any, view: ModelView, tokens: Tensor, mask: Tensor 
     return {n: cache[n] for n in needed}
 
 
+def corrupted_run(model: Any, view: ModelView, tokens: Tensor, target: Target, positions: Tensor, names: list[str],
+                  mask: Tensor | None = None):
+    """Forward and backward on the corrupted tokens, recording ``names`` (rotary angles without gradient)."""
+    constants = [n for n in names if n.endswith(("hook_cos", "hook_sin"))]
+    return forward_with_grads(model, view, tokens, target, positions, [n for n in names if n not in constants],
+                              attention_mask=mask, act_only=constants)
+
+
 def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """AtP*'s value, query and key estimates of one layer's heads, each ``[batch, pos, head]``."""
     pre = f"blocks.{layer}.attn."
@@ -91,8 +99,10 @@ def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -
     masked = ~torch.isfinite(scores) | (scores < -1e30)
     expand = lambda t: t.repeat_interleave(G, dim=2)  # noqa: E731  [b, k, K, dh] -> [b, k, H, dh]
     v, v_clean = expand(f(run.acts[pre + "hook_v"])), expand(f(clean[pre + "hook_v"]).to(g.device))
-    q, q_clean = f(run.acts[pre + "hook_rot_q"]), f(clean[pre + "hook_rot_q"]).to(g.device)
-    k, k_clean = expand(f(run.acts[pre + "hook_rot_k"])), expand(f(clean[pre + "hook_rot_k"]).to(g.device))
+    q, k = view.rotated_qk(run.acts, layer)
+    q_clean, k_clean = (t.to(g.device) for t in view.rotated_qk(clean, layer))
+    k, k_clean = expand(k), expand(k_clean)
+    cap = view.rules.attn_softcap  # the scores are capped after the scaling (Gemma 2)
     G_ = torch.einsum("bqhe,bkhe->bhqk", g, v)  # ∂f/∂α_ij = g_i · v_j
     hs = (G_ * alpha).sum(-1, keepdim=True)  # [b, H, q, 1] = g_i · z_i
 
@@ -100,14 +110,14 @@ def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -
     value = torch.einsum("bhqk,bqhe,bkhe->bkh", alpha, g, v_clean - v)
 
     # queries: row i recomputed with the clean query
-    s_new = torch.einsum("bqhe,bkhe->bhqk", q_clean, k) / scale
+    s_new = softcap(torch.einsum("bqhe,bkhe->bhqk", q_clean, k) / scale, cap)
     s_new = s_new.masked_fill(masked, float("-inf"))
     alpha_new = torch.softmax(s_new, dim=-1).nan_to_num(0.0)
     query = ((alpha_new - alpha) * G_).sum(-1).permute(0, 2, 1)  # [b, q, H]
 
     # keys: column j recomputed with the clean key, in every row; with only entry j changed,
     # α'_ij = σ(logit α_ij + Δs_ij) and the rest of row i scales by (1 − α'_ij)/(1 − α_ij)
-    ds = torch.einsum("bqhe,bkhe->bhqk", q, k_clean - k) / scale
+    ds = softcap(torch.einsum("bqhe,bkhe->bhqk", q, k_clean) / scale, cap) - softcap(torch.einsum("bqhe,bkhe->bhqk", q, k) / scale, cap)
     ds = ds.clamp(-80.0, 80.0)
     rest = (1.0 - alpha).clamp_min(0.0)
     denom = rest + alpha * torch.exp(ds)  # (1 − α + α e^{Δs})
@@ -151,7 +161,7 @@ def atp(
     resolved: Target = resolve_target(model, view, target, corr_in.batch, logit=logit)
     names = atp_names(view, qk_fix)
     clean = clean_activations(model, view, clean_tok, mask, names, clean_cache)
-    run = forward_with_grads(model, view, corr_tok, resolved, positions, names, attention_mask=mask)
+    run = corrupted_run(model, view, corr_tok, resolved, positions, names, mask)
     clean_value = target_values(resolved, clean["ln_final.hook_normalized"], positions, view.norm_weight("ln_final"))
 
     L = view.n_layers

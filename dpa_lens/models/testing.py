@@ -71,7 +71,65 @@ def tiny_tokenizer(vocab_size: int = 512):
     return AutoTokenizer.from_pretrained(_tokenizer_folder(vocab_size))
 
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "neox")
+SLIDING_WINDOW = 4  # tiny windows, so that prompts of a dozen tokens reach past them
+
+
+def _config(family: str, *, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, d_mlp: int,
+            vocab_size: int, init_scale: float) -> tuple[Any, Any]:
+    import transformers as hf
+
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=init_scale,
+        **ids,
+    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if family == "llama":
+        return hf.LlamaConfig(**common, rope_parameters=rope), hf.LlamaForCausalLM
+    if family == "mistral":  # every layer attends within the window
+        return hf.MistralConfig(**common, rope_parameters=rope, sliding_window=SLIDING_WINDOW), hf.MistralForCausalLM
+    if family == "qwen2":  # biases on q, k, v
+        return hf.Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False), hf.Qwen2ForCausalLM
+    if family == "qwen3":  # query-key norm, head_dim apart from d_model / n_heads
+        return hf.Qwen3Config(**common, rope_parameters=rope, head_dim=24, use_sliding_window=False), hf.Qwen3ForCausalLM
+    if family == "gemma2":  # GeGLU, norms around the sublayers, both soft caps, sliding windows
+        config = hf.Gemma2Config(
+            **common, rope_parameters=rope, head_dim=16, query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+            sliding_window=SLIDING_WINDOW, layer_types=alternating, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
+        )
+        return config, hf.Gemma2ForCausalLM
+    if family == "gemma3":  # Gemma 2 plus query-key norm, local and global rotary bases
+        config = hf.Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh",
+            sliding_window=SLIDING_WINDOW, layer_types=alternating,
+            rope_parameters={"full_attention": dict(rope, rope_theta=100000.0), "sliding_attention": rope},
+        )
+        return config, hf.Gemma3ForCausalLM
+    if family == "gpt2":  # LayerNorm, GELU MLP, learned positions, biases everywhere
+        config = hf.GPT2Config(
+            vocab_size=vocab_size, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp,
+            activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=init_scale, **ids,
+        )
+        return config, hf.GPT2LMHeadModel
+    if family == "neox":  # parallel attention and MLP, partial rotary (Pythia)
+        config = hf.GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            intermediate_size=d_mlp, hidden_act="gelu", max_position_embeddings=256, layer_norm_eps=1e-5,
+            initializer_range=init_scale, use_parallel_residual=True,
+            rope_parameters=dict(rope, partial_rotary_factor=0.5), **ids,
+        )
+        return config, hf.GPTNeoXForCausalLM
+    raise ValueError(f"unknown tiny model family {family!r}; choose from {FAMILIES}")
 
 
 def tiny_hf_model(
@@ -87,44 +145,30 @@ def tiny_hf_model(
     init_scale: float = 0.2,
     dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """A small random ``transformers`` causal LM of the given family, in eval mode."""
-    import transformers as hf
+    """A small random ``transformers`` causal LM of the given family (see `FAMILIES`), in eval mode.
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        initializer_range=init_scale,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    if family == "llama":
-        config, cls = hf.LlamaConfig(**common), hf.LlamaForCausalLM
-    elif family == "mistral":
-        config, cls = hf.MistralConfig(**common, sliding_window=None), hf.MistralForCausalLM
-    elif family == "qwen2":
-        config, cls = hf.Qwen2Config(**common, use_sliding_window=False), hf.Qwen2ForCausalLM
-    else:
-        raise ValueError(f"unknown tiny model family {family!r}; choose from {FAMILIES}")
+    Norm gains and biases are random (not 1 and 0), and the embedding of the pad token (id 0, also
+    BOS) is not zero, so that every term of every family's forward is exercised.
+    """
+    config, cls = _config(family, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                          d_mlp=d_mlp, vocab_size=vocab_size, init_scale=init_scale)
     config.architectures = [cls.__name__]
     config._name_or_path = f"tiny-{family}"
     torch.manual_seed(seed)
     model = cls(config)
     gen = torch.Generator().manual_seed(seed + 1)
+    offset = 0.0 if family.startswith("gemma") else 1.0  # Gemma's RMSNorm stores w for a gain of 1 + w
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=gen))
+            if "norm" in name or ".ln_" in name:
+                if name.endswith("bias"):
+                    param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+                else:
+                    param.copy_(offset + 0.3 * torch.randn(param.shape, generator=gen))
             elif name.endswith("bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+        embed = model.get_input_embeddings().weight
+        embed[0] = init_scale * torch.randn(embed.shape[1], generator=gen)
     return model.to(dtype).eval()
 
 

@@ -3,14 +3,16 @@
 Attribution methods never touch ``HookedTransformer`` or ``TransformerBridge`` directly; they ask a
 `ModelView` for
 
+* the model's `BlockRules`, decided once from its config: RMSNorm or LayerNorm, gated or plain MLP
+  and its activation, sequential or parallel attention and MLP, rotary dimensions, query-key norms,
+  norms after the sublayers, soft-capping;
 * attention weights with grouped key/value heads (``W_K``/``W_V`` are ``[n_kv_heads, d_model,
-  d_head]`` whatever the line stores), absent biases as ``None``;
-* gated-MLP weights, the norm weights that processing did not fold (``None`` when folded);
+  d_head]`` whatever the line stores), absent biases as ``None``; MLP weights;
+* the gains of the norms that processing did not fold (``None`` when folded), in one convention
+  (RMSNorm "with offset" stores ``w`` for a gain of ``1 + w``);
 * the rotary ``cos``/``sin`` the forward actually used (the bridge caches them; for
   ``HookedTransformer`` they come from its buffers at the positions its forward used);
 * the unembedding, and the offset that turns a centred logit back into the model's raw logit.
-
-It also decides, once, whether the model is one dpa_lens supports.
 """
 
 from __future__ import annotations
@@ -26,16 +28,40 @@ from torch import Tensor
 from dpa_lens.models import tl
 from dpa_lens.models.load import UNEMBED_OFFSET_ATTR
 
-# Architectures whose blocks are exactly: RMSNorm -> RoPE attention (GQA) -> RMSNorm -> SwiGLU MLP.
+# Architectures whose blocks dpa_lens's rules cover, each tested against its own autograd oracle.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "Llama (incl. SmolLM2, Llama 2/3)",
-    "MistralForCausalLM": "Mistral",
+    "MistralForCausalLM": "Mistral (sliding-window attention)",
     "Qwen2ForCausalLM": "Qwen2 / Qwen2.5",
+    "Qwen3ForCausalLM": "Qwen3 (query-key norm)",
+    "GPT2LMHeadModel": "GPT-2 (LayerNorm, GELU MLP, learned positions)",
+    "GPTNeoXForCausalLM": "GPT-NeoX / Pythia (parallel attention and MLP, partial rotary)",
+    "Gemma2ForCausalLM": "Gemma 2 (GeGLU, norms after the sublayers, soft-capping, sliding windows)",
+    "Gemma3ForCausalLM": "Gemma 3 text (Gemma 2's rules plus query-key norm)",
 }
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
 
 
 class UnsupportedModelError(NotImplementedError):
     """The model's architecture is not one whose DPA rules dpa_lens implements."""
+
+
+@dataclass(frozen=True)
+class BlockRules:
+    """What a block computes, as far as DPA's propagation rules care."""
+
+    norm: str  # "rms" or "ln" (LayerNorm keeps its centring)
+    norm_offset: bool  # RMSNorm gains stored as w for 1 + w (Gemma on the bridge)
+    gated: bool  # gated MLP (SwiGLU, GeGLU) or plain (GPT-2's GELU)
+    act: str
+    parallel: bool  # attention and MLP both read the block's input (GPT-NeoX)
+    rotary: bool
+    rot_hooks: bool  # the cache holds rotated queries and keys (else they are rotated here)
+    qk_norm: bool
+    post_norms: bool  # norms on the sublayers' outputs (Gemma 2/3)
+    attn_softcap: float | None
+    final_softcap: float | None
+    sliding_window: bool  # some layers attend within a window: patterns must be cached
 
 
 @dataclass
@@ -52,9 +78,10 @@ class AttnWeights:
 
 @dataclass
 class MLPWeights:
-    W_gate: Float[Tensor, "d_model d_mlp"]
     W_in: Float[Tensor, "d_model d_mlp"]
     W_out: Float[Tensor, "d_mlp d_model"]
+    W_gate: Float[Tensor, "d_model d_mlp"] | None  # gated MLPs only
+    b_in: Float[Tensor, " d_mlp"] | None  # plain MLPs only (a gated one with b_in is refused)
     b_out: Float[Tensor, " d_model"] | None
 
 
@@ -83,9 +110,57 @@ def rotate_half(x: Tensor, adjacent_pairs: bool = False) -> Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def rotate_half_transpose(x: Tensor, adjacent_pairs: bool = False) -> Tensor:
-    """Pᵀ = -P (P is a rotation by 90° in each plane)."""
-    return -rotate_half(x, adjacent_pairs)
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, adjacent_pairs: bool = False) -> Tensor:
+    """Rotary embedding of the first ``cos.shape[-1]`` dimensions (the rest pass through)."""
+    r = cos.shape[-1]
+    head, tail = x[..., :r], x[..., r:]
+    return torch.cat([head * cos + rotate_half(head, adjacent_pairs) * sin, tail], dim=-1)
+
+
+def unrotate(g: Tensor, cos: Tensor, sin: Tensor, adjacent_pairs: bool = False) -> Tensor:
+    """Transpose of `rotate`: Rᵀg = g·cos − P(g·sin) on the rotated dimensions (Pᵀ = −P)."""
+    r = cos.shape[-1]
+    head, tail = g[..., :r], g[..., r:]
+    return torch.cat([head * cos - rotate_half(head * sin, adjacent_pairs), tail], dim=-1)
+
+
+def pull_norm(update: Tensor, scale: Tensor, gain: Tensor | None, center: bool) -> Tensor:
+    """Transpose of a norm with its scale frozen: times the gain, centred (LayerNorm), over the scale.
+
+    Maps a target at a norm's output to the target at its input.
+    """
+    if gain is not None:
+        update = update * gain.to(update.device)
+    if center:
+        update = update - update.mean(-1, keepdim=True)
+    return update / scale
+
+
+def softcap(x: Tensor, cap: float | None) -> Tensor:
+    """``cap·tanh(x/cap)``, or ``x`` when there is no cap."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def activation(name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(act(x), act(x)/x)``: the activation and its secant slope (exact at 0, no division)."""
+    if name in ("silu", "swish"):
+        ratio = torch.sigmoid(x)
+    elif name == "gelu":
+        ratio = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    elif name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        ratio = 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    elif name == "relu":
+        ratio = (x > 0).to(x.dtype)
+    else:
+        raise UnsupportedModelError(f"activation {name!r}")
+    return x * ratio, ratio
+
+
+def softcap_ratio(x: Tensor, cap: float) -> Tensor:
+    """Secant slope ``cap·tanh(x/cap)/x`` of a soft cap (1 at x = 0)."""
+    y = x / cap
+    safe = y.abs() > 1e-4
+    return torch.where(safe, torch.tanh(y) / torch.where(safe, y, torch.ones_like(y)), 1.0 - y * y / 3.0)
 
 
 class ModelView:
@@ -113,44 +188,96 @@ class ModelView:
             getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None) or "unknown"
         )
         self.adjacent_pairs: bool = bool(getattr(cfg, "rotary_adjacent_pairs", False))
+        self._hf_config = getattr(getattr(model, "original_model", None), "config", None)
 
-    # ------------------------------------------------------------------ support
+    # ------------------------------------------------------------------ rules and support
+    def _soft_cap(self, name: str) -> float | None:
+        cap = getattr(self.cfg, name, -1.0)
+        return float(cap) if cap is not None and cap > 0 else None
+
+    @property
+    def rules(self) -> BlockRules:
+        cfg, block = self.cfg, self.model.blocks[0]
+        norm = str(getattr(cfg, "normalization_type", None))
+        window = getattr(self._hf_config, "sliding_window", None) if self._hf_config is not None else getattr(cfg, "window_size", None)
+        local = bool(window) or bool(getattr(cfg, "use_local_attn", False))
+        return BlockRules(
+            norm="ln" if norm.startswith("LN") else "rms",
+            norm_offset=bool(getattr(cfg, "rmsnorm_uses_offset", False)),
+            gated=bool(getattr(cfg, "gated_mlp", False)),
+            act=str(cfg.act_fn),
+            parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            rotary=getattr(cfg, "positional_embedding_type", None) == "rotary",
+            rot_hooks=self._fires_rot_hooks(block.attn),
+            qk_norm=getattr(block.attn, "q_norm", None) is not None,
+            post_norms=hasattr(block, "ln1_post") or bool(getattr(cfg, "use_normalization_before_and_after", False)),
+            attn_softcap=self._soft_cap("attn_scores_soft_cap"),
+            final_softcap=self._soft_cap("output_logits_soft_cap"),
+            sliding_window=local,
+        )
+
+    def _fires_rot_hooks(self, attn: Any) -> bool:
+        """Whether the forward fills ``hook_rot_q``/``hook_rot_k``: HookedTransformer's rotary attention
+        does; on the bridge only the split-projection rotary attention does (GPT-NeoX's joint
+        projection declares the hooks but leaves them empty, and its ``hook_q`` is un-rotated)."""
+        if not hasattr(attn, "hook_rot_q"):
+            return False
+        if not self.is_bridge:
+            return True
+        return any(cls.__name__ == "PositionEmbeddingsAttentionBridge" for cls in type(attn).__mro__)
+
+    @property
+    def q_hook(self) -> str:
+        """The query hook whose positions DPA reads (rotated where the cache has rotated queries)."""
+        rules = self.rules
+        return "attn.hook_rot_q" if rules.rotary and rules.rot_hooks else "attn.hook_q"
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor between ``hook_embed`` and ``W_E`` rows: Gemma's √d_model (in the model's dtype) on
+        the bridge; HookedTransformer folds it into ``W_E``."""
+        if self.is_bridge and self.architecture.startswith("Gemma"):
+            return float(torch.tensor(self.d_model**0.5, dtype=self.W_E.dtype))
+        return 1.0
+
+    def qk_hook_names(self, layer: int) -> list[str]:
+        """The hooks from which `rotated_qk` rebuilds a layer's queries and keys as the scores see them."""
+        rules, pre = self.rules, f"blocks.{layer}.attn."
+        if rules.rotary and rules.rot_hooks:
+            return [pre + "hook_rot_q", pre + "hook_rot_k"]
+        return [pre + "hook_q", pre + "hook_k"] + ([pre + "hook_cos", pre + "hook_sin"] if rules.rotary else [])
+
+    def rotated_qk(self, acts: Any, layer: int) -> tuple[Tensor, Tensor]:
+        """Queries ``[batch, pos, head, d_head]`` and keys ``[batch, pos, kv_head, d_head]`` after any
+        query-key norm and rotary embedding, from the activations named by `qk_hook_names`."""
+        names = self.qk_hook_names(layer)
+        q, k = acts[names[0]].float(), acts[names[1]].float()
+        if len(names) == 4:  # rotary without rotated-query hooks (GPT-NeoX on the bridge)
+            cos, sin = acts[names[2]].float().unsqueeze(2), acts[names[3]].float().unsqueeze(2)
+            q, k = rotate(q, cos, sin, self.adjacent_pairs), rotate(k, cos, sin, self.adjacent_pairs)
+        return q, k
+
     def check_supported(self, method: str = "DPA") -> None:
         """Raise `UnsupportedModelError` unless the model's blocks are ones dpa_lens implements."""
         cfg = self.cfg
-        problems = []
         if self.is_bridge and not getattr(self.model, "compatibility_mode", False):
             raise UnsupportedModelError(
                 "This TransformerBridge is not in compatibility mode; call "
                 "model.enable_compatibility_mode() first (dpa_lens.load_model does), so that the "
                 "cache has TransformerLens's hook names."
             )
+        problems = []
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             problems.append(f"architecture {self.architecture}")
-        norm = str(getattr(cfg, "normalization_type", None))
-        if norm not in ("RMS", "RMSPre"):
-            problems.append(f"normalization {norm}")
-        if not getattr(cfg, "gated_mlp", False) or str(cfg.act_fn) not in ("silu", "swish"):
-            problems.append(f"MLP (gated={getattr(cfg, 'gated_mlp', False)}, act_fn={cfg.act_fn})")
-        if getattr(cfg, "positional_embedding_type", None) != "rotary":
-            problems.append(f"positional embedding {cfg.positional_embedding_type}")
-        rot = getattr(cfg, "rotary_dim", None)
-        if rot not in (None, self.d_head):
-            problems.append(f"partial rotary (rotary_dim={rot})")
-        for flag in ("parallel_attn_mlp", "use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
-            if getattr(cfg, flag, False):
-                problems.append(flag)
-        for cap in ("attn_scores_soft_cap", "output_logits_soft_cap"):
-            if (getattr(cfg, cap, -1.0) or -1.0) > 0:
-                problems.append(cap)
+        if str(getattr(cfg, "normalization_type", None)) not in ("RMS", "RMSPre", "LN", "LNPre"):
+            problems.append(f"normalization {getattr(cfg, 'normalization_type', None)}")
+        if str(cfg.act_fn) not in ACTIVATIONS:
+            problems.append(f"activation {cfg.act_fn}")
         if getattr(cfg, "num_experts", None):
             problems.append("mixture of experts")
         if problems:
             supported = "; ".join(SUPPORTED_ARCHITECTURES.values())
-            raise UnsupportedModelError(
-                f"{method} in dpa_lens does not support this model yet ({', '.join(problems)}). "
-                f"Supported: Llama-family blocks (RMSNorm, RoPE, grouped-query attention, SwiGLU): {supported}."
-            )
+            raise UnsupportedModelError(f"{method} in dpa_lens does not support this model ({', '.join(problems)}). Supported: {supported}.")
 
     # ------------------------------------------------------------------ weights
     def _block(self, layer: int) -> Any:
@@ -160,41 +287,51 @@ class ModelView:
         """Attention weights of one layer, float32, grouped K/V, absent or zero biases as None."""
         a = self._block(layer).attn
         f = lambda t: None if t is None else t.detach().float()  # noqa: E731
-        W_K = _get(a, "_W_K") if _get(a, "_W_K") is not None else a.W_K
-        W_V = _get(a, "_W_V") if _get(a, "_W_V") is not None else a.W_V
-        b_K = _get(a, "_b_K") if _get(a, "_W_K") is not None else _get(a, "b_K")
-        b_V = _get(a, "_b_V") if _get(a, "_W_V") is not None else _get(a, "b_V")
+        grouped = _get(a, "_W_K") is not None
         return AttnWeights(
             W_Q=f(a.W_Q),
-            W_K=f(W_K),
-            W_V=f(W_V),
+            W_K=f(_get(a, "_W_K") if grouped else a.W_K),
+            W_V=f(_get(a, "_W_V") if grouped else a.W_V),
             W_O=f(a.W_O),
             b_Q=f(_nonzero_or_none(_get(a, "b_Q"))),
-            b_K=f(_nonzero_or_none(b_K)),
-            b_V=f(_nonzero_or_none(b_V)),
+            b_K=f(_nonzero_or_none(_get(a, "_b_K") if grouped else _get(a, "b_K"))),
+            b_V=f(_nonzero_or_none(_get(a, "_b_V") if grouped else _get(a, "b_V"))),
             b_O=f(_nonzero_or_none(_get(a, "b_O"))),
         )
 
     def mlp(self, layer: int) -> MLPWeights:
-        """Gated-MLP weights of one layer (float32). A pre-activation bias is not supported."""
+        """MLP weights of one layer (float32)."""
         m = self._block(layer).mlp
-        for name in ("b_in", "b_gate"):
-            if _nonzero_or_none(_get(m, name)) is not None:
-                raise UnsupportedModelError(f"gated MLP with a non-zero {name} (layer {layer}) is not supported")
+        gated = self.rules.gated
+        b_in = _nonzero_or_none(_get(m, "b_in"))
+        if gated and (b_in is not None or _nonzero_or_none(_get(m, "b_gate")) is not None):
+            raise UnsupportedModelError(f"gated MLP with a non-zero input bias (layer {layer}) is not supported")
+        f = lambda t: None if t is None else t.detach().float()  # noqa: E731
         return MLPWeights(
-            W_gate=m.W_gate.detach().float(),
-            W_in=m.W_in.detach().float(),
-            W_out=m.W_out.detach().float(),
-            b_out=None if _nonzero_or_none(_get(m, "b_out")) is None else m.b_out.detach().float(),
+            W_in=f(m.W_in),
+            W_out=f(m.W_out),
+            W_gate=f(m.W_gate) if gated else None,
+            b_in=None if gated else f(b_in),
+            b_out=f(_nonzero_or_none(_get(m, "b_out"))),
         )
 
-    def norm_weight(self, name: str, layer: int | None = None) -> Float[Tensor, " d_model"] | None:
-        """Weight of ``ln1``/``ln2`` of a layer or of ``ln_final``; None when folded (all ones)."""
-        module = self.model.ln_final if name == "ln_final" else getattr(self._block(layer), name)
+    def _gain(self, module: Any) -> Tensor | None:
         w = _get(module, "w")
-        if w is None or bool((w == 1).all()):
+        if w is None:
             return None
-        return w.detach().float()
+        w = w.detach().float()
+        if self.rules.norm_offset:
+            w = 1.0 + w
+        return None if bool((w == 1).all()) else w
+
+    def norm_weight(self, name: str, layer: int | None = None) -> Float[Tensor, " d_model"] | None:
+        """Gain of ``ln1``/``ln2``/``ln1_post``/``ln2_post`` of a layer or of ``ln_final``; None when one."""
+        module = self.model.ln_final if name == "ln_final" else getattr(self._block(layer), name)
+        return self._gain(module)
+
+    def qk_norm_weight(self, layer: int, which: str) -> Float[Tensor, " d_head"] | None:
+        """Gain of the query (``"q"``) or key (``"k"``) norm of a layer; None when one."""
+        return self._gain(getattr(self._block(layer).attn, f"{which}_norm"))
 
     def attn_scale(self, layer: int) -> float:
         """The divisor of q·k in the attention scores."""
@@ -243,3 +380,10 @@ class ModelView:
     def rotary_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
         a = self._block(layer).attn
         return a.rotary_cos, a.rotary_sin
+
+    def qk_norm_scale(self, cache: Any, layer: int, which: str, batch: int, n: int) -> Tensor:
+        """The query/key norm's cached scale as ``[batch, pos, heads, 1]`` (lines lay it out differently)."""
+        s = cache[f"blocks.{layer}.attn.{which}_norm.hook_scale"]
+        if s.ndim == 4:  # bridge: [batch, heads, pos, 1]
+            return s.permute(0, 2, 1, 3)
+        return s.reshape(batch, n, -1, 1)  # HookedTransformer: [(batch pos heads), 1]

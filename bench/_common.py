@@ -1,0 +1,99 @@
+"""What the benchmark scripts share: peak-memory measurement, child processes, machine facts."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry (RSS sampled every ms on CPU; the CUDA allocator on GPU)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            # hand memory freed earlier (model loading) back to the OS, or new tensors would reuse
+            # it without raising the resident size
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.base = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss() - self.base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, _rss() - self.base)
+
+
+def run_child(script: str, args: list[str], timeout: float | None = None) -> dict:
+    """Run ``script --child ARGS`` in a fresh process and return the JSON it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-5:])
+        return {"error": tail or f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    info = {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformer_lens": version("transformer_lens"),
+        "dpa_lens": version("dpa-lens"),
+        "python": platform.python_version(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(stem: Path, result: dict, markdown: Callable[[dict], str]) -> None:
+    """Write ``stem.json`` and ``stem.md`` (the markdown rendering), and print the markdown."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
