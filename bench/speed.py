@@ -1,6 +1,6 @@
 """Seconds and peak memory per example of every costly method, on SmolLM2-135M.
 
-    python bench/speed.py            # the full run (~25 min on 2 CPU cores)
+    python bench/speed.py            # the full run (~27 min on 2 CPU cores, 11 of them at 8192 tokens)
     python bench/speed.py --quick    # a few points, for CI
     python bench/speed.py --device cuda
 
@@ -8,11 +8,15 @@ Three tables:
 
 1. time and peak memory per example against one plain forward+backward, at 32 … 2048 tokens:
    DPA (tokens, heads and neurons, the cache forward included), AtP (clean forward, corrupted
-   forward and backward), integrated gradients (128 steps; up to 512 tokens) and exact activation
-   patching of every head (up to 256 tokens);
+   forward and backward), integrated gradients (128 steps) and exact activation patching of every
+   head (both at 32 and 256 tokens);
 2. scaling in the number of components attributed, at 256 tokens: DPA scoring only tokens, adding
    heads, neurons and per-key head scores, against exact patching of 9, 90 and 270 heads;
-3. the longest context DPA handles within 24 GiB (patterns recomputed, not cached).
+3. the longest context DPA handles within 24 GiB (patterns recomputed, not cached), trying
+   SmolLM2's maximum of 8192 tokens first, then 4096 and 2048.
+
+Each measurement is a warm-up (whose peak memory is recorded) and then up to --repeats timed runs
+(fewer once they add up to 20 s; none after a warm-up over a minute).
 
 Each measurement runs in a fresh process (see _common.PeakMemory). Writes
 bench/results/speed_smollm2[_cuda].md and .json.
@@ -78,7 +82,7 @@ def run_one(measurement: str, length: int, repeats: int, device: str, option: st
     times = [first]
     if first < 60:  # long runs: the warm-up is the measurement
         times = []
-        for _ in range(repeats):
+        while len(times) < repeats and (not times or sum(times) < 20):  # at most ~20 s of repeats
             start = time.perf_counter()
             once()
             times.append(time.perf_counter() - start)
@@ -89,15 +93,15 @@ def plan(quick: bool) -> tuple[list, list, list]:
     if quick:
         lengths = [32, 128]
         main = [(m, n, "") for n in lengths for m in ("forward+backward", "dpa", "atp")] + [("integrated_gradients", 32, ""), ("patching", 32, "")]
-        scaling = [("dpa", 128, "tokens"), ("dpa", 128, "")]
+        scaling = [("dpa", 128, "tokens")]
         longest = [("dpa", 512, "no-patterns")]
         return main, scaling, longest
-    lengths = [32, 128, 512, 1024, 2048]
+    lengths = [32, 256, 1024, 2048]
     main = [(m, n, "") for n in lengths for m in ("forward+backward", "dpa", "atp")]
-    main += [("integrated_gradients", n, "") for n in lengths if n <= 512]
-    main += [("patching", n, "") for n in lengths if n <= 256]
-    scaling = [("dpa", 256, o) for o in ("tokens", "tokens+heads", "", "head_keys")] + [("patching", 256, o) for o in ("9", "90", "")]
-    longest = [("dpa", n, "no-patterns") for n in (2048, 4096, 8192)]
+    main += [(m, n, "") for m in ("integrated_gradients", "patching") for n in (32, 256)]
+    # at 256 tokens the main table already has DPA with every kind and patching of all 270 heads
+    scaling = [("dpa", 256, o) for o in ("tokens", "tokens+heads", "head_keys")] + [("patching", 256, o) for o in ("9", "90")]
+    longest = [("dpa", n, "no-patterns") for n in (8192, 4096, 2048)]  # from the model's maximum down
     return main, scaling, longest
 
 
@@ -114,7 +118,8 @@ def markdown(result: dict) -> str:
         "# Speed and memory of dpa_lens's methods on SmolLM2-135M",
         "",
         f"Device: {mach['device']} ({where}); torch {mach['torch']}, TransformerLens {mach['transformer_lens']}. "
-        f"Median of {result['repeats']} runs after a warm-up (one run when it takes over a minute); peak memory above "
+        f"Median of up to {result['repeats']} runs after a warm-up (fewer once they add up to 20 s; the warm-up alone when "
+        "it takes over a minute); peak memory above "
         "the loaded model. Per example (one prompt). Produced by `python bench/speed.py"
         + (" --quick`." if result["quick"] else "`."),
         "",
@@ -137,6 +142,9 @@ def markdown(result: dict) -> str:
     scaling = [r for r in rows if r.get("section") == "scaling"]
     if scaling:
         n = scaling[0]["length"]
+        order = [("dpa", "tokens"), ("dpa", "tokens+heads"), ("dpa", ""), ("dpa", "head_keys"), ("patching", "9"), ("patching", "90"), ("patching", "")]
+        scaling = [r for key in order for r in rows if (r["measurement"], r["option"]) == key and r["length"] == n
+                   and r.get("section") in ("scaling", "main")]
         lines += ["", f"## Scaling in the number of components attributed ({n} tokens)", "",
                   "| method | units scored | seconds | peak memory |", "|---|---|---:|---:|"]
         names = {("dpa", "tokens"): "tokens", ("dpa", "tokens+heads"): "tokens + 270 heads × positions",
@@ -180,6 +188,8 @@ def main() -> None:
     jobs = [(j, "main") for j in main_rows] + [(j, "scaling") for j in scaling] + [(j, "longest") for j in longest]
     rows = []
     for i, ((m, n, o), section) in enumerate(jobs, 1):
+        if section == "longest" and any(r.get("section") == "longest" and "error" not in r and r["peak_bytes"] < LIMIT_BYTES for r in rows):
+            break  # a longer context already fits
         print(f"[{i}/{len(jobs)}] {m} {o} at {n} tokens ...", file=sys.stderr, flush=True)
         row = run_child(__file__, [m, str(n), o or "-", "--repeats", str(args.repeats), "--device", args.device])
         row.update({"measurement": m, "length": n, "option": o, "section": section})

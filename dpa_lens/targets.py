@@ -215,6 +215,11 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
             if len(row) != 2:
                 raise TargetError(f"a tuple target must be (correct, incorrect), got {len(row)} entries")
             good, bad = (token_id(model, t, view.d_vocab) for t in row)
+            if good == bad:
+                raise TargetError(
+                    f"the (correct, incorrect) pair names the same token twice ({_label(model, good)!r}): "
+                    "its logit difference is 0 whatever the model does"
+                )
             (vg, bg), (vb, bb) = column(good), column(bad)
             directions.append(vg - vb)
             biases.append(bg - bb)

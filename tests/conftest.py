@@ -50,7 +50,15 @@ def make_tiny(family: str = "llama", line: str | None = None, seed: int = 0, **k
 def smollm2_hf():
     """SmolLM2-135M-Instruct as a transformers model and tokenizer (never modified by tests)."""
     try:
-        hf, tok = load_bundled_hf()
+        previous = os.environ.get("DPA_LENS_CACHE")
+        os.environ["DPA_LENS_CACHE"] = "off"  # the reference is read from the GGUF file itself
+        try:
+            hf, tok = load_bundled_hf()
+        finally:
+            if previous is None:
+                del os.environ["DPA_LENS_CACHE"]
+            else:
+                os.environ["DPA_LENS_CACHE"] = previous
     except ModelNotAvailableError as err:
         if os.environ.get("DPA_LENS_REQUIRE_SMOLLM2") == "1":
             raise

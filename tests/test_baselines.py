@@ -234,28 +234,41 @@ def test_gradient_methods_equal_autograd_on_the_transformers_model(signed, line)
 
 
 @pytest.mark.filterwarnings("ignore:integrated gradients are incomplete")
-def test_integrated_gradients_equal_a_reference_riemann_sum(line):
+@pytest.mark.parametrize("keep_bos", [False, True])
+def test_integrated_gradients_equal_a_reference_riemann_sum(keep_bos, line):
     model, ref = make_tiny("llama", line=line, seed=9, init_scale=0.05)
     tokens = model.to_tokens(IOI_PROMPT)
+    assert int(tokens[0, 0]) == model.tokenizer.bos_token_id
     good, bad = model.to_single_token(" Mary"), model.to_single_token(" John")
     steps = 16
-    attr = dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, steps=steps, quadrature="riemann_right", batch_size=5, progress=False)
+    attr = dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, steps=steps, quadrature="riemann_right", keep_bos=keep_bos,
+                                         batch_size=5, progress=False)
     E = ref.model.embed_tokens(tokens).detach()
+    base = torch.zeros_like(E)
+    if keep_bos:
+        base[:, 0] = E[:, 0]
     total = torch.zeros_like(E)
     for k in range(1, steps + 1):
-        x = (k / steps * E).requires_grad_(True)
+        x = (base + k / steps * (E - base)).requires_grad_(True)
         logits = ref(inputs_embeds=x).logits
         (g,) = torch.autograd.grad(logits[0, -1, good] - logits[0, -1, bad], [x])
         total += g / steps
-    expected = (E * total).sum(-1)
+    expected = ((E - base) * total).sum(-1)
     assert rel_err(attr.tokens, expected) < 1e-4
+    with torch.no_grad():
+        f0 = ref(inputs_embeds=base).logits[0, -1]
+    assert float(attr.bias[0]) == pytest.approx(float(f0[good] - f0[bad]), abs=1e-4)
+    assert (float(attr.tokens[0, 0]) == 0.0) == keep_bos
 
 
-@pytest.mark.parametrize("baseline", ["zero", "tensor"])
+@pytest.mark.parametrize("baseline", ["zero", "zero_all", "tensor"])
 def test_integrated_gradients_are_complete_on_a_tiny_model(baseline, line):
     model, _ = make_tiny("llama", line=line, seed=10, init_scale=0.05)
-    if baseline == "zero":  # the stiff start from zero, resolved decade by decade
-        prompts, options = [IOI_PROMPT, "The Eiffel Tower is in"], dict(quadrature="log", alpha_min=1e-8, steps=256)
+    prompts = [IOI_PROMPT, "The Eiffel Tower is in"]
+    if baseline == "zero":  # the default: adaptive, BOS kept
+        options = dict(steps=128)
+    elif baseline == "zero_all":  # the stiff start from an all-zero input, resolved decade by decade
+        options = dict(keep_bos=False, quadrature="log", alpha_min=1e-8, steps=256)
     else:  # a real embedding as the baseline: a smooth path
         the = model.W_E[model.to_single_token(" the")].detach()
         prompts, options = [IOI_PROMPT], dict(baseline=the, quadrature="gausslegendre", steps=64)
@@ -265,6 +278,36 @@ def test_integrated_gradients_are_complete_on_a_tiny_model(baseline, line):
     # the reported gap is what the scores give
     recomputed = (attr.tokens.sum(-1) - (attr.target_value - attr.bias)) / (attr.target_value - attr.bias).abs()
     torch.testing.assert_close(recomputed.double().cpu(), gap.double(), rtol=1e-3, atol=1e-4)
+
+
+def test_adaptive_integrated_gradients_resolve_a_jump():
+    """A path with a steep step that fixed rules step over: the adaptive rule finds it and is
+    complete, and its scores equal the exact integral of a path whose gradient is known."""
+    model, _ = make_tiny("llama", seed=10, init_scale=0.05)
+    from dpa_lens.methods.gradients import _adaptive_rule
+
+    centre, width = 3.3e-4, 2e-6  # f(α) = s · sigmoid((α − centre)/width) + α · t, per token
+
+    class Path:
+        s = torch.tensor([[0.0, 2.0, -1.0, 3.0]], dtype=torch.float64)
+        t = torch.tensor([[0.0, 0.5, 0.25, -0.5]], dtype=torch.float64)
+
+        def __call__(self, rows, alphas):
+            z = (alphas[:, None] - centre) / width
+            f = (self.s * torch.sigmoid(z) + alphas[:, None] * self.t).sum(-1)
+            shares = self.s * torch.sigmoid(z) * torch.sigmoid(-z) / width + self.t
+            return f, shares
+
+    path = Path()
+    exact = path.s * (torch.sigmoid(torch.tensor((1 - centre) / width)) - torch.sigmoid(torch.tensor(-centre / width))) + path.t
+    scores, f0, f1 = _adaptive_rule(path, 1, steps=256, alpha_min=1e-4, batch_size=16)
+    assert float((scores.sum() - (f1 - f0)).abs() / (f1 - f0).abs()) < 1e-3
+    torch.testing.assert_close(scores, exact, rtol=1e-3, atol=1e-3)
+    # a fixed geometric grid with as many nodes misses the step's location by far
+    from dpa_lens.methods.gradients import _fixed_rule, quadrature_rule
+
+    scores_fixed, _, _ = _fixed_rule(lambda rows, a: path(rows, a), 1, *quadrature_rule(256, "riemann_right"))
+    assert float((scores_fixed.sum() - (f1 - f0)).abs() / (f1 - f0).abs()) > 0.5
 
 
 def test_integrated_gradients_warn_when_incomplete(line):
@@ -280,6 +323,10 @@ def test_integrated_gradients_bad_options(line):
         dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, baseline="blur")
     with pytest.raises(ValueError, match="broadcast"):
         dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, baseline=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="finite"):
+        dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, baseline=torch.full((model.cfg.d_model,), float("nan")))
+    with pytest.raises(ValueError, match="alpha_min"):
+        dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, alpha_min=0.0)
     with pytest.raises(ValueError, match="quadrature"):
         dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, quadrature="simpson")
     with pytest.raises(ValueError, match="at least 2 steps"):

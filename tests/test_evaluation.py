@@ -10,6 +10,7 @@ import dpa_lens
 from dpa_lens import plot
 from dpa_lens.evaluation import Curves, agreement, circuit_edges, faithfulness_curves, to_transformer_lens
 from dpa_lens.models import tl
+from dpa_lens.models.testing import FAMILIES
 
 from .conftest import IOI_PROMPT, make_tiny
 
@@ -54,6 +55,48 @@ def test_token_curves_equal_ablations_by_hand(tiny):
         assert float(curves.disruption[0, j]) == pytest.approx(disrupted, rel=1e-4)
         assert float(curves.recovery[0, j]) == pytest.approx(recovered, rel=1e-4)
     assert curves.n_units == [n]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_curves_measure_the_answer_position_on_every_family(family, line):
+    """The curves unembed only the answer position: equal to full forwards by hand on every
+    architecture (final soft caps, LayerNorm, parallel blocks), with right padding in the batch."""
+    model, _ = make_tiny(family, line=line, seed=43)
+    prompts = [IOI_PROMPT, "The Eiffel Tower is in"]
+    tok = model.to_tokens(prompts, padding_side="right")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tok)
+    attr = dpa_lens.dla(model, cache, " Mary")
+    curves = faithfulness_curves(model, tok, attr, unit="neurons", fractions=[0.01, 0.5, 1.0])
+    row, answer = 1, int(attr.positions[1])
+    assert answer < tok.shape[1] - 1  # the answer is not the last position of the padded batch
+    n = answer + 1  # the units counted: real positions up to the answer
+    y = model.to_single_token(" Mary")
+    L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    scores = attr.neurons[row, :, :n].reshape(-1)
+    order = scores.argsort(descending=True, stable=True)
+    k = int(np.ceil(0.5 * len(order)))
+    top = torch.zeros(len(order), dtype=torch.bool)
+    top[order[:k]] = True
+    top = top.view(L, n, d_mlp)
+
+    def prob(mask):
+        hooks = []
+        for layer in range(L):
+            def zero(x, hook, m=mask[layer]):
+                x = x.clone()
+                x[row, :n][m.to(x.device)] = 0
+                return x
+            hooks.append((f"blocks.{layer}.mlp.hook_post", zero))
+        with torch.no_grad():
+            logits = model.run_with_hooks(tok, fwd_hooks=hooks)
+        return float(logits[row, answer].float().softmax(-1)[y])
+
+    p_clean = prob(torch.zeros_like(top))
+    assert float(curves.disruption[row, 1]) == pytest.approx(prob(top) / p_clean, rel=1e-4, abs=1e-6)
+    assert float(curves.recovery[row, 1]) == pytest.approx(prob(~top) / p_clean, rel=1e-4, abs=1e-6)
+    assert float(curves.disruption[row, 2]) == pytest.approx(prob(torch.ones_like(top)) / p_clean, rel=1e-4, abs=1e-6)
+    assert float(curves.recovery[row, 2]) == 1.0
 
 
 def test_component_units_and_ablations_by_hand(tiny):

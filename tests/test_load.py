@@ -56,8 +56,23 @@ def test_smollm2_matches_transformers(smollm2, smollm2_hf, line):
 
 
 @pytest.mark.smollm2
-def test_load_model_by_bundled_name(smollm2_hf):
-    """The public entry point itself, on the default line (loads the GGUF file once more)."""
+def test_load_model_by_bundled_name(smollm2_hf, tmp_path, monkeypatch):
+    """The public entry point itself, on the default line: the first load reads the GGUF file and
+    keeps a float32 copy, the second loads the copy; both equal the GGUF weights exactly."""
+    monkeypatch.setenv("DPA_LENS_CACHE", str(tmp_path))
+    first, first_tok = load_module.load_bundled_hf()
+    (copy_dir,) = tmp_path.iterdir()
+    assert (copy_dir / "model.safetensors").is_file()
+    second, second_tok = load_module.load_bundled_hf()
+    hf, tok = smollm2_hf  # read from the GGUF file, never from a copy
+    reference = hf.state_dict()
+    for loaded in (first, second):
+        state = loaded.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+        assert loaded.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    text = "<|im_start|>user\nWhen Mary and John went to the store, John gave a drink to 日本 ✓<|im_end|>"
+    assert first_tok(text)["input_ids"] == second_tok(text)["input_ids"] == tok(text)["input_ids"]
     model = dpa_lens.load_model("smollm2-135m")
     assert tl.is_tl_model(model)
     assert model.cfg.n_layers == 30 and model.cfg.n_heads == 9

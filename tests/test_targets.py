@@ -94,3 +94,14 @@ def test_centred_model_without_record_warns_or_refuses(tiny):
             dpa_lens.dpa(model, cache, " Mary", logit="raw")
     finally:
         setattr(model, UNEMBED_OFFSET_ATTR, saved)
+
+
+def test_a_pair_of_one_token_is_refused(tiny):
+    """(" Mary", " Mary"), or two names whose first token is the same, would explain a logit
+    difference that is 0 whatever the model does."""
+    model, cache, _, _ = tiny
+    m = model.to_single_token(" Mary")
+    with pytest.raises(TargetError, match="same token twice"):
+        dpa_lens.dpa(model, cache, (" Mary", m))
+    with pytest.raises(TargetError, match="same token twice"):
+        dpa_lens.dla(model, cache, [(m, m), (" Mary", " John")])

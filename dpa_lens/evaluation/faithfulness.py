@@ -25,6 +25,8 @@ component benchmark).
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -222,14 +224,15 @@ def faithfulness_curves(
         order = units.scores.abs().argsort(descending=True, stable=True) if absolute else units.scores.argsort(descending=True, stable=True)
         N = len(order)
         ks = [min(N, max(1, math.ceil(float(f) * N))) for f in fr]
-        jobs = [("disrupt", k) for k in ks] + [("recover", k) for k in ks]
+        # each distinct ablation once; keeping every unit is the clean run
+        jobs = sorted({("disrupt", k) for k in ks} | {("recover", k) for k in ks if k < N})
         groups = units.groups()
         replacements = {
             name: (None if kind == "attention" else _replacement(kind, ablation, clean_cache[name][b],
                                                                  None if other_cache is None else other_cache[name][b], real_all[b]))
             for kind, name, _ in groups
         }
-        probs = []
+        measured = {("recover", N): p_clean}
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             ablate = torch.zeros(len(chunk), N, dtype=torch.bool)
@@ -239,11 +242,11 @@ def faithfulness_curves(
                 else:
                     ablate[i] = True
                     ablate[i, order[:k]] = False
-            probs.append(_ablated_probs(model, tok[b : b + 1], None if mask is None else mask[b : b + 1], units, groups,
-                                        replacements, ablate, answer, y))
-        probs = torch.cat(probs) / p_clean
-        F = len(ks)
-        rows.append((probs[:F], probs[F:], N))
+            probs = _ablated_probs(model, tok[b : b + 1], None if mask is None else mask[b : b + 1], units, groups,
+                                   replacements, ablate, answer, y)
+            measured.update(zip(chunk, probs.tolist()))
+        rows.append((torch.tensor([measured[("disrupt", k)] for k in ks]) / p_clean,
+                     torch.tensor([measured[("recover", k)] for k in ks]) / p_clean, N))
     return Curves(
         method=attr.method,
         unit=unit,
@@ -280,6 +283,20 @@ def _ablated_probs(model, tok, mask, units: _Units, groups, replacements, ablate
 
         hooks.append((name, hook))
     kwargs = {} if mask is None else {"attention_mask": mask.expand(R, -1)}
-    with torch.no_grad():
-        logits = model.run_with_hooks(tok.expand(R, -1), fwd_hooks=hooks, **kwargs)
-    return logits[:, answer].float().softmax(-1)[:, y].cpu()
+    logits = None
+    if model not in _NO_SLICING:  # unembed the answer position only, where the model allows it
+        sliced = hooks + [("ln_final.hook_normalized", lambda x, hook: x[:, answer : answer + 1])]
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # the bridge notes that the sliced final norm leaves HF's native path (same numbers)
+                warnings.filterwarnings("ignore", message="A forward hook edited hook_scale/hook_normalized")
+                logits = model.run_with_hooks(tok.expand(R, -1), fwd_hooks=sliced, **kwargs)[:, -1]
+        except RuntimeError:  # e.g. GPT-2 on the bridge reshapes the final stream to the full length
+            _NO_SLICING.add(model)
+    if logits is None:
+        with torch.no_grad():
+            logits = model.run_with_hooks(tok.expand(R, -1), fwd_hooks=hooks, **kwargs)[:, answer]
+    return logits.float().softmax(-1)[:, y].cpu()
+
+
+_NO_SLICING: "weakref.WeakSet[Any]" = weakref.WeakSet()

@@ -334,14 +334,11 @@ class _Sweep:
 
     # ------------------------------------------------------------------ attention
     def _queries_keys(self, layer: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        pre = f"blocks.{layer}.attn."
-        if not self.rules.rotary:
-            return self.act(pre + "hook_q"), self.act(pre + "hook_k"), None
-        cos, sin = self.rotary(layer)
-        if self.rules.rot_hooks:
-            return self.act(pre + "hook_rot_q"), self.act(pre + "hook_rot_k"), (cos, sin)
-        adj = self.view.adjacent_pairs
-        return rotate(self.act(pre + "hook_q"), cos, sin, adj), rotate(self.act(pre + "hook_k"), cos, sin, adj), (cos, sin)
+        """Rotated queries and keys of a layer, and the ``(cos, sin)`` of its rotary embedding (or None)."""
+        cos_sin = self.rotary(layer) if self.rules.rotary else None
+        names = self.view.qk_hook_names(layer)[:2]
+        q, k = self.view.rotated_qk({n: self.act(n) for n in names}, layer, cos_sin)
+        return q, k, cos_sin
 
     def attention(self, layer: int, t: Tensor) -> Tensor:
         """Update of the target at the attention's input stream, from the target ``t`` at its output."""

@@ -130,26 +130,60 @@ def bundled_model_path(name: str = "smollm2-135m") -> Path:
     return path
 
 
+def _converted_dir(name: str, path: Path) -> Path:
+    """Where the dequantised copy of a bundled GGUF file is kept (keyed by the file's size and time)."""
+    root = Path(os.environ.get("DPA_LENS_CACHE") or Path.home() / ".cache" / "dpa_lens")
+    stat = path.stat()
+    return root / f"{name}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
 def load_bundled_hf(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32):
-    """The bundled model as a ``transformers`` model and tokenizer (eval mode, dequantised)."""
+    """The bundled model as a ``transformers`` model and tokenizer (eval mode, dequantised).
+
+    The first call reads the GGUF file (~15 s) and keeps a float32 copy under
+    ``$DPA_LENS_CACHE`` (default ``~/.cache/dpa_lens``); later calls load that copy (~2 s). Set
+    ``DPA_LENS_CACHE=off`` to always read the GGUF file.
+    """
     path = bundled_model_path(name)
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelNotAvailableError(
-            "Reading the bundled GGUF file needs the 'gguf' package: pip install gguf "
-            "(or pip install 'dpa-lens[offline]')."
-        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    # the GGUF weights are dequantised on load: the model is a plain float model from here on
-    if hasattr(hf_model.config, "quantization_config"):
-        del hf_model.config.quantization_config
-    if hasattr(hf_model, "hf_quantizer"):
-        hf_model.hf_quantizer = None
-    hf_model.config.architectures = [type(hf_model).__name__]
+    cached = None if os.environ.get("DPA_LENS_CACHE") == "off" else _converted_dir(name, path)
+    if cached is not None and (cached / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(cached))
+        hf_model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+    else:
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelNotAvailableError(
+                "Reading the bundled GGUF file needs the 'gguf' package: pip install gguf "
+                "(or pip install 'dpa-lens[offline]')."
+            )
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # the GGUF weights are dequantised on load: the model is a plain float model from here on
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        if hasattr(hf_model, "hf_quantizer"):
+            hf_model.hf_quantizer = None
+        hf_model.config.architectures = [type(hf_model).__name__]
+        if cached is not None:
+            _keep_copy(hf_model, tok, cached)
+        hf_model = hf_model.to(dtype)
     hf_model.config._name_or_path = BUNDLED_MODELS[name].hub_name
     return hf_model.eval(), tok
+
+
+def _keep_copy(hf_model: Any, tok: Any, where: Path) -> None:
+    """Save the dequantised model for the next load; a read-only or full disk only costs speed."""
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=".partial-"))
+        hf_model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, where)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(locals().get("tmp", where.parent / ".none"), ignore_errors=True)
 
 
 def _resolve_line(line: Line | None) -> Line:

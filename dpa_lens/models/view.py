@@ -247,13 +247,16 @@ class ModelView:
             return [pre + "hook_rot_q", pre + "hook_rot_k"]
         return [pre + "hook_q", pre + "hook_k"] + ([pre + "hook_cos", pre + "hook_sin"] if rules.rotary else [])
 
-    def rotated_qk(self, acts: Any, layer: int) -> tuple[Tensor, Tensor]:
+    def rotated_qk(self, acts: Any, layer: int, cos_sin: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Queries ``[batch, pos, head, d_head]`` and keys ``[batch, pos, kv_head, d_head]`` after any
-        query-key norm and rotary embedding, from the activations named by `qk_hook_names`."""
+        query-key norm and rotary embedding, from the activations named by `qk_hook_names`.
+
+        ``cos_sin`` (``[batch or 1, pos, 1, rotary_dim]`` each) replaces the cached ``hook_cos`` and
+        ``hook_sin`` where the model has no rotated-query hooks (GPT-NeoX on the bridge)."""
         names = self.qk_hook_names(layer)
         q, k = acts[names[0]].float(), acts[names[1]].float()
-        if len(names) == 4:  # rotary without rotated-query hooks (GPT-NeoX on the bridge)
-            cos, sin = acts[names[2]].float().unsqueeze(2), acts[names[3]].float().unsqueeze(2)
+        if self.rules.rotary and not self.rules.rot_hooks:
+            cos, sin = cos_sin if cos_sin is not None else (acts[names[2]].float().unsqueeze(2), acts[names[3]].float().unsqueeze(2))
             q, k = rotate(q, cos, sin, self.adjacent_pairs), rotate(k, cos, sin, self.adjacent_pairs)
         return q, k
 

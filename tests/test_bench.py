@@ -1,0 +1,58 @@
+"""Issue 6: the benchmark scripts run (quick mode) and the committed tables are what they produce."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("stem", ["faithfulness_smollm2", "speed_smollm2"])
+def test_committed_tables_are_rendered_from_the_committed_results(stem):
+    results = BENCH / "results"
+    data = json.loads((results / f"{stem}.json").read_text())
+    assert not data.get("quick", data.get("settings", {}).get("quick"))
+    markdown = _module(stem.split("_")[0]).markdown
+    assert (results / f"{stem}.md").read_text() == markdown(data)
+
+
+@pytest.mark.smollm2
+@pytest.mark.tl4_only
+@pytest.mark.parametrize("script", ["faithfulness", "speed"])
+def test_bench_quick_run(script, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stem = tmp_path / f"{script}_smollm2_quick"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    text = stem.with_suffix(".md").read_text()
+    assert text == _module(script).markdown(data)
+    if script == "faithfulness":
+        assert data["settings"]["known_1000_prompts"] == 4 and data["settings"]["ioi_prompts"] == 3
+        methods = set(data["tokens"]["ioi"])
+        assert {"dpa", "dla", "atp", "atp*", "gradient", "input_x_gradient", "integrated_gradients", "random"} <= methods
+        assert all(0 <= v["recovery"] for v in data["tokens"]["known_1000"].values())
+        assert set(data["agreement"]) >= {"dpa", "atp", "random"}
+    else:
+        rows = [r for r in data["rows"] if "error" not in r]
+        assert len(rows) == len(data["rows"]) and all(r["seconds"] > 0 for r in rows)
+        assert "Longest context measured within 24 GiB: **512 tokens**" in text
