@@ -139,3 +139,16 @@ def test_unknown_line_is_rejected():
 def test_hooked_line_needs_transformer_lens_3():
     with pytest.raises(ValueError, match="removed"):
         dpa_lens.load_model(tiny_hf_model("llama"), tokenizer=tiny_tokenizer(), line="hooked")
+
+
+def test_an_unwritable_model_cache_only_costs_speed(tmp_path):
+    """Keeping the dequantised copy fails quietly (no half copy left) where the cache cannot be written."""
+    hf = tiny_hf_model("llama")
+    tok = tiny_tokenizer()
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    load_module._keep_copy(hf, tok, blocker / "smollm2-135m-1-2")
+    assert blocker.is_file()
+    load_module._keep_copy(hf, tok, tmp_path / "cache" / "copy")
+    assert (tmp_path / "cache" / "copy" / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["copy"]

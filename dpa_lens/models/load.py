@@ -174,16 +174,18 @@ def load_bundled_hf(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.fl
 
 def _keep_copy(hf_model: Any, tok: Any, where: Path) -> None:
     """Save the dequantised model for the next load; a read-only or full disk only costs speed."""
+    import shutil
+
+    tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=".partial-"))
         hf_model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, where)
+        os.replace(tmp, where)  # whole or not at all: a reader never sees half a copy
     except OSError:
-        import shutil
-
-        shutil.rmtree(locals().get("tmp", where.parent / ".none"), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resolve_line(line: Line | None) -> Line:
