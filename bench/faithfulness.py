@@ -27,17 +27,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_results  # noqa: E402
+from _common import write_results
 
-import dpa_lens  # noqa: E402
+import dpa_lens
 from dpa_lens.datasets import answered_correctly, ioi_benchmark, known_1000
 from dpa_lens.evaluation import COMPONENT_FRACTIONS, TOKEN_FRACTIONS, Curves, agreement, faithfulness_curves
 
 RESULTS = Path(__file__).parent / "results"
-CACHE_METHODS = ("dpa", "dla", "attention_last", "attention_mean", "attention_rollout", "random")
-RUN_METHODS = ("gradient", "input_x_gradient", "integrated_gradients")
-PAIR_METHODS = ("atp", "atp*")
-COMPONENT_METHODS = ("dpa", "dla", "gradient", "input_x_gradient", "atp", "atp*", "random")
+# every registered approximation (exact patching is the reference of the agreement table)
+METHODS = tuple(m for m in dpa_lens.available_methods() if not dpa_lens.get_method(m).reference)
+# each method's options here: DPA's per-key head scores rank the authors' attention-entry units
+OPTIONS = {"dpa": {"head_keys": True}, "integrated_gradients": {"warn_gap": float("inf")}}
+
+
+def unpaired(methods) -> list[str]:
+    """The methods that need no corrupted prompt (Known 1000 has none)."""
+    return [m for m in methods if dpa_lens.get_method(m).input != "pair"]
+
+
+def component_methods(methods) -> list[str]:
+    """The methods that score heads and neurons per position (the component benchmark's units)."""
+    return [m for m in methods if {"heads", "neurons"} <= set(dpa_lens.get_method(m).scores)]
 
 
 def log(message: str) -> None:
@@ -62,23 +72,8 @@ def first_token(model, answer: str) -> int:
 def attributions(model, prompt: str, target, corrupted: str | None, methods) -> dict[str, dpa_lens.Attribution]:
     with torch.no_grad():
         _, cache = model.run_with_cache(prompt)
-    out = {}
-    for m in methods:
-        if m == "dpa":
-            out[m] = dpa_lens.dpa(model, cache, target, head_keys=True)
-        elif m == "random":
-            out[m] = dpa_lens.random_baseline(model, cache, target, seed=0)
-        elif m in CACHE_METHODS:
-            out[m] = dpa_lens.attribute(m, model, cache, target)
-        elif m == "integrated_gradients":
-            out[m] = dpa_lens.integrated_gradients(model, prompt, target, progress=False, warn_gap=float("inf"))
-        elif m in RUN_METHODS:
-            out[m] = dpa_lens.attribute(m, model, prompt, target)
-        elif m == "atp":
-            out[m] = dpa_lens.atp(model, prompt, corrupted, target)
-        elif m == "atp*":
-            out[m] = dpa_lens.atp(model, prompt, corrupted, target, qk_fix=True)
-    return out
+    return {m: dpa_lens.run(m, model, prompt, target, corrupted=corrupted, cache=cache, progress=False, **OPTIONS.get(m, {}))
+            for m in methods}
 
 
 def agreement_with_patching(model, item) -> dict[str, dict[str, float]]:
@@ -87,8 +82,8 @@ def agreement_with_patching(model, item) -> dict[str, dict[str, float]]:
     answer, subject = first_token(model, item.correct), first_token(model, item.incorrect)
     if answer == subject:
         return {}
-    pair = attributions(model, item.prompt, (answer, subject), item.corrupted, COMPONENT_METHODS)
-    exact = dpa_lens.activation_patching(model, item.prompt, item.corrupted, (answer, subject), unit="heads", progress=False)
+    pair = attributions(model, item.prompt, (answer, subject), item.corrupted, component_methods(METHODS))
+    exact = dpa_lens.run("activation_patching", model, item.prompt, (answer, subject), corrupted=item.corrupted, progress=False)
     return {name: agreement(a, exact, "heads", k=10) for name, a in pair.items()}
 
 
@@ -128,8 +123,8 @@ def main() -> None:
     for i, k in enumerate(known_idx):
         fact = facts[k]
         log(f"[Known {i + 1}/{len(known_idx)}] {fact.prompt!r} -> {fact.answer!r}")
-        attrs = attributions(model, fact.prompt, first_token(model, fact.answer), None, CACHE_METHODS + RUN_METHODS)
-        gaps += attrs["integrated_gradients"].settings["completeness_gap"]
+        attrs = attributions(model, fact.prompt, first_token(model, fact.answer), None, unpaired(METHODS))
+        gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
         ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
             token_curves["known_1000"].setdefault(name, []).append(faithfulness_curves(model, fact.prompt, a, unit="tokens"))
@@ -137,13 +132,13 @@ def main() -> None:
     for i, k in enumerate(ioi_idx):
         item = items[k]
         log(f"[IOI {i + 1}/{len(ioi_idx)}] {item.prompt!r} -> {item.correct!r}")
-        answer, subject = first_token(model, item.correct), first_token(model, item.incorrect)
-        attrs = attributions(model, item.prompt, answer, item.corrupted, CACHE_METHODS + RUN_METHODS + PAIR_METHODS)
-        gaps += attrs["integrated_gradients"].settings["completeness_gap"]
+        answer = first_token(model, item.correct)
+        attrs = attributions(model, item.prompt, answer, item.corrupted, METHODS)
+        gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
         ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
             token_curves["ioi"].setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="tokens"))
-            if name in COMPONENT_METHODS:
+            if name in component_methods(METHODS):
                 comp_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="components"))
         comp_curves.setdefault("dpa (attention entries + neurons)", []).append(
             faithfulness_curves(model, item.prompt, attrs["dpa"], unit="attention+neurons"))

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, run_child, write_results  # noqa: E402
+from _common import PeakMemory, machine, run_child, write_results
 
 RESULTS = Path(__file__).parent / "results"
 LIMIT_BYTES = 24 * 2**30

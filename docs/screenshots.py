@@ -7,6 +7,7 @@ same HTML that users open.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -55,16 +56,20 @@ def main() -> None:
     figure(plot.flow(attrs["dpa"]), "flow.png")
 
     prompts = ioi_dataset(model, n=16, seed=0)
-    runs = {"dpa": [], "atp": [], "exact patching": []}
+    methods = {"dpa": "dpa", "atp": "atp", "activation_patching": "exact patching"}
+    runs = {m: [] for m in methods}
     for p in prompts:
-        _, cache = model.run_with_cache(p.clean, names_filter=dpa_lens.dpa_names_filter(model))
-        runs["dpa"].append(dpa_lens.dpa(model, cache, p.target).sum_over_positions("heads")[0])
-        runs["atp"].append(dpa_lens.atp(model, p.clean, p.corrupted, p.target).sum_over_positions("heads")[0])
-        runs["exact patching"].append(dpa_lens.activation_patching(model, p.clean, p.corrupted, p.target, unit="heads", progress=False).heads[0, :, 0])
-    mean = {k: dpa_lens.Attribution(method=k, heads=torch.stack(v).mean(0)[None, :, None, :]) for k, v in runs.items()}
+        for m in methods:
+            runs[m].append(dpa_lens.run(m, model, p.clean, p.target, corrupted=p.corrupted, progress=False))
+    mean = {m: dpa_lens.Attribution.concat(r).mean() for m, r in runs.items()}
     figure(plot.heads(list(mean.values()), title="IOI heads, 16 prompts: DPA, AtP and exact patching (normalised per method)"), "ioi_heads.png")
-    figure(plot.scatter(mean["atp"], mean["exact patching"]), "scatter_atp.png")
-    figure(plot.scatter(mean["dpa"], mean["exact patching"]), "scatter_dpa.png")
+    agreement = {}
+    for m in ("atp", "dpa"):
+        fig = plot.scatter(mean[m], mean["activation_patching"])
+        figure(fig, f"scatter_{m}.png")
+        agreement[m] = {"pearson": round(fig.layout.meta["pearson"], 4), "spearman": round(fig.layout.meta["spearman"], 4)}
+    # the README quotes these numbers (tests/test_readme.py checks them against this file)
+    (OUT / "ioi_heads.json").write_text(json.dumps({"prompts": len(prompts), "against_exact_patching": agreement}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

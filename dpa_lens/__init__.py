@@ -5,33 +5,54 @@
     attr = dpa_lens.dpa(model, cache, (" Mary", " John"))
     attr.top(10, "heads")
 
-Every method returns an `Attribution`; `attribute(name, ...)` runs one by name.
+Every method returns an `Attribution`; ``run(name, model, prompt, target, ...)`` runs any of them
+the same way (`available_methods` lists them, `get_method` tells what each takes).
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from dpa_lens import datasets, evaluation, plot
-from dpa_lens.attribution import Attribution
-from dpa_lens.inputs import CacheError
-from dpa_lens.methods._grad import TrainModeError
-from dpa_lens.methods.atp import PairError, atp
+from dpa_lens.attribution import KINDS, Attribution, Diagnostics
+from dpa_lens.errors import (
+    CacheError,
+    DpaLensError,
+    InputError,
+    ModelNotAvailableError,
+    PairError,
+    TargetError,
+    TrainModeError,
+    UnsupportedModelError,
+)
+from dpa_lens.methods.atp import atp
 from dpa_lens.methods.attention import attention_last, attention_mean, attention_rollout, random_baseline
 from dpa_lens.methods.dla import dla
 from dpa_lens.methods.dpa import Mu, dpa, dpa_hook_names, dpa_names_filter
-from dpa_lens.methods.gradients import gradient, input_x_gradient, integrated_gradients
+from dpa_lens.methods.gradients import gradient, input_x_gradient
+from dpa_lens.methods.integrated_gradients import integrated_gradients
 from dpa_lens.methods.patching import activation_patching
-from dpa_lens.methods.registry import attribute, available_methods, get_method, names_filter
-from dpa_lens.models.load import ModelNotAvailableError, load_model
-from dpa_lens.models.view import SUPPORTED_ARCHITECTURES, UnsupportedModelError
-from dpa_lens.targets import TargetError
+from dpa_lens.methods.registry import MethodSpec, attribute, available_methods, get_method, method_table, names_filter, run
+from dpa_lens.models.load import load_model
+from dpa_lens.models.view import SUPPORTED_ARCHITECTURES
+from dpa_lens.types import TLModel
 
-__version__ = "0.1.0.dev0"
+try:
+    __version__ = version("dpa-lens")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
+    "KINDS",
     "Attribution",
     "CacheError",
+    "Diagnostics",
+    "DpaLensError",
+    "InputError",
+    "MethodSpec",
     "ModelNotAvailableError",
     "Mu",
     "PairError",
     "SUPPORTED_ARCHITECTURES",
+    "TLModel",
     "TargetError",
     "TrainModeError",
     "UnsupportedModelError",
@@ -44,16 +65,18 @@ __all__ = [
     "available_methods",
     "datasets",
     "dla",
-    "evaluation",
     "dpa",
     "dpa_hook_names",
     "dpa_names_filter",
+    "evaluation",
     "get_method",
     "gradient",
     "input_x_gradient",
     "integrated_gradients",
     "load_model",
+    "method_table",
     "names_filter",
     "plot",
     "random_baseline",
+    "run",
 ]

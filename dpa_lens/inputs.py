@@ -8,19 +8,19 @@ proves the cache came from this model; tokens passed by the user are checked aga
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from dpa_lens.errors import CacheError, InputError, PairError
+from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
+from dpa_lens.types import typechecked
 
 
-class CacheError(ValueError):
-    """The cache cannot be used: hooks are missing, or it belongs to another model or input."""
-
-
+@typechecked
 @dataclass
 class RunInputs:
     tokens: Int[Tensor, "batch pos"]
@@ -34,18 +34,6 @@ class RunInputs:
     @property
     def seq_len(self) -> int:
         return self.tokens.shape[1]
-
-
-def check_hooks(cache: Any, names: Iterable[str], *, method: str, filter_hint: str) -> None:
-    """Raise `CacheError` naming the missing hooks and the ``names_filter`` that caches them."""
-    missing = [n for n in names if n not in cache]
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise CacheError(
-            f"{method} needs activations the cache does not hold: {shown}. Cache them with\n"
-            f"    logits, cache = model.run_with_cache(tokens, names_filter={filter_hint})\n"
-            "or run_with_cache without a names_filter."
-        )
 
 
 def _recover_tokens(view: ModelView, embed: Tensor) -> Tensor:
@@ -70,36 +58,6 @@ def _recover_tokens(view: ModelView, embed: Tensor) -> Tensor:
             "by another model (or by a forward that did not start from token ids)."
         )
     return ids.reshape(embed.shape[:-1])
-
-
-def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
-    """Check that layer 0's cached values are this model's ``W_V`` applied to its cached input stream.
-
-    Together with the embedding check of `read_inputs`, this catches a cache made by another
-    model of the same shape (another checkpoint, another seed). Needs ``blocks.0.hook_resid_pre``,
-    ``blocks.0.ln1.hook_scale`` and ``blocks.0.attn.hook_v``; costs a few positions of one layer.
-    """
-    names = ("blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale", "blocks.0.attn.hook_v")
-    if not all(n in cache for n in names):
-        return
-    embed, scale, v = (cache[n][:, :n_pos].float() for n in names)
-    a = view.attn(0)
-    if view.rules.norm == "ln":
-        embed = embed - embed.mean(-1, keepdim=True)
-    x = embed / scale.to(embed.device)
-    gamma = view.norm_weight("ln1", 0)
-    if gamma is not None:
-        x = x * gamma.to(x.device)
-    pred = torch.einsum("bpd,kde->bpke", x, a.W_V.to(x.device))
-    if a.b_V is not None:
-        pred = pred + a.b_V.to(x.device)
-    low_precision = cache["blocks.0.attn.hook_v"].dtype in (torch.float16, torch.bfloat16)
-    tol = (3e-2 if low_precision else 1e-3) * float(v.abs().max()) + 1e-6
-    if float((pred - v.to(pred.device)).abs().max()) > tol:
-        raise CacheError(
-            "the cache does not match this model's weights (layer 0 values differ from W_V applied to "
-            "the cached embeddings): it was made by another model"
-        )
 
 
 def _real_mask(view: ModelView, tokens: Tensor) -> Tensor:
@@ -145,16 +103,16 @@ def read_inputs(
     attention_mask: Tensor | None = None,
 ) -> RunInputs:
     """Tokens, padding mask and string tokens of the run that made ``cache``."""
-    if "hook_embed" not in cache:
-        raise CacheError("the cache has no 'hook_embed'; dpa_lens needs it to read the input tokens")
-    embed = cache["hook_embed"]
+    if hooks.EMBED not in cache:
+        raise CacheError(f"the cache has no {hooks.EMBED!r}; dpa_lens needs it to read the input tokens")
+    embed = cache[hooks.EMBED]
     if embed.ndim != 3 or embed.shape[-1] != view.d_model:
         raise CacheError(
             f"cache['hook_embed'] has shape {tuple(embed.shape)}, expected [batch, pos, d_model={view.d_model}]: "
             "the cache is from another model, or was made with remove_batch_dim=True (not supported)"
         )
-    if "embed.hook_in" in cache and cache["embed.hook_in"].shape == embed.shape[:2]:
-        found = cache["embed.hook_in"].long()
+    if hooks.TOKENS in cache and cache[hooks.TOKENS].shape == embed.shape[:2]:
+        found = cache[hooks.TOKENS].long()
         rows = view.W_E[found.to(view.W_E.device)].float() * view.embed_scale
         if not torch.allclose(rows, embed.float().to(view.W_E.device), rtol=1e-3, atol=1e-5 * view.embed_scale):
             raise CacheError("the cache's hook_embed does not match this model's embedding matrix: cache from another model")
@@ -185,7 +143,7 @@ def inputs_from_tokens(view: ModelView, tokens: Tensor, attention_mask: Tensor |
         if real.ndim == 1:
             real = real[None]
         if tuple(real.shape) != tuple(tokens.shape):
-            raise ValueError(f"attention_mask has shape {tuple(real.shape)}, the tokens {tuple(tokens.shape)}")
+            raise InputError(f"attention_mask has shape {tuple(real.shape)}, the tokens {tuple(tokens.shape)}")
     else:
         real = _real_mask(view, tokens)
     tokenizer = getattr(view.model, "tokenizer", None)
@@ -223,12 +181,31 @@ def prepare_tokens(
         return tokens.to(device), mask.to(device)
     tokens = torch.as_tensor(text)
     if tokens.dtype.is_floating_point or tokens.ndim not in (1, 2):
-        raise ValueError(f"expected a string, a list of strings or token ids [batch, pos], got {type(text).__name__}")
+        raise InputError(f"expected a string, a list of strings or token ids [batch, pos], got {type(text).__name__}")
     if tokens.ndim == 1:
         tokens = tokens[None]
     return tokens.to(device), (None if attention_mask is None else torch.as_tensor(attention_mask).to(device))
 
 
+def prepare_pair(
+    model: Any, view: ModelView, clean: Any, corrupted: Any, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, RunInputs, RunInputs]:
+    """Tokens of a clean/corrupted pair; they must align position by position."""
+    clean_tok, clean_mask = prepare_tokens(model, clean, attention_mask)
+    corr_tok, corr_mask = prepare_tokens(model, corrupted, attention_mask)
+    if clean_tok.shape != corr_tok.shape:
+        raise PairError(
+            f"clean and corrupted inputs have different shapes ({tuple(clean_tok.shape)} vs "
+            f"{tuple(corr_tok.shape)} tokens): patching needs them aligned position by position; "
+            "choose corrupted prompts that tokenize to the same length"
+        )
+    mask = clean_mask if clean_mask is not None else corr_mask
+    if clean_mask is not None and corr_mask is not None and not torch.equal(clean_mask, corr_mask):
+        raise PairError("clean and corrupted inputs are padded differently; their real tokens must align")
+    return clean_tok, corr_tok, mask, inputs_from_tokens(view, clean_tok, mask), inputs_from_tokens(view, corr_tok, mask)
+
+
+@typechecked
 def resolve_positions(position: Any, inputs: RunInputs) -> Int[Tensor, " batch"]:
     """Answer position per row.
 
@@ -241,7 +218,7 @@ def resolve_positions(position: Any, inputs: RunInputs) -> Int[Tensor, " batch"]
         position = position.tolist()
     if isinstance(position, (list, tuple)):
         if len(position) != batch:
-            raise ValueError(f"{len(position)} positions for a batch of {batch}")
+            raise InputError(f"{len(position)} positions for a batch of {batch}")
         values = list(position)
     else:
         values = [position] * batch
@@ -249,11 +226,11 @@ def resolve_positions(position: Any, inputs: RunInputs) -> Int[Tensor, " batch"]
     last_real = [int(torch.nonzero(row).max()) if bool(row.any()) else n - 1 for row in inputs.real]
     for b, p in enumerate(values):
         if isinstance(p, bool) or not isinstance(p, int):
-            raise ValueError(f"position must be an int (or one per row), got {p!r}")
+            raise InputError(f"position must be an int (or one per row), got {p!r}")
         q = last_real[b] + 1 + p if p < 0 else p
         if not 0 <= q < n:
-            raise ValueError(f"position {p} is out of range for row {b} ({last_real[b] + 1} real tokens, {n} in all)")
+            raise InputError(f"position {p} is out of range for row {b} ({last_real[b] + 1} real tokens, {n} in all)")
         if not bool(inputs.real[b, q]):
-            raise ValueError(f"position {p} of row {b} is a padding token")
+            raise InputError(f"position {p} of row {b} is a padding token")
         out.append(q)
     return torch.tensor(out, dtype=torch.long)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import plotly.graph_objects as go
 import torch
@@ -26,6 +27,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from dpa_lens.attribution import Attribution
+from dpa_lens.errors import InputError
 from dpa_lens.evaluation.agreement import correlation
 
 COLORSCALE = "RdBu_r"  # red positive, blue negative, white at zero
@@ -52,16 +54,21 @@ def _token_text(token: str) -> str:
     return html.escape(token.replace("\n", "⏎").replace(" ", "␣") if token.strip() == "" else token.replace("\n", "⏎"))
 
 
-def _select_positions(t: Tensor, attr: Attribution, row: int, positions: Positions) -> tuple[Tensor, str]:
-    """Reduce ``[layer, pos, unit]`` to ``[layer, unit]``."""
+def _select_positions(attr: Attribution, kind: str, row: int, positions: Positions) -> tuple[Tensor, str]:
+    """One row's ``[layer, unit]`` scores of heads or neurons, at or over the positions asked for."""
     if positions == "sum":
-        return t.nansum(1), "summed over positions"
+        return attr.totals(kind)[row].detach().float().cpu(), "summed over positions"
+    t = attr.scores(kind)[row].detach().float().cpu()  # [layer, pos, unit]
+    n = t.shape[1]
     if positions == "answer":
-        p = int(attr.positions[row]) if t.shape[1] > 1 else 0
+        p = int(attr.positions[row])
         return t[:, p], f"at the answer position {p}"
+    idx = [positions] if isinstance(positions, int) else list(positions)
+    bad = [p for p in idx if not -n <= p < n]
+    if bad:
+        raise InputError(f"positions {bad} are out of range for {n} positions")
     if isinstance(positions, int):
         return t[:, positions], f"at position {positions}"
-    idx = list(positions)
     return t[:, idx].sum(1), f"summed over positions {idx}"
 
 
@@ -84,7 +91,7 @@ def heads(
     normalize = len(attrs) > 1 if normalize is None else normalize
     grids, notes = [], []
     for a in attrs:
-        z, note = _select_positions(a.scores("heads")[row].detach().float().cpu(), a, row, positions)
+        z, note = _select_positions(a, "heads", row, positions)
         grids.append(z / _symmetric([z]) if normalize else z)
         notes.append(note)
     zmax = _symmetric(grids)
@@ -216,7 +223,7 @@ def neurons_top(
 
 def neurons_overview(attr: Attribution, *, row: int = 0, title: str | None = None) -> go.Figure:
     """Layer × neuron heatmap of neuron scores summed over positions."""
-    z = attr.sum_over_positions("neurons")[row].detach().float().cpu()
+    z = attr.totals("neurons")[row].detach().float().cpu()
     zmax = _symmetric([z])
     fig = go.Figure(
         go.Heatmap(z=z.numpy(), colorscale=COLORSCALE, zmin=-zmax, zmax=zmax, zmid=0.0,
@@ -253,27 +260,13 @@ def flow(attr: Attribution, *, row: int = 0, title: str | None = None) -> go.Fig
     return fig
 
 
-def _flat_units(attr: Attribution, kind: str, row: int, sum_positions: bool) -> tuple[Tensor, list[str]]:
-    t = attr.scores(kind)[row].detach().float().cpu()
-    if kind == "tokens":
-        strs = attr.str_tokens[row] if attr.str_tokens else [str(i) for i in range(len(t))]
-        return t, [f"{i}:{s!r}" for i, s in enumerate(strs)]
-    letter = "H" if kind == "heads" else "N"
-    if sum_positions:
-        t = t.sum(1)  # NaN (an unmeasured layer) stays NaN; correlation drops it
-        L, U = t.shape
-        return t.flatten(), [f"L{l}{letter}{u}" for l in range(L) for u in range(U)]
-    L, P, U = t.shape
-    return t.flatten(), [f"L{l}{letter}{u}@{p}" for l in range(L) for p in range(P) for u in range(U)]
-
-
 def scatter(
     x_attr: Attribution, y_attr: Attribution, kind: Literal["tokens", "heads", "neurons"] = "heads", *, row: int = 0,
     sum_positions: bool = True, title: str | None = None
 ) -> go.Figure:
     """Scatter of two methods' scores for the same units, with Pearson r and Spearman ρ."""
-    x, labels = _flat_units(x_attr, kind, row, sum_positions)
-    y, _ = _flat_units(y_attr, kind, row, sum_positions)
+    x, labels = x_attr.flat(kind, row, sum_positions)
+    y, _ = y_attr.flat(kind, row, sum_positions)
     if x.shape != y.shape:
         raise ValueError(f"the two attributions score different units ({tuple(x.shape)} vs {tuple(y.shape)}); "
                          "heads per position against heads summed? use sum_positions=True")
@@ -308,7 +301,8 @@ def faithfulness(curves: Sequence[Any], *, axis: Literal["linear", "log"] | None
         raise ValueError("no curves to plot")
     axis = axis or ("linear" if curves[0].unit == "tokens" else "log")
     palette = ["#4a6fa5", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c", "#30638e", "#e07a5f", "#3d405b", "#81b29a", "#f2cc8f"]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["disruption: top-k ablated (lower is better)", "recovery: all but top-k ablated (higher is better)"])
+    titles = ["disruption: top-k ablated (lower is better)", "recovery: all but top-k ablated (higher is better)"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for i, c in enumerate(curves):
         color = palette[i % len(palette)]
         auc = c.auc(axis)

@@ -11,18 +11,18 @@ import datetime
 import html
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from dpa_lens import plot
-from dpa_lens.attribution import Attribution
+from dpa_lens.attribution import KINDS, Attribution
+from dpa_lens.methods.registry import get_method, names_filter, run
+from dpa_lens.models import hooks
+from dpa_lens.types import TargetLike, TLModel
 
-CACHE_METHODS = ("dpa", "dla", "attention_last", "attention_mean", "attention_rollout")
-RUN_METHODS = ("gradient", "input_x_gradient", "integrated_gradients")
-PAIR_METHODS = ("atp", "atp*", "activation_patching")
-ALL_METHODS = CACHE_METHODS + RUN_METHODS + PAIR_METHODS
 DEFAULT_METHODS = ("dpa", "dla", "input_x_gradient", "attention_rollout", "atp", "atp*", "activation_patching")
 
 
@@ -49,9 +49,9 @@ def _log(message: str, quiet: bool) -> None:
 
 
 def build_report(
-    model: Any,
+    model: TLModel,
     prompt: str,
-    target: Any,
+    target: TargetLike,
     *,
     corrupted: str | None = None,
     methods: Sequence[str] = DEFAULT_METHODS,
@@ -60,41 +60,22 @@ def build_report(
 ) -> Report:
     """Run ``methods`` on one prompt and collect their attributions and figures.
 
-    Methods that need a corrupted prompt (AtP, AtP*, exact patching) are skipped without one.
+    Cache methods share one forward pass (caching what they read). Methods that need a corrupted
+    prompt are skipped without one.
     """
-    import dpa_lens
-
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    specs = [get_method(m) for m in methods]  # unknown names fail here, before any work
     if corrupted is None:
-        skipped = [m for m in methods if m in PAIR_METHODS]
+        skipped = [s.name for s in specs if s.input == "pair"]
         if skipped:
             _log(f"   (no corrupted prompt: skipping {', '.join(skipped)})", quiet)
-        methods = [m for m in methods if m not in PAIR_METHODS]
-    steps = len(methods) + 1
-    done = 0
-
-    def step(name: str, fn: Callable[[], Attribution]) -> None:
-        nonlocal done
-        done += 1
-        _log(f"[{done}/{steps}] {name} ...", quiet)
-        start = time.perf_counter()
-        report.attributions[name] = fn()
-        report.timings[name] = time.perf_counter() - start
-
+        specs = [s for s in specs if s.input != "pair"]
+    steps = len(specs) + 1
     _log(f"[0/{steps}] forward pass with cache ...", quiet)
     start = time.perf_counter()
-    cached = [m for m in methods if m in CACHE_METHODS]
-    hooks = set(dpa_lens.dpa_hook_names(model, flow=True)) if "dpa" in cached else set()
-    others = [m for m in cached if m != "dpa"]
-    if others:
-        wanted = dpa_lens.names_filter(model, *others)
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(prompt, names_filter=lambda n: n in hooks or wanted(n))
-    else:
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(prompt, names_filter=lambda n: n in hooks)
+    cached = [s.name for s in specs if s.input == "cache"]
+    wanted = names_filter(model, *cached) if cached else (lambda name: False)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(prompt, names_filter=lambda n: wanted(n) or n == hooks.EMBED)
     report = Report(
         model_name=model_name or getattr(model.cfg, "model_name", ""),
         prompt=prompt,
@@ -103,51 +84,48 @@ def build_report(
         corrupted=corrupted,
     )
     report.timings["forward"] = time.perf_counter() - start
-
-    for name in methods:
-        if name == "dpa":
-            step(name, lambda: dpa_lens.dpa(model, cache, target, flow=True))
-        elif name in CACHE_METHODS:
-            step(name, lambda name=name: dpa_lens.attribute(name, model, cache, target))
-        elif name in RUN_METHODS:
-            kwargs = {"progress": False} if name == "integrated_gradients" else {}
-            step(name, lambda name=name: dpa_lens.attribute(name, model, prompt, target, **kwargs))
-        elif name == "atp":
-            step(name, lambda: dpa_lens.atp(model, prompt, corrupted, target))
-        elif name == "atp*":
-            step(name, lambda: dpa_lens.atp(model, prompt, corrupted, target, qk_fix=True))
-        else:
-            step(name, lambda: dpa_lens.activation_patching(model, prompt, corrupted, target, unit="heads", progress=not quiet))
-    first = next(iter(report.attributions.values()))
-    labels = first.target.get("labels") or ["?"]
-    kind = (first.target.get("logit") or [""])[0]
-    report.target_label = f"{labels[0]} ({'logit difference' if kind == 'difference' else kind + ' logit'})"
+    for done, spec in enumerate(specs, 1):
+        _log(f"[{done}/{steps}] {spec.name} ...", quiet)
+        start = time.perf_counter()
+        report.attributions[spec.name] = run(spec.name, model, prompt, target, corrupted=corrupted, cache=cache, progress=not quiet)
+        report.timings[spec.name] = time.perf_counter() - start
+    explained = next((a for a in report.attributions.values() if a.target.get("labels")), None)
+    if explained is not None:
+        label, kind = explained.target["labels"][0], (explained.target.get("logit") or [""])[0]
+        report.target_label = f"{label} ({'logit difference' if kind == 'difference' else kind + ' logit'})"
     report.figures = _figures(report.attributions)
     return report
 
 
 def _figures(attrs: dict[str, Attribution]) -> list[tuple[str, Any]]:
+    """The figures the attributions allow, chosen from what they hold (never from their names):
+    the first method's tokens, tokens and heads by method, the first method's neurons and flow, and
+    every head-scoring method against the exact reference (a method registered with ``reference=True``)."""
     figs: list[tuple[str, Any]] = []
-    with_tokens = [a for a in attrs.values() if a.tokens is not None]
-    with_heads = [a for a in attrs.values() if a.heads is not None]
-    dpa = attrs.get("dpa")
-    if dpa is not None:
-        figs.append(("Tokens (DPA)", plot.tokens(dpa)))
+    items = list(attrs.items())
+    with_tokens = [a for _, a in items if a.tokens is not None]
+    with_heads = [a for _, a in items if a.heads is not None or a.head_totals is not None]
+    with_neurons = [a for _, a in items if a.neurons is not None]
+    if with_tokens:
+        figs.append((f"Tokens ({with_tokens[0].method})", plot.tokens(with_tokens[0])))
     if len(with_tokens) > 1:
         figs.append(("Tokens by method", plot.tokens_by_method(with_tokens)))
     if with_heads:
         figs.append(("Heads", plot.heads(with_heads)))
-    if dpa is not None:
-        figs.append(("Neurons (DPA)", plot.neurons_top(dpa, k=20)))
-        figs.append(("Neurons by layer (DPA)", plot.neurons_overview(dpa)))
-        if dpa.flow is not None:
-            figs.append(("Information flow (DPA)", plot.flow(dpa)))
-    patch = attrs.get("activation_patching")
-    for name in ("dpa", "atp", "atp*"):
-        if patch is not None and name in attrs:
-            figs.append((f"{name} vs exact patching", plot.scatter(attrs[name], patch, "heads")))
-    if patch is None and dpa is not None and "atp" in attrs:
-        figs.append(("DPA vs AtP", plot.scatter(dpa, attrs["atp"], "heads")))
+    if with_neurons:
+        first = with_neurons[0]
+        figs.append((f"Neurons ({first.method})", plot.neurons_top(first, k=20)))
+        figs.append((f"Neurons by layer ({first.method}, top per layer)", plot.neurons_overview(first)))
+    for name, a in items:
+        if a.flow is not None:
+            figs.append((f"Information flow ({name})", plot.flow(a)))
+    references = [name for name, _ in items if get_method(name).reference]
+    others = [a for a in with_heads if a.method not in references]
+    for ref in references:
+        for a in others:
+            figs.append((f"{a.method} vs {ref}", plot.scatter(a, attrs[ref], "heads")))
+    if not references and len(others) > 1:
+        figs.append((f"{others[0].method} vs {others[1].method}", plot.scatter(others[0], others[1], "heads")))
     return figs
 
 
@@ -162,8 +140,9 @@ table.dataframe { border-collapse: collapse; font-size: 0.85em; } table.datafram
 
 
 def _table(attr: Attribution, kind: str, top: int) -> str:
-    df = attr.top(top, kind, sum_positions=kind == "heads")
-    cols = ["unit", "score"] if kind == "heads" else (["unit", "score"] if kind == "tokens" else ["unit", "token", "score"])
+    """The ``top`` units of a kind by absolute score (the sign stays in the score)."""
+    df = attr.top(top, kind, sum_positions=kind == "heads", absolute=True)
+    cols = ["unit", "token", "score"] if kind == "neurons" and "token" in df else ["unit", "score"]
     return df[cols].to_html(index=False, float_format=lambda v: f"{v:+.4f}", classes="dataframe", border=0)
 
 
@@ -202,9 +181,10 @@ def _render(report: Report, top: int) -> str:
     parts.append("<h2>Top units per method</h2>")
     for name, attr in report.attributions.items():
         parts.append(f"<h3>{html.escape(name)}</h3><div class='tables'>")
-        for kind in ("tokens", "heads", "neurons"):
-            if getattr(attr, kind) is not None:
+        for kind in KINDS:
+            if attr.has(kind):
                 parts.append(f"<div><b>{kind}</b>{_table(attr, kind, top)}</div>")
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+

@@ -27,15 +27,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from dpa_lens.errors import TargetError
 from dpa_lens.models.view import ModelView
+from dpa_lens.ops import softcap_ratio
+from dpa_lens.types import typechecked
 
 LogitKind = Literal["raw", "centered", "difference", "direction"]
 
 
-class TargetError(ValueError):
-    """A target that cannot be turned into a well-defined quantity to explain."""
-
-
+@typechecked
 @dataclass
 class Target:
     """A resolved target, one row per batch element.
@@ -59,7 +59,7 @@ class Target:
     def batch(self) -> int:
         return self.directions.shape[0]
 
-    def rows(self, index: Tensor) -> "Target":
+    def rows(self, index: Tensor) -> Target:
         """The target of some rows (``index`` may repeat rows, e.g. one per integration step)."""
         idx = index.tolist()
         pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
@@ -90,8 +90,6 @@ class Target:
         ``x̂·direction + bias`` equals `value`."""
         if self.final_softcap is None:
             return self.directions, self.bias
-        from dpa_lens.models.view import softcap_ratio
-
         logits = torch.einsum("bd,bkd->bk", x, self.columns.to(x)) + self.column_bias.to(x)
         weight = self.signs.to(x) * softcap_ratio(logits, self.final_softcap)
         token_rows = self.signs.to(x).abs().sum(-1) > 0
@@ -275,6 +273,7 @@ def target_values(
     return target.value(final_input(normalized_final, positions, ln_final_weight))
 
 
+@typechecked
 def final_input(
     normalized_final: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, " batch"], ln_final_weight: Tensor | None = None
 ) -> Float[Tensor, "batch d_model"]:

@@ -97,29 +97,21 @@ prompts = ioi_dataset(model, n=N, seed=0, corruption="flip")
 for p in prompts[:4]:
     print(p.order, "|", p.clean, "->", p.correct, "|", p.corrupted)'''),
         ("md", "## Three methods, averaged over the prompts\nHeads are scored summed over positions; exact patching patches a head's output at every position."),
-        ("code", '''def mean_heads(attrs):
-    return torch.stack([a.sum_over_positions("heads")[0] for a in attrs]).mean(0)
-
-dpa_runs, atp_runs, star_runs, exact_runs = [], [], [], []
+        ("code", '''# every method is called the same way; `run` caches what a cache method reads
+methods = ["dpa", "atp", "atp*", "activation_patching"]
+runs = {m: [] for m in methods}
 for p in prompts:
-    _, cache = model.run_with_cache(p.clean, names_filter=dpa_lens.dpa_names_filter(model))
-    dpa_runs.append(dpa_lens.dpa(model, cache, p.target))
-    atp_runs.append(dpa_lens.atp(model, p.clean, p.corrupted, p.target))
-    star_runs.append(dpa_lens.atp(model, p.clean, p.corrupted, p.target, qk_fix=True))
-    exact_runs.append(dpa_lens.activation_patching(model, p.clean, p.corrupted, p.target, unit="heads", progress=False))
+    for m in methods:
+        runs[m].append(dpa_lens.run(m, model, p.clean, p.target, corrupted=p.corrupted, progress=False))
 
-def averaged(runs, name):
-    a = runs[0]
-    return dpa_lens.Attribution(method=name, heads=mean_heads(runs)[None, :, None, :], target=a.target, model_name=a.model_name)
-
-dpa_avg, atp_avg, star_avg, exact_avg = (averaged(r, n) for r, n in
-    [(dpa_runs, "dpa"), (atp_runs, "atp"), (star_runs, "atp*"), (exact_runs, "exact patching")])'''),
+# different prompts: the mean keeps each head's total over positions
+dpa_avg, atp_avg, star_avg, exact_avg = (dpa_lens.Attribution.concat(runs[m]).mean() for m in methods)'''),
         ("code", '''plot.heads([dpa_avg, atp_avg, exact_avg])'''),
         ("md", "## How well do they agree with exact patching?"),
         ("code", '''plot.scatter(atp_avg, exact_avg)'''),
         ("code", '''plot.scatter(dpa_avg, exact_avg)'''),
         ("code", '''def top_heads(a, k=10):
-    z = a.heads[0, :, 0]
+    z = a.totals("heads")[0]
     idx = z.abs().flatten().argsort(descending=True)[:k]
     return {f"L{i // z.shape[1]}H{i % z.shape[1]}" for i in idx.tolist()}
 
@@ -144,7 +136,7 @@ queries or keys are patched; it does not help here, because these heads' misses 
 of their outputs, which the table below shows.'''),
         ("code", '''import pandas as pd
 
-z = lambda a: a.heads[0, :, 0]
+z = lambda a: a.totals("heads")[0]
 rows = []
 for name in sorted(top_heads(exact_avg, 12)):
     l, h = map(int, name[1:].split("H"))

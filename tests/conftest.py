@@ -14,16 +14,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from dpa_lens.models import tl  # noqa: E402
-from dpa_lens.models.load import ModelNotAvailableError, load_bundled_hf, load_model  # noqa: E402
-from dpa_lens.models.testing import tiny_hf_model, tiny_tokenizer  # noqa: E402
+from dpa_lens.models import tl
+from dpa_lens.models.load import ModelNotAvailableError, load_bundled_hf, load_model
+from dpa_lens.models.testing import tiny_hf_model, tiny_tokenizer
 
 LINES = ["bridge"] + (["hooked"] if tl.hooked_transformer_class() is not None else [])
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"  # the answer flips
+PAIR = (" Mary", " John")  # the IO − S logit difference
 
 torch.set_num_threads(min(torch.get_num_threads(), 4))
 

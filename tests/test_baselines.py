@@ -7,13 +7,9 @@ import torch
 
 import dpa_lens
 from dpa_lens.methods import atp as atp_module
-
 from dpa_lens.models.testing import FAMILIES
 
-from .conftest import IOI_PROMPT, make_tiny, rel_err
-
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
-PAIR = (" Mary", " John")
+from .conftest import CORRUPTED, IOI_PROMPT, PAIR, make_tiny, rel_err
 
 
 def _metric_fn(model, target=PAIR):
@@ -273,7 +269,7 @@ def test_integrated_gradients_are_complete_on_a_tiny_model(baseline, line):
         the = model.W_E[model.to_single_token(" the")].detach()
         prompts, options = [IOI_PROMPT], dict(baseline=the, quadrature="gausslegendre", steps=64)
     attr = dpa_lens.integrated_gradients(model, prompts, PAIR, progress=False, **options)
-    gap = torch.tensor(attr.settings["completeness_gap"])
+    gap = attr.diagnostics.completeness_gap.cpu()
     assert gap.abs().max() < 0.01
     # the reported gap is what the scores give
     recomputed = (attr.tokens.sum(-1) - (attr.target_value - attr.bias)) / (attr.target_value - attr.bias).abs()
@@ -284,7 +280,7 @@ def test_adaptive_integrated_gradients_resolve_a_jump():
     """A path with a steep step that fixed rules step over: the adaptive rule finds it and is
     complete, and its scores equal the exact integral of a path whose gradient is known."""
     model, _ = make_tiny("llama", seed=10, init_scale=0.05)
-    from dpa_lens.methods.gradients import _adaptive_rule
+    from dpa_lens.methods.quadrature import adaptive_rule as _adaptive_rule
 
     centre, width = 3.3e-4, 2e-6  # f(α) = s · sigmoid((α − centre)/width) + α · t, per token
 
@@ -304,7 +300,8 @@ def test_adaptive_integrated_gradients_resolve_a_jump():
     assert float((scores.sum() - (f1 - f0)).abs() / (f1 - f0).abs()) < 1e-3
     torch.testing.assert_close(scores, exact, rtol=1e-3, atol=1e-3)
     # a fixed geometric grid with as many nodes misses the step's location by far
-    from dpa_lens.methods.gradients import _fixed_rule, quadrature_rule
+    from dpa_lens.methods.quadrature import fixed_rule as _fixed_rule
+    from dpa_lens.methods.quadrature import quadrature_rule
 
     scores_fixed, _, _ = _fixed_rule(lambda rows, a: path(rows, a), 1, *quadrature_rule(256, "riemann_right"))
     assert float((scores_fixed.sum() - (f1 - f0)).abs() / (f1 - f0).abs()) > 0.5
@@ -314,7 +311,7 @@ def test_integrated_gradients_warn_when_incomplete(line):
     model, _ = make_tiny("llama", line=line, seed=10, init_scale=0.05)
     with pytest.warns(UserWarning, match="incomplete by"):
         attr = dpa_lens.integrated_gradients(model, IOI_PROMPT, PAIR, steps=4, quadrature="riemann_right", progress=False)
-    assert abs(attr.settings["completeness_gap"][0]) > 0.05
+    assert abs(float(attr.diagnostics.completeness_gap[0])) > 0.05
 
 
 def test_integrated_gradients_bad_options(line):
@@ -384,7 +381,7 @@ def test_patching_equals_transformer_lens_patching(line):
     torch.testing.assert_close(ours.heads[0], ref.float(), rtol=1e-4, atol=1e-5)
     ref_all = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, lambda lg: metric(lg) - base)
     heads = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="heads", progress=False)
-    torch.testing.assert_close(heads.heads[0, :, 0], ref_all.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(heads.head_totals[0], ref_all.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_one_unit_patched_by_hand(line):
@@ -401,8 +398,8 @@ def test_one_unit_patched_by_hand(line):
     heads = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, batch_size=64, progress=False)
     assert float(heads.heads[0, 1, 10, 3]) == pytest.approx(by_hand("blocks.1.attn.hook_z", (0, 10, 3)), abs=1e-5)
     neurons = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="neurons", layers=[1], progress=False)
-    assert float(neurons.neurons[0, 1, 0, 5]) == pytest.approx(by_hand("blocks.1.mlp.hook_post", (0, slice(None), 5)), abs=1e-5)
-    assert torch.isnan(neurons.neurons[0, 0]).all()  # layer 0 was not measured
+    assert float(neurons.neuron_totals[0, 1, 5]) == pytest.approx(by_hand("blocks.1.mlp.hook_post", (0, slice(None), 5)), abs=1e-5)
+    assert torch.isnan(neurons.neuron_totals[0, 0]).all()  # layer 0 was not measured
     toks = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="tokens", progress=False)
     differ = model.to_tokens(IOI_PROMPT)[0] != model.to_tokens(CORRUPTED)[0]
     pos = int(torch.nonzero(differ)[0])
@@ -469,7 +466,7 @@ def test_registry_runs_methods_by_name(line):
     _, cache = model.run_with_cache(IOI_PROMPT, names_filter=dpa_lens.names_filter(model, "dla", "attention_rollout"))
     torch.testing.assert_close(dpa_lens.attribute("dla", model, cache, PAIR).heads, dpa_lens.dla(model, cache, PAIR).heads)
     dpa_lens.attribute("attention_rollout", model, cache)
-    with pytest.raises(KeyError, match="available"):
+    with pytest.raises(dpa_lens.InputError, match="available"):
         dpa_lens.attribute("saliency_maps", model, cache, PAIR)
-    with pytest.raises(KeyError, match="read no cache"):
+    with pytest.raises(dpa_lens.InputError, match="read no cache"):
         dpa_lens.names_filter(model, "gradient")

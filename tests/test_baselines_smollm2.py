@@ -5,16 +5,13 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 
 import dpa_lens
 
-from .conftest import IOI_PROMPT
+from .conftest import CORRUPTED, IOI_PROMPT, PAIR
 
 pytestmark = pytest.mark.smollm2
 
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
-PAIR = (" Mary", " John")
 
 
 def test_dla_decomposes_the_logit_difference(smollm2):
@@ -26,13 +23,13 @@ def test_dla_decomposes_the_logit_difference(smollm2):
 
 
 def test_atp_misses_heads_that_exact_patching_finds(smollm2):
-    """The known AtP false negatives on SmolLM2 IOI (method doc): exact patching of L17H4 and
+    """The known AtP false negatives on SmolLM2 IOI (Kramár et al. 2024): exact patching of L17H4 and
     L20H0 is several times their AtP estimate, and AtP*'s query-key fix does not recover them
     (their miss comes from non-linearity downstream of the head, not from its own softmax)."""
     exact = {}
     for layer in (17, 20):
         p = dpa_lens.activation_patching(smollm2, IOI_PROMPT, CORRUPTED, PAIR, unit="heads", layers=[layer], progress=False)
-        exact[layer] = p.heads[0, layer, 0]
+        exact[layer] = p.head_totals[0, layer]
     atp = dpa_lens.atp(smollm2, IOI_PROMPT, CORRUPTED, PAIR).sum_over_positions("heads")[0]
     star = dpa_lens.atp(smollm2, IOI_PROMPT, CORRUPTED, PAIR, qk_fix=True).sum_over_positions("heads")[0]
     for layer, head in ((17, 4), (20, 0)):
@@ -42,12 +39,12 @@ def test_atp_misses_heads_that_exact_patching_finds(smollm2):
 
 
 def test_integrated_gradients_are_complete_at_512_steps(smollm2):
-    """The issue's bar: within 10 % of completeness on SmolLM2 IOI at 512 steps. The default
+    """Within 10 % of completeness on SmolLM2 IOI at 512 steps. The default
     (zero baseline with the BOS kept, adaptive quadrature) gives about 0.1 %."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         attr = dpa_lens.integrated_gradients(smollm2, IOI_PROMPT, PAIR, steps=512, batch_size=64, progress=False)
-    gap = attr.settings["completeness_gap"][0]
+    gap = float(attr.diagnostics.completeness_gap[0])
     true_gap = float((attr.tokens.sum() - (attr.target_value - attr.bias)) / (attr.target_value - attr.bias).abs())
     assert gap == pytest.approx(true_gap, rel=1e-3, abs=1e-4)
     assert abs(gap) < 0.01
@@ -63,7 +60,7 @@ def test_integrated_gradients_from_an_all_zero_input_report_their_gap(smollm2):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         attr = dpa_lens.integrated_gradients(smollm2, IOI_PROMPT, PAIR, steps=128, keep_bos=False, batch_size=64, progress=False)
-    gap = attr.settings["completeness_gap"][0]
+    gap = float(attr.diagnostics.completeness_gap[0])
     true_gap = float((attr.tokens.sum() - (attr.target_value - attr.bias)) / (attr.target_value - attr.bias).abs())
     assert gap == pytest.approx(true_gap, rel=1e-3, abs=1e-4)
     assert float(attr.bias[0]) == 0.0 and abs(gap) > 0.1

@@ -8,7 +8,6 @@ import torch
 
 import dpa_lens
 from dpa_lens import Mu
-
 from dpa_lens.models.testing import FAMILIES
 
 from .conftest import IOI_PROMPT, make_tiny, rel_err

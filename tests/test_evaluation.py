@@ -12,10 +12,7 @@ from dpa_lens.evaluation import Curves, agreement, circuit_edges, faithfulness_c
 from dpa_lens.models import tl
 from dpa_lens.models.testing import FAMILIES
 
-from .conftest import IOI_PROMPT, make_tiny
-
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
-PAIR = (" Mary", " John")
+from .conftest import CORRUPTED, IOI_PROMPT, PAIR, make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +202,7 @@ def test_agreement_against_numpy(tiny):
     # units the reference did not measure are left out, not counted as zero
     patched = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="neurons", layers=[1], progress=False)
     part = agreement(a, patched, "neurons")
-    full = np.corrcoef(a.neurons[0, 1].sum(0).numpy(), patched.neurons[0, 1, 0].numpy())[0, 1]
+    full = np.corrcoef(a.neurons[0, 1].sum(0).numpy(), patched.neuron_totals[0, 1].numpy())[0, 1]
     assert part["pearson"] == pytest.approx(full, abs=1e-6)
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import dpa_lens
-from dpa_lens.models import load as load_module
+from dpa_lens.models import bundled as load_module
 from dpa_lens.models import tl
 from dpa_lens.models.testing import FAMILIES, tiny_hf_model, tiny_tokenizer
+from dpa_lens.models.view import UNEMBED_OFFSET_ATTR
 
 from .conftest import IOI_PROMPT, LINES, make_tiny
 
@@ -89,7 +90,7 @@ def test_raw_unembedding_offset_recovers_raw_logits(line):
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
         raw = ref(tokens).logits
-    m, mb = getattr(model, load_module.UNEMBED_OFFSET_ATTR)
+    m, mb = getattr(model, UNEMBED_OFFSET_ATTR)
     rebuilt = logits + (cache["ln_final.hook_normalized"] @ m)[..., None] + mb
     assert (rebuilt - raw).abs().max() < 1e-4
     # centring is real: the processed logits alone are off by a per-position constant

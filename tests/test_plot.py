@@ -11,10 +11,7 @@ import torch
 import dpa_lens
 from dpa_lens import plot
 
-from .conftest import IOI_PROMPT, make_tiny
-
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
-PAIR = (" Mary", " John")
+from .conftest import CORRUPTED, IOI_PROMPT, PAIR, make_tiny
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ import pytest
 from dpa_lens import cli
 from dpa_lens.report import build_report
 
-from .conftest import IOI_PROMPT, make_tiny
+from .conftest import CORRUPTED, IOI_PROMPT, make_tiny
 
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 METHODS = ("dpa", "dla", "input_x_gradient", "attention_rollout", "atp", "atp*", "activation_patching")
 
 
@@ -40,7 +39,7 @@ def test_pair_methods_are_skipped_without_a_corrupted_prompt():
     model, _ = make_tiny("llama", seed=31)
     r = build_report(model, IOI_PROMPT, " Mary", methods=("dpa", "atp"), quiet=True)
     assert list(r.attributions) == ["dpa"]
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match="no attribution method .lime."):
         build_report(model, IOI_PROMPT, " Mary", methods=("dpa", "lime"), quiet=True)
 
 

@@ -9,4 +9,6 @@ from dpa_lens.evaluation.agreement import agreement, correlation
 from dpa_lens.evaluation.faithfulness import COMPONENT_FRACTIONS, TOKEN_FRACTIONS, Curves, faithfulness_curves
 from dpa_lens.evaluation.interop import circuit_edges, to_transformer_lens
 
-__all__ = ["COMPONENT_FRACTIONS", "TOKEN_FRACTIONS", "Curves", "agreement", "circuit_edges", "correlation", "faithfulness_curves", "to_transformer_lens"]
+__all__ = [
+    "COMPONENT_FRACTIONS", "TOKEN_FRACTIONS", "Curves", "agreement", "circuit_edges", "correlation", "faithfulness_curves", "to_transformer_lens",
+]

@@ -33,14 +33,6 @@ def correlation(x: Tensor, y: Tensor) -> tuple[float, float]:
     return pearson, spearman
 
 
-def unit_scores(attr: Attribution, kind: Literal["tokens", "heads", "neurons"], row: int = 0, sum_positions: bool = True) -> Tensor:
-    """One row's scores of a kind as a flat vector (heads and neurons summed over positions by default)."""
-    t = attr.scores(kind)[row].detach().float().cpu()
-    if kind != "tokens" and sum_positions:
-        t = t.sum(1)  # NaN (an unmeasured layer) stays NaN and is dropped
-    return t.flatten()
-
-
 def agreement(
     attr: Attribution,
     reference: Attribution,
@@ -58,7 +50,7 @@ def agreement(
         raise ValueError(f"different numbers of rows: {attr.batch} vs {reference.batch}")
     results = {"pearson": 0.0, "spearman": 0.0, f"top{k}_overlap": 0.0}
     for row in range(attr.batch):
-        x, y = unit_scores(attr, kind, row, sum_positions), unit_scores(reference, kind, row, sum_positions)
+        x, y = attr.flat(kind, row, sum_positions)[0], reference.flat(kind, row, sum_positions)[0]
         if x.shape != y.shape:
             raise ValueError(f"the attributions score different units ({tuple(x.shape)} vs {tuple(y.shape)}); "
                              "compare heads summed over positions (sum_positions=True) with patching of whole heads")

@@ -27,15 +27,17 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from dpa_lens.attribution import Attribution
 from dpa_lens.inputs import prepare_tokens
-from dpa_lens.methods._grad import require_eval
+from dpa_lens.models import hooks
+from dpa_lens.validation import require_eval
 
 Unit = Literal["tokens", "heads", "neurons", "components", "attention", "attention+neurons"]
 Ablation = Literal["zero", "mean", "resample"]
@@ -76,7 +78,7 @@ class Curves:
         return {"disruption": d, "recovery": r, "total": r - d}
 
     @staticmethod
-    def concat(curves: Sequence["Curves"]) -> "Curves":
+    def concat(curves: Sequence[Curves]) -> Curves:
         """One `Curves` from several (same method, unit, ablation and fractions), prompts stacked."""
         first = curves[0]
         for c in curves[1:]:
@@ -145,8 +147,8 @@ def _units(attr: Attribution, row: int, unit: str, answer: int, real: Tensor) ->
 
 
 def _hook_name(kind: str, layer: int) -> str:
-    return {"tokens": "hook_embed", "heads": f"blocks.{layer}.attn.hook_z", "neurons": f"blocks.{layer}.mlp.hook_post",
-            "attention": f"blocks.{layer}.attn.hook_pattern"}[kind]
+    return {"tokens": hooks.EMBED, "heads": hooks.attn(layer, "z"), "neurons": hooks.mlp(layer, "post"),
+            "attention": hooks.attn(layer, "pattern")}[kind]
 
 
 def _replacement(kind: str, ablation: str, clean: Tensor, other: Tensor | None, real: Tensor) -> Tensor:
@@ -192,7 +194,8 @@ def faithfulness_curves(
         raise ValueError(f"ablation must be 'zero', 'mean' or 'resample', got {ablation!r}")
     if ablation == "resample" and corrupted_tokens is None:
         raise ValueError("ablation='resample' takes the ablated values from corrupted_tokens: pass them")
-    fr = torch.tensor(list(fractions) if fractions is not None else (TOKEN_FRACTIONS if unit == "tokens" else COMPONENT_FRACTIONS), dtype=torch.float64)
+    default = TOKEN_FRACTIONS if unit == "tokens" else COMPONENT_FRACTIONS
+    fr = torch.tensor(list(fractions) if fractions is not None else default, dtype=torch.float64)
     if bool((fr <= 0).any() or (fr > 1).any()):
         raise ValueError("fractions must lie in (0, 1]")
     ids = attr.target.get("token_ids")
@@ -261,7 +264,7 @@ def faithfulness_curves(
 def _ablated_probs(model, tok, mask, units: _Units, groups, replacements, ablate: Tensor, answer: int, y: int) -> Tensor:
     """p(y) at the answer position for each ablation pattern (one forward of ``len(ablate)`` copies)."""
     R = ablate.shape[0]
-    hooks = []
+    fwd_hooks = []
     for kind, name, members in groups:
         sel = ablate[:, members]  # [R, m]
         if not bool(sel.any()):
@@ -281,11 +284,11 @@ def _ablated_probs(model, tok, mask, units: _Units, groups, replacements, ablate
                 x[copies, pos, idx] = repl[pos, idx].to(x)
             return x
 
-        hooks.append((name, hook))
+        fwd_hooks.append((name, hook))
     kwargs = {} if mask is None else {"attention_mask": mask.expand(R, -1)}
     logits = None
     if model not in _NO_SLICING:  # unembed the answer position only, where the model allows it
-        sliced = hooks + [("ln_final.hook_normalized", lambda x, hook: x[:, answer : answer + 1])]
+        sliced = fwd_hooks + [(hooks.FINAL_NORMALIZED, lambda x, hook: x[:, answer : answer + 1])]
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 # the bridge notes that the sliced final norm leaves HF's native path (same numbers)
@@ -295,8 +298,8 @@ def _ablated_probs(model, tok, mask, units: _Units, groups, replacements, ablate
             _NO_SLICING.add(model)
     if logits is None:
         with torch.no_grad():
-            logits = model.run_with_hooks(tok.expand(R, -1), fwd_hooks=hooks, **kwargs)[:, answer]
+            logits = model.run_with_hooks(tok.expand(R, -1), fwd_hooks=fwd_hooks, **kwargs)[:, answer]
     return logits.float().softmax(-1)[:, y].cpu()
 
 
-_NO_SLICING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_NO_SLICING: weakref.WeakSet[Any] = weakref.WeakSet()

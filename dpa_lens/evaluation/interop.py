@@ -10,9 +10,11 @@ TransformerLens's ``faithfulness`` keeps (every edge leaving a chosen writer).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from dpa_lens.attribution import Attribution
+from dpa_lens.errors import InputError
 
 
 def _tl():
@@ -28,10 +30,10 @@ def to_transformer_lens(attr: Attribution, row: int = 0) -> Any:
     if attr.tokens is not None:
         for pos, s in enumerate(attr.tokens[row].tolist()):
             scores[ap.Node("embed", pos)] = float(s)
+    if attr.heads is None and attr.head_totals is not None:
+        raise InputError(f"{attr.method} scored whole heads (no positions); TransformerLens nodes are per position")
     if attr.heads is not None:
         heads = attr.heads[row]
-        if heads.shape[1] == 1 and attr.tokens is not None and attr.tokens.shape[1] > 1:
-            raise ValueError("heads of whole-prompt patching have no positions; TransformerLens nodes are per position")
         L, P, H = heads.shape
         for layer in range(L):
             for pos in range(P):

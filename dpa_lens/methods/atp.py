@@ -19,56 +19,39 @@ is then the effect of patching head h's query, key and value at position p.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution
-from dpa_lens.inputs import RunInputs, inputs_from_tokens, prepare_tokens, read_inputs, resolve_positions
-from dpa_lens.methods._grad import forward_with_grads, require_eval
-from dpa_lens.methods.registry import register
-from dpa_lens.models.view import ModelView, softcap
+from dpa_lens.attribution import KINDS, Attribution, Diagnostics
+from dpa_lens.errors import CacheError
+from dpa_lens.inputs import prepare_pair, read_inputs, resolve_positions
+from dpa_lens.methods._autograd import forward_with_grads
+from dpa_lens.methods.registry import MethodSpec, register, register_variant
+from dpa_lens.models import hooks
+from dpa_lens.models.view import ModelView
+from dpa_lens.ops import softcap
 from dpa_lens.targets import Target, resolve_target, target_values
-
-
-class PairError(ValueError):
-    """Clean and corrupted inputs that cannot be patched into each other."""
-
-
-def prepare_pair(
-    model: Any, view: ModelView, clean: Any, corrupted: Any, attention_mask: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None, RunInputs, RunInputs]:
-    """Tokens of a clean/corrupted pair; they must align position by position."""
-    clean_tok, clean_mask = prepare_tokens(model, clean, attention_mask)
-    corr_tok, corr_mask = prepare_tokens(model, corrupted, attention_mask)
-    if clean_tok.shape != corr_tok.shape:
-        raise PairError(
-            f"clean and corrupted inputs have different shapes ({tuple(clean_tok.shape)} vs "
-            f"{tuple(corr_tok.shape)} tokens): patching needs them aligned position by position; "
-            "choose corrupted prompts that tokenize to the same length"
-        )
-    mask = clean_mask if clean_mask is not None else corr_mask
-    if clean_mask is not None and corr_mask is not None and not torch.equal(clean_mask, corr_mask):
-        raise PairError("clean and corrupted inputs are padded differently; their real tokens must align")
-    return clean_tok, corr_tok, mask, inputs_from_tokens(view, clean_tok, mask), inputs_from_tokens(view, corr_tok, mask)
+from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
+from dpa_lens.validation import require_eval
 
 
 def atp_names(view: ModelView, qk_fix: bool) -> list[str]:
     names = []
     for layer in range(view.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post"]
+        names += [hooks.attn(layer, "z"), hooks.mlp(layer, "post")]
         if qk_fix:
-            names += [f"blocks.{layer}.attn.hook_{n}" for n in ("v", "pattern", "attn_scores")] + view.qk_hook_names(layer)
+            names += [hooks.attn(layer, n) for n in ("v", "pattern", "attn_scores")] + view.qk_hook_names(layer)
     return names
 
 
-def clean_activations(model: Any, view: ModelView, tokens: Tensor, mask: Tensor | None, names: list[str], clean_cache: Any) -> dict[str, Tensor]:
-    needed = ["hook_embed", "ln_final.hook_normalized"] + [n for n in names if not n.endswith(("pattern", "attn_scores"))]
+def clean_activations(
+    model: TLModel, view: ModelView, tokens: Tensor, mask: Tensor | None, names: list[str], clean_cache: Cache | None
+) -> dict[str, Tensor]:
+    needed = [hooks.EMBED, hooks.FINAL_NORMALIZED] + [n for n in names if not n.endswith(("pattern", "attn_scores"))]
     if clean_cache is not None:
         missing = [n for n in needed if n not in clean_cache]
         if missing:
-            raise ValueError(f"clean_cache lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}; cache the clean run without a names_filter")
+            raise CacheError(f"clean_cache lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}; cache the clean run without a names_filter")
         read_inputs(view, clean_cache, tokens=tokens)  # the cache must be of these clean tokens
         return {n: clean_cache[n] for n in needed}
     wanted = set(needed)
@@ -78,7 +61,7 @@ def clean_activations(model: Any, view: ModelView, tokens: Tensor, mask: Tensor 
     return {n: cache[n] for n in needed}
 
 
-def corrupted_run(model: Any, view: ModelView, tokens: Tensor, target: Target, positions: Tensor, names: list[str],
+def corrupted_run(model: TLModel, view: ModelView, tokens: Tensor, target: Target, positions: Tensor, names: list[str],
                   mask: Tensor | None = None):
     """Forward and backward on the corrupted tokens, recording ``names`` (rotary angles without gradient)."""
     constants = [n for n in names if n.endswith(("hook_cos", "hook_sin"))]
@@ -88,17 +71,16 @@ def corrupted_run(model: Any, view: ModelView, tokens: Tensor, target: Target, p
 
 def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """AtP*'s value, query and key estimates of one layer's heads, each ``[batch, pos, head]``."""
-    pre = f"blocks.{layer}.attn."
     H, K = view.n_heads, view.n_kv_heads
     G = H // K
     scale = view.attn_scale(layer)
     f = lambda t: t.float()  # noqa: E731
-    g = f(run.grads[pre + "hook_z"])  # [b, q, H, dh]
-    alpha = f(run.acts[pre + "hook_pattern"])  # [b, H, q, k]
-    scores = f(run.acts[pre + "hook_attn_scores"])
+    g = f(run.grads[hooks.attn(layer, "z")])  # [b, q, H, dh]
+    alpha = f(run.acts[hooks.attn(layer, "pattern")])  # [b, H, q, k]
+    scores = f(run.acts[hooks.attn(layer, "attn_scores")])
     masked = ~torch.isfinite(scores) | (scores < -1e30)
     expand = lambda t: t.repeat_interleave(G, dim=2)  # noqa: E731  [b, k, K, dh] -> [b, k, H, dh]
-    v, v_clean = expand(f(run.acts[pre + "hook_v"])), expand(f(clean[pre + "hook_v"]).to(g.device))
+    v, v_clean = expand(f(run.acts[hooks.attn(layer, "v")])), expand(f(clean[hooks.attn(layer, "v")]).to(g.device))
     q, k = view.rotated_qk(run.acts, layer)
     q_clean, k_clean = (t.to(g.device) for t in view.rotated_qk(clean, layer))
     k, k_clean = expand(k), expand(k_clean)
@@ -129,15 +111,16 @@ def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -
     return value, query, key
 
 
-@register("atp")
+@register(MethodSpec(name="atp", input="pair", scores=KINDS,
+                     summary="attribution patching: (clean − corrupted activation) · gradient on the corrupted run"))
 def atp(
-    model: Any,
-    clean_tokens: Any,
-    corrupted_tokens: Any,
-    target: Any,
-    position: Any = -1,
+    model: TLModel,
+    clean_tokens: PromptLike,
+    corrupted_tokens: PromptLike,
+    target: TargetLike,
+    position: PositionLike = -1,
     *,
-    clean_cache: Any = None,
+    clean_cache: Cache | None = None,
     qk_fix: bool = False,
     attention_mask: Tensor | None = None,
     logit: str = "auto",
@@ -162,16 +145,16 @@ def atp(
     names = atp_names(view, qk_fix)
     clean = clean_activations(model, view, clean_tok, mask, names, clean_cache)
     run = corrupted_run(model, view, corr_tok, resolved, positions, names, mask)
-    clean_value = target_values(resolved, clean["ln_final.hook_normalized"], positions, view.norm_weight("ln_final"))
+    clean_value = target_values(resolved, clean[hooks.FINAL_NORMALIZED], positions, view.norm_weight("ln_final"))
 
     L = view.n_layers
     d = lambda name: clean[name].to(run.acts[name].device).float() - run.acts[name].float()  # noqa: E731
-    tokens_out = ((clean["hook_embed"].to(run.embed.device).float() - run.embed.float()) * run.embed_grad.float()).sum(-1)
+    tokens_out = ((clean[hooks.EMBED].to(run.embed.device).float() - run.embed.float()) * run.embed_grad.float()).sum(-1)
     if qk_fix:
         heads = torch.stack([sum(qk_fixed_parts(view, l, run, clean)) for l in range(L)], 1)
     else:
-        heads = torch.stack([(d(f"blocks.{l}.attn.hook_z") * run.grads[f"blocks.{l}.attn.hook_z"].float()).sum(-1) for l in range(L)], 1)
-    neurons = torch.stack([d(f"blocks.{l}.mlp.hook_post") * run.grads[f"blocks.{l}.mlp.hook_post"].float() for l in range(L)], 1)
+        heads = torch.stack([(d(hooks.attn(l, "z")) * run.grads[hooks.attn(l, "z")].float()).sum(-1) for l in range(L)], 1)
+    neurons = torch.stack([d(hooks.mlp(l, "post")) * run.grads[hooks.mlp(l, "post")].float() for l in range(L)], 1)
     return Attribution(
         method="atp*" if qk_fix else "atp",
         tokens=tokens_out,
@@ -181,9 +164,14 @@ def atp(
         positions=positions,
         token_ids=clean_in.tokens,
         str_tokens=clean_in.str_tokens,
+        mask=clean_in.real,
         target=resolved.describe(),
-        settings={"qk_fix": qk_fix, "corrupted_value": run.value.tolist(), "clean_value": clean_value.tolist(),
-                  "corrupted_str_tokens": corr_in.str_tokens},
+        diagnostics=Diagnostics(clean_value=clean_value.to(run.value.device), corrupted_value=run.value,
+                                corrupted_str_tokens=corr_in.str_tokens),
+        settings={"qk_fix": qk_fix},
         model_name=view.name,
     )
+
+
+register_variant("atp*", "atp", "AtP* (Kramár et al. 2024): AtP with the softmax recomputed for patched queries and keys", qk_fix=True)
 

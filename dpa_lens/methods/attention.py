@@ -14,40 +14,46 @@ call shape and recorded); they sum to one over the prompt's tokens.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution
-from dpa_lens.inputs import check_hooks, read_inputs, resolve_positions
-from dpa_lens.methods.registry import register
+from dpa_lens.attribution import KINDS, Attribution
+from dpa_lens.errors import InputError
+from dpa_lens.forward import CachedForward, read_forward
+from dpa_lens.methods.registry import MethodSpec, register
+from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.targets import resolve_target
+from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 
 
-def attention_hook_names(model: Any) -> list[str]:
-    return ["hook_embed"] + [f"blocks.{l}.attn.hook_pattern" for l in range(ModelView(model).n_layers)]
+def attention_hook_names(model: TLModel) -> list[str]:
+    """What the attention baselines read: the embeddings (for the tokens) and every layer's pattern."""
+    return [hooks.EMBED] + [hooks.attn(l, "pattern") for l in range(ModelView(model).n_layers)]
 
 
-def _attention_method(model, cache, target, position, tokens, attention_mask, method, scores_fn) -> Attribution:
-    view = ModelView(model)
-    check_hooks(cache, attention_hook_names(model), method=method, filter_hint=f"dpa_lens.names_filter(model, {method!r})")
-    inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
-    positions = resolve_positions(position, inputs)
-    resolved = resolve_target(model, view, target, inputs.batch) if target is not None else None
+def _attention_method(model, cache, target, position, tokens, attention_mask, method: str,
+                      scores_fn: Callable[[list[Tensor], Tensor], Tensor]) -> Attribution:
+    fwd = read_forward(model, cache, target, position, method=method, hook_names=attention_hook_names(model),
+                       filter_hint=f"dpa_lens.names_filter(model, {method!r})", tokens=tokens, attention_mask=attention_mask,
+                       check_model=False)
     with torch.no_grad():
-        patterns = [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(view.n_layers)]
-        scores = scores_fn(patterns, positions)
+        patterns = [cache[hooks.attn(l, "pattern")] for l in range(fwd.view.n_layers)]
+        scores = scores_fn(patterns, fwd.positions)
+    return _result(fwd, method, tokens=scores)
+
+
+def _result(fwd: CachedForward, method: str, **scores: Tensor) -> Attribution:
     return Attribution(
         method=method,
-        tokens=scores,
-        positions=positions,
-        token_ids=inputs.tokens,
-        str_tokens=inputs.str_tokens,
-        target={} if resolved is None else resolved.describe(),
-        settings={},
-        model_name=view.name,
+        **scores,
+        positions=fwd.positions,
+        token_ids=fwd.inputs.tokens,
+        str_tokens=fwd.inputs.str_tokens,
+        mask=fwd.inputs.real,
+        target={} if fwd.target is None else fwd.target.describe(),
+        model_name=fwd.view.name,
     )
 
 
@@ -57,14 +63,20 @@ def _rows(pattern: Tensor, positions: Tensor) -> Tensor:
     return pattern.float().mean(1)[b, positions.to(pattern.device)]
 
 
-@register("attention_last", hook_names=attention_hook_names)
-def attention_last(model: Any, cache: Any, target: Any = None, position: Any = -1, *, tokens=None, attention_mask=None) -> Attribution:
+def _spec(name: str, summary: str) -> MethodSpec:
+    return MethodSpec(name=name, input="cache", scores=("tokens",), hook_names=attention_hook_names, target=False, summary=summary)
+
+
+@register(_spec("attention_last", "last layer's attention from the answer position, mean over heads (no target)"))
+def attention_last(model: TLModel, cache: Cache, target: TargetLike | None = None, position: PositionLike = -1, *,
+                   tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Attribution:
     """Last layer's attention from the answer position, mean over heads: ``tokens [batch, pos]``."""
     return _attention_method(model, cache, target, position, tokens, attention_mask, "attention_last", lambda p, pos: _rows(p[-1], pos))
 
 
-@register("attention_mean", hook_names=attention_hook_names)
-def attention_mean(model: Any, cache: Any, target: Any = None, position: Any = -1, *, tokens=None, attention_mask=None) -> Attribution:
+@register(_spec("attention_mean", "attention from the answer position, mean over layers and heads (no target)"))
+def attention_mean(model: TLModel, cache: Cache, target: TargetLike | None = None, position: PositionLike = -1, *,
+                   tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Attribution:
     """Attention from the answer position, mean over all layers and heads: ``tokens [batch, pos]``."""
     return _attention_method(
         model, cache, target, position, tokens, attention_mask, "attention_mean", lambda p, pos: torch.stack([_rows(x, pos) for x in p]).mean(0)
@@ -84,32 +96,31 @@ def rollout(patterns: list[Tensor], positions: Tensor) -> Tensor:
     return flow[b, positions.to(flow.device)]
 
 
-@register("attention_rollout", hook_names=attention_hook_names)
-def attention_rollout(model: Any, cache: Any, target: Any = None, position: Any = -1, *, tokens=None, attention_mask=None) -> Attribution:
+@register(_spec("attention_rollout", "attention rollout (Abnar & Zuidema 2020) from the answer position (no target)"))
+def attention_rollout(model: TLModel, cache: Cache, target: TargetLike | None = None, position: PositionLike = -1, *,
+                      tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Attribution:
     """Attention rollout (Abnar & Zuidema 2020) from the answer position: ``tokens [batch, pos]``."""
     return _attention_method(model, cache, target, position, tokens, attention_mask, "attention_rollout", rollout)
 
 
-@register("random", hook_names=lambda model: ["hook_embed"])
-def random_baseline(
-    model: Any, cache: Any, target: Any = None, position: Any = -1, *, seed: int = 0, tokens=None, attention_mask=None
-) -> Attribution:
+@register(MethodSpec(name="random", input="cache", scores=KINDS, hook_names=lambda model: [hooks.EMBED], target=False,
+                     summary="seeded standard-normal scores: the chance baseline"))
+def random_baseline(model: TLModel, cache: Cache, target: TargetLike | None = None, position: PositionLike = -1, *, seed: int = 0,
+                    tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Attribution:
     """Seeded random scores (standard normal) for tokens, heads and neurons: the chance baseline."""
-    view = ModelView(model)
-    inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
-    positions = resolve_positions(position, inputs)
-    b, n = inputs.batch, inputs.seq_len
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {seed!r}")
+    fwd = read_forward(model, cache, target, position, method="random", hook_names=[hooks.EMBED],
+                       filter_hint="dpa_lens.names_filter(model, 'random')", tokens=tokens, attention_mask=attention_mask,
+                       check_model=False)
+    b, n, view = fwd.batch, fwd.seq_len, fwd.view
     gen = torch.Generator().manual_seed(seed)
-    real = inputs.real.float()
-    return Attribution(
-        method="random",
+    real = fwd.inputs.real.float()
+    attr = _result(
+        fwd, "random",
         tokens=torch.randn(b, n, generator=gen) * real,
         heads=torch.randn(b, view.n_layers, n, view.n_heads, generator=gen) * real[:, None, :, None],
         neurons=torch.randn(b, view.n_layers, n, view.d_mlp, generator=gen) * real[:, None, :, None],
-        positions=positions,
-        token_ids=inputs.tokens,
-        str_tokens=inputs.str_tokens,
-        target={} if target is None else resolve_target(model, view, target, b).describe(),
-        settings={"seed": seed},
-        model_name=view.name,
     )
+    attr.settings["seed"] = seed
+    return attr

@@ -13,34 +13,36 @@ norms), the head scores equal ``cache.logit_attrs(cache.stack_head_results(...))
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution
-from dpa_lens.inputs import check_cache_model, check_hooks, read_inputs, resolve_positions
-from dpa_lens.methods.registry import register
-from dpa_lens.models.view import ModelView, pull_norm
-from dpa_lens.targets import final_input, resolve_target
+from dpa_lens.attribution import KINDS, Attribution
+from dpa_lens.forward import read_forward
+from dpa_lens.methods.registry import MethodSpec, register
+from dpa_lens.models import hooks
+from dpa_lens.models.view import ModelView
+from dpa_lens.ops import pull_norm
+from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 
 
-def dla_hook_names(model: Any) -> list[str]:
+def dla_hook_names(model: TLModel) -> list[str]:
+    """What DLA reads from the cache."""
     view = ModelView(model)
-    names = ["hook_embed", "blocks.0.hook_resid_pre", "ln_final.hook_scale", "ln_final.hook_normalized"]
+    names = [hooks.EMBED, hooks.resid_pre(0), hooks.FINAL_SCALE, hooks.FINAL_NORMALIZED]
     for layer in range(view.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post"]
+        names += [hooks.attn(layer, "z"), hooks.mlp(layer, "post")]
         if view.rules.post_norms:
-            names += [f"blocks.{layer}.ln1_post.hook_scale", f"blocks.{layer}.ln2_post.hook_scale"]
+            names += [hooks.norm_scale(layer, "ln1_post"), hooks.norm_scale(layer, "ln2_post")]
     return names
 
 
-@register("dla", hook_names=dla_hook_names)
+@register(MethodSpec(name="dla", input="cache", scores=KINDS, hook_names=dla_hook_names,
+                     summary="Direct logit attribution: each unit's direct write to the target at the answer position"))
 def dla(
-    model: Any,
-    cache: Any,
-    target: Any,
-    position: Any = -1,
+    model: TLModel,
+    cache: Cache,
+    target: TargetLike,
+    position: PositionLike = -1,
     *,
     tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
@@ -49,45 +51,42 @@ def dla(
     """Direct logit attribution of tokens, heads and neurons at the answer position.
 
     Returns ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``, ``neurons [batch, layer,
-    pos, d_mlp]`` that are zero except at each row's answer position, and ``bias [batch]``.
+    pos, d_mlp]`` that are zero except at each row's answer position, and ``bias [batch]``; they
+    add up to ``target_value``.
     """
-    view = ModelView(model)
-    check_hooks(cache, dla_hook_names(model), method="DLA", filter_hint="dpa_lens.names_filter(model, 'dla')")
-    inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
-    check_cache_model(view, cache)
-    positions = resolve_positions(position, inputs)
-    resolved = resolve_target(model, view, target, inputs.batch, logit=logit)
-    b, n, L, H = inputs.batch, inputs.seq_len, view.n_layers, view.n_heads
+    fwd = read_forward(model, cache, target, position, method="DLA", hook_names=dla_hook_names(model),
+                       filter_hint="dpa_lens.names_filter(model, 'dla')", tokens=tokens, attention_mask=attention_mask, logit=logit)
+    view, b, n = fwd.view, fwd.batch, fwd.seq_len
+    L, H = view.n_layers, view.n_heads
     with torch.no_grad():
-        device = cache["ln_final.hook_normalized"].device
-        rows, pos = torch.arange(b, device=device), positions.to(device)
-        at = lambda name: cache[name][rows, pos].to(device).float()  # noqa: E731  each row's answer position
-        ln_f = view.norm_weight("ln_final")
-        x_final = final_input(cache["ln_final.hook_normalized"], positions, ln_f)
-        direction, target_bias = resolved.linearized(x_final)  # [batch, d_model]
-        t = pull_norm(direction.to(device), at("ln_final.hook_scale"), ln_f, center=view.rules.norm == "ln")
+        device = fwd.device
+        rows, pos = torch.arange(b, device=device), fwd.positions.to(device)
+        at = lambda name: fwd.act(name)[rows, pos]  # noqa: E731  each row's answer position
+        x_final = fwd.final_input()
+        direction, target_bias = fwd.target.linearized(x_final)  # [batch, d_model]
+        t = pull_norm(direction.to(device), fwd.answer_scale(), view.norm_weight("ln_final"), center=view.rules.norm == "ln")
 
         def written(layer: int, norm: str) -> Tensor:  # the target where a sublayer's output is written
             if not view.rules.post_norms:
                 return t
-            return pull_norm(t, at(f"blocks.{layer}.{norm}.hook_scale"), view.norm_weight(norm, layer), center=False)
+            return pull_norm(t, at(hooks.norm_scale(layer, norm)), view.norm_weight(norm, layer), center=False)
 
         tokens_out = torch.zeros(b, n, device=device)
         heads_out = torch.zeros(b, L, n, H, device=device)
         neurons_out = torch.zeros(b, L, n, view.d_mlp, device=device)
         bias = target_bias.to(device).float().clone()
-        tokens_out[rows, pos] = (at("blocks.0.hook_resid_pre") * t).sum(-1)
+        tokens_out[rows, pos] = (at(hooks.resid_pre(0)) * t).sum(-1)
         for layer in range(L):
             a, m = view.attn(layer), view.mlp(layer)
             t_attn, t_mlp = written(layer, "ln1_post"), written(layer, "ln2_post")
             lam = torch.einsum("hed,bd->bhe", a.W_O.to(device), t_attn)  # W_O t per head
-            heads_out[rows, layer, pos] = (at(f"blocks.{layer}.attn.hook_z") * lam).sum(-1)
-            neurons_out[rows, layer, pos] = at(f"blocks.{layer}.mlp.hook_post") * (t_mlp @ m.W_out.to(device).T)
+            heads_out[rows, layer, pos] = (at(hooks.attn(layer, "z")) * lam).sum(-1)
+            neurons_out[rows, layer, pos] = at(hooks.mlp(layer, "post")) * (t_mlp @ m.W_out.to(device).T)
             if a.b_O is not None:
                 bias += t_attn @ a.b_O.to(device)
             if m.b_out is not None:
                 bias += t_mlp @ m.b_out.to(device)
-        value = resolved.value(x_final)
+        value = fwd.target.value(x_final)
     return Attribution(
         method="dla",
         tokens=tokens_out,
@@ -95,10 +94,10 @@ def dla(
         neurons=neurons_out,
         bias=bias,
         target_value=value,
-        positions=positions,
-        token_ids=inputs.tokens,
-        str_tokens=inputs.str_tokens,
-        target=resolved.describe(),
-        settings={},
+        positions=fwd.positions,
+        token_ids=fwd.inputs.tokens,
+        str_tokens=fwd.inputs.str_tokens,
+        mask=fwd.inputs.real,
+        target=fwd.target.describe(),
         model_name=view.name,
     )

@@ -8,9 +8,9 @@ own patch), with a progress bar.
 Units:
 
 * ``"heads_by_pos"``: one head's output ``hook_z`` at one position -> ``heads [batch, layer, pos, head]``;
-* ``"heads"``: one head's output at every position -> ``heads [batch, layer, 1, head]``;
+* ``"heads"``: one head's output at every position -> ``head_totals [batch, layer, head]``;
 * ``"neurons"``: one MLP neuron at every position, in the ``layers`` given
-  -> ``neurons [batch, layer, 1, d_mlp]`` (NaN in layers not measured);
+  -> ``neuron_totals [batch, layer, d_mlp]`` (NaN in layers not measured);
 * ``"tokens"``: one position's token embedding -> ``tokens [batch, pos]``.
 
 Padding positions are not patched (their score is 0).
@@ -18,19 +18,22 @@ Padding positions are not patched (their score is 0).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpa_lens.attribution import Attribution
-from dpa_lens.inputs import resolve_positions
-from dpa_lens.methods._grad import require_eval
-from dpa_lens.methods.atp import prepare_pair
-from dpa_lens.methods.registry import register
+from dpa_lens.attribution import Attribution, Diagnostics
+from dpa_lens.errors import CacheError, InputError
+from dpa_lens.inputs import prepare_pair, resolve_positions
+from dpa_lens.methods.registry import MethodSpec, register
+from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.targets import resolve_target, target_values
+from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
+from dpa_lens.validation import require_eval
 
 Unit = Literal["heads_by_pos", "heads", "neurons", "tokens"]
 UNITS: tuple[str, ...] = ("heads_by_pos", "heads", "neurons", "tokens")
@@ -38,10 +41,10 @@ UNITS: tuple[str, ...] = ("heads_by_pos", "heads", "neurons", "tokens")
 
 def _hook_name(unit: str, layer: int | None) -> str:
     if unit == "tokens":
-        return "hook_embed"
+        return hooks.EMBED
     if unit == "neurons":
-        return f"blocks.{layer}.mlp.hook_post"
-    return f"blocks.{layer}.attn.hook_z"
+        return hooks.mlp(layer, "post")
+    return hooks.attn(layer, "z")
 
 
 def _units(unit: str, layers: list[int], real: Tensor, n_heads: int, d_mlp: int) -> list[tuple[int | None, int | None, int | None]]:
@@ -73,18 +76,19 @@ def _patch_hook(unit: str, copies: Tensor, pos: Tensor, idx: Tensor, clean: Tens
     return hook
 
 
-@register("activation_patching")
+@register(MethodSpec(name="activation_patching", input="pair", scores=("heads",), options={"unit": "heads"}, reference=True,
+                     summary="exact denoising patching: f(corrupted with the unit's clean value) − f(corrupted)"))
 def activation_patching(
-    model: Any,
-    clean_tokens: Any,
-    corrupted_tokens: Any,
-    target: Any,
-    position: Any = -1,
+    model: TLModel,
+    clean_tokens: PromptLike,
+    corrupted_tokens: PromptLike,
+    target: TargetLike,
+    position: PositionLike = -1,
     *,
     unit: Unit = "heads_by_pos",
     layers: Iterable[int] | None = None,
     batch_size: int = 32,
-    clean_cache: Any = None,
+    clean_cache: Cache | None = None,
     attention_mask: Tensor | None = None,
     logit: str = "auto",
     progress: bool = True,
@@ -103,38 +107,38 @@ def activation_patching(
         ``f(clean) − f(corrupted)``.
     """
     if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        raise InputError(f"unit must be one of {UNITS}, got {unit!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     view = ModelView(model)
     require_eval(model, "activation patching")
     L = view.n_layers
     if unit == "neurons" and layers is None:
-        raise ValueError(
+        raise InputError(
             f"unit='neurons' needs layers=[...]: it costs one forward per neuron ({view.d_mlp} per layer, "
             f"{L * view.d_mlp} for the whole model)"
         )
     layer_list = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))
     bad = [l for l in layer_list if not 0 <= l < L]
     if bad:
-        raise ValueError(f"layers {bad} are out of range (the model has {L})")
+        raise InputError(f"layers {bad} are out of range (the model has {L})")
     clean_tok, corr_tok, mask, clean_in, corr_in = prepare_pair(model, view, clean_tokens, corrupted_tokens, attention_mask)
     positions = resolve_positions(position, corr_in)
     resolved = resolve_target(model, view, target, corr_in.batch, logit=logit)
     ln_f = view.norm_weight("ln_final")
 
     hook_names = ["hook_embed"] if unit == "tokens" else [_hook_name(unit, l) for l in layer_list]
-    wanted = set(hook_names) | {"ln_final.hook_normalized"}
+    wanted = set(hook_names) | {hooks.FINAL_NORMALIZED}
     kwargs = {} if mask is None else {"attention_mask": mask}
     with torch.no_grad():
         if clean_cache is None:
             _, clean_cache = model.run_with_cache(clean_tok, names_filter=lambda n: n in wanted, **kwargs)
-        _, corr_cache = model.run_with_cache(corr_tok, names_filter=lambda n: n == "ln_final.hook_normalized", **kwargs)
+        _, corr_cache = model.run_with_cache(corr_tok, names_filter=lambda n: n == hooks.FINAL_NORMALIZED, **kwargs)
     missing = [n for n in wanted if n not in clean_cache]
     if missing:
-        raise ValueError(f"clean_cache lacks {missing[:3]}; cache the clean run without a names_filter")
-    clean_value = target_values(resolved, clean_cache["ln_final.hook_normalized"], positions, ln_f)
-    corr_value = target_values(resolved, corr_cache["ln_final.hook_normalized"], positions, ln_f)
+        raise CacheError(f"clean_cache lacks {missing[:3]}; cache the clean run without a names_filter")
+    clean_value = target_values(resolved, clean_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
+    corr_value = target_values(resolved, corr_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
 
     b, n = corr_in.batch, corr_in.seq_len
     device = corr_value.device
@@ -145,9 +149,9 @@ def activation_patching(
         out = torch.full((b, L, n, view.n_heads), nan, device=device)
         out[:, layer_list] = 0.0
     elif unit == "heads":
-        out = torch.full((b, L, 1, view.n_heads), nan, device=device)
+        out = torch.full((b, L, view.n_heads), nan, device=device)
     else:
-        out = torch.full((b, L, 1, view.d_mlp), nan, device=device)
+        out = torch.full((b, L, view.d_mlp), nan, device=device)
 
     jobs = []
     for row in range(b):
@@ -158,18 +162,18 @@ def activation_patching(
         c = len(chunk)
         tokens = corr_tok[row : row + 1].expand(c, -1)
         row_mask = None if mask is None else mask[row : row + 1].expand(c, -1)
-        hooks = []
+        fwd_hooks = []
         for layer in sorted({u[0] for u in chunk}, key=lambda x: -1 if x is None else x):
             members = [k for k, u in enumerate(chunk) if u[0] == layer]
             copies = torch.tensor(members)
             pos = torch.tensor([chunk[k][1] if chunk[k][1] is not None else 0 for k in members])
             idx = torch.tensor([chunk[k][2] if chunk[k][2] is not None else 0 for k in members])
             name = _hook_name(unit, layer)
-            hooks.append((name, _patch_hook(unit, copies, pos, idx, clean_cache[name][row])))
-        captured = {}
-        hooks.append(("ln_final.hook_normalized", lambda x, hook: captured.__setitem__("x", x)))
+            fwd_hooks.append((name, _patch_hook(unit, copies, pos, idx, clean_cache[name][row])))
+        captured: dict[str, Tensor] = {}
+        fwd_hooks.append((hooks.FINAL_NORMALIZED, lambda x, hook, captured=captured: captured.__setitem__("x", x)))
         with torch.no_grad():
-            model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **({} if row_mask is None else {"attention_mask": row_mask}))
+            model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **({} if row_mask is None else {"attention_mask": row_mask}))
         values = target_values(resolved.rows(torch.full((c,), row)), captured["x"], positions[row].expand(c), ln_f)
         effects = (values - corr_value[row].to(values.device)).to(device)
         for k, (layer, pos, idx) in enumerate(chunk):
@@ -178,18 +182,19 @@ def activation_patching(
             elif unit == "heads_by_pos":
                 out[row, layer, pos, idx] = effects[k]
             else:
-                out[row, layer, 0, idx] = effects[k]
+                out[row, layer, idx] = effects[k]
 
-    kind = {"tokens": "tokens", "heads_by_pos": "heads", "heads": "heads", "neurons": "neurons"}[unit]
+    field = {"tokens": "tokens", "heads_by_pos": "heads", "heads": "head_totals", "neurons": "neuron_totals"}[unit]
     return Attribution(
         method="activation_patching",
-        **{kind: out},
+        **{field: out},
         target_value=clean_value.to(device) - corr_value,
         positions=positions,
         token_ids=clean_in.tokens,
         str_tokens=clean_in.str_tokens,
+        mask=clean_in.real,
         target=resolved.describe(),
-        settings={"unit": unit, "layers": layer_list, "clean_value": clean_value.tolist(), "corrupted_value": corr_value.tolist(),
-                  "corrupted_str_tokens": corr_in.str_tokens},
+        diagnostics=Diagnostics(clean_value=clean_value.to(device), corrupted_value=corr_value, corrupted_str_tokens=corr_in.str_tokens),
+        settings={"unit": unit, "layers": layer_list},
         model_name=view.name,
     )

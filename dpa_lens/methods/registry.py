@@ -1,59 +1,199 @@
-"""Attribution methods by name, so plots, evaluation and the command line can loop over them.
+"""Every attribution method by name, with its contract, and one way to run any of them.
 
-Every registered function returns an `Attribution`; ``attribute(name, ...)`` forwards its
-arguments unchanged, so each method keeps its own signature (see its docstring). Methods that
-read a cache also register the hook names they need, which `names_filter` combines.
+Each method registers a `MethodSpec`: what it takes (``"cache"``: a model's ``ActivationCache``;
+``"tokens"``: a prompt it runs itself; ``"pair"``: a clean and a corrupted prompt), what it scores,
+the hooks it reads from a cache, and fixed options for variants (``"atp*"`` is ``atp`` with
+``qk_fix=True``). `run` calls any method the same way, so the report, the command line, the
+benchmarks and the notebooks keep no tables of their own::
+
+    dpa_lens.run("dpa", model, prompt, (" Mary", " John"))
+    dpa_lens.run("atp*", model, prompt, target, corrupted=corrupted_prompt)
+    dpa_lens.run("dla", model, prompt, target, cache=cache)   # reuse a cache you have
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from dpa_lens.attribution import Attribution
+import torch
 
-_REGISTRY: dict[str, Callable[..., Attribution]] = {}
-_HOOK_NAMES: dict[str, Callable[[Any], list[str]]] = {}
+from dpa_lens.attribution import Attribution, Kind
+from dpa_lens.errors import InputError
+from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
+
+Input = Literal["cache", "tokens", "pair"]
+INPUTS: tuple[str, ...] = ("cache", "tokens", "pair")
 
 
-def register(
-    name: str, *, hook_names: Callable[[Any], list[str]] | None = None
-) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
-    """Decorator: make a method findable by ``name`` (and its cache needs, if it reads a cache)."""
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method takes and gives.
+
+    Attributes:
+        name: the name `run` and `get_method` know it by.
+        input: ``"cache"`` (``fn(model, cache, target, position, **options)``), ``"tokens"``
+            (``fn(model, prompt, target, position, **options)``) or ``"pair"``
+            (``fn(model, clean, corrupted, target, position, **options)``).
+        scores: the kinds of scores it returns by default.
+        summary: one line: what a score means.
+        hook_names: for cache methods, ``model -> hook names`` it may read (any option included).
+        options: options `run` passes unless the caller sets them (a variant's defining options,
+            or what the report and benches want by default).
+        fixed: options that define a variant and cannot be overridden.
+        target: whether the score depends on the target (attention baselines do not).
+        reference: an exact measurement the approximations are compared with (exact patching).
+        fn: the function.
+    """
+
+    name: str
+    input: Input
+    scores: tuple[Kind, ...]
+    summary: str
+    hook_names: Callable[[TLModel], list[str]] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    target: bool = True
+    reference: bool = False
+    fn: Callable[..., Attribution] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input not in INPUTS:
+            raise ValueError(f"MethodSpec.input must be one of {INPUTS}, got {self.input!r}")
+        if self.input == "cache" and self.hook_names is None:
+            raise ValueError(f"cache method {self.name!r} must say which hooks it reads (hook_names)")
+
+    def names_filter(self, model: TLModel) -> Callable[[str], bool]:
+        """A ``run_with_cache`` filter caching what this method reads (cache methods only)."""
+        if self.hook_names is None:
+            raise InputError(f"{self.name} reads no cache (it takes {self.input!r})")
+        wanted = frozenset(self.hook_names(model))
+        return lambda name: name in wanted
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
+    """Decorator: make a method findable by ``spec.name``."""
 
     def add(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"an attribution method named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        if hook_names is not None:
-            _HOOK_NAMES[name] = hook_names
+        known = _REGISTRY.get(spec.name)
+        if known is not None and known.fn is not fn:
+            raise ValueError(f"an attribution method named {spec.name!r} is already registered")
+        _REGISTRY[spec.name] = replace(spec, fn=fn)
         return fn
 
     return add
 
 
-def get_method(name: str) -> Callable[..., Attribution]:
+def register_variant(name: str, base: str, summary: str, **fixed: Any) -> None:
+    """Register ``name`` as ``base`` with some options fixed (``register_variant("atp*", "atp", ..., qk_fix=True)``)."""
+    spec = get_method(base)
+    _REGISTRY[name] = replace(spec, name=name, summary=summary, fixed={**spec.fixed, **fixed})
+
+
+def get_method(name: str) -> MethodSpec:
+    """The `MethodSpec` of a registered method."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"no attribution method {name!r}; available: {', '.join(available_methods())}") from None
+        raise InputError(f"no attribution method {name!r}; available: {', '.join(available_methods())}") from None
 
 
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+def available_methods(input: Input | None = None) -> list[str]:
+    """Names of the registered methods (those taking ``input``, if given)."""
+    return sorted(n for n, s in _REGISTRY.items() if input is None or s.input == input)
 
 
-def attribute(method: str, *args: Any, **kwargs: Any) -> Attribution:
-    """Run the method registered as ``method`` with the given arguments."""
-    return get_method(method)(*args, **kwargs)
+def method_table() -> list[dict[str, Any]]:
+    """One row per method: name, input, scores, summary (for docs and ``dpa-lens methods``)."""
+    return [{"method": s.name, "input": s.input, "scores": ", ".join(s.scores), "summary": s.summary}
+            for s in sorted(_REGISTRY.values(), key=lambda s: s.name)]
 
 
-def names_filter(model: Any, *methods: str) -> Callable[[str], bool]:
+def names_filter(model: TLModel, *methods: str) -> Callable[[str], bool]:
     """A ``names_filter`` for ``run_with_cache`` that caches what the given cache-based methods read.
 
     ``names_filter(model, "dpa", "dla")``; with no method named, what all of them read.
     """
-    unknown = [m for m in methods if m not in _HOOK_NAMES]
-    if unknown:
-        raise KeyError(f"{unknown} read no cache; cache-based methods: {sorted(_HOOK_NAMES)}")
-    wanted = frozenset(n for m in (methods or tuple(_HOOK_NAMES)) for n in _HOOK_NAMES[m](model))
+    specs = [get_method(m) for m in methods] if methods else [s for s in _REGISTRY.values() if s.input == "cache"]
+    wrong = [s.name for s in specs if s.input != "cache"]
+    if wrong:
+        raise InputError(f"{wrong} read no cache; cache-based methods: {available_methods('cache')}")
+    wanted = frozenset(n for s in specs for n in s.hook_names(model))
     return lambda name: name in wanted
+
+
+def _options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    clash = sorted(set(options) & set(spec.fixed))
+    if clash:
+        raise InputError(f"{spec.name} fixes {', '.join(f'{k}={spec.fixed[k]!r}' for k in clash)}; it cannot be changed")
+    merged = {**spec.options, **options, **spec.fixed}
+    params = inspect.signature(spec.fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(merged) - set(params))
+        if unknown:
+            accepted = [p for p in params if p not in ("model", "cache", "tokens", "target", "position", "clean_tokens", "corrupted_tokens")]
+            raise InputError(f"{spec.name} has no option {', '.join(unknown)}; its options: {', '.join(accepted)}")
+    return merged
+
+
+def run(
+    method: str,
+    model: TLModel,
+    prompt: PromptLike,
+    target: TargetLike | None,
+    *,
+    corrupted: PromptLike | None = None,
+    cache: Cache | None = None,
+    position: PositionLike = -1,
+    progress: bool | None = None,
+    **options: Any,
+) -> Attribution:
+    """Run any registered method on a prompt, the same way for every method.
+
+    Args:
+        method: a name of `available_methods` (``"dpa"``, ``"atp*"``, ...).
+        prompt: a string, a list of strings (padded as ``model.to_tokens`` pads) or token ids.
+        target: what to explain (see `dpa_lens.targets`); methods that explain no target accept None.
+        corrupted: the corrupted prompt, for methods that take a clean/corrupted pair.
+        cache: an ``ActivationCache`` of ``prompt`` you already have: cache methods read it, pair
+            methods use it as the clean run; without one, cache methods run the model once
+            (caching only what they read).
+        position: the answer position (see `dpa_lens.inputs.resolve_positions`).
+        progress: show (or hide) progress bars, for methods that have them.
+        options: the method's own options (see its docstring).
+    """
+    from dpa_lens.inputs import prepare_tokens
+
+    spec = get_method(method)
+    kwargs = _options(spec, options)
+    if progress is not None and "progress" in inspect.signature(spec.fn).parameters:
+        kwargs["progress"] = progress
+    if spec.target and target is None:
+        raise InputError(f"{spec.name} explains a target: pass one (a token, a (correct, incorrect) pair or a direction)")
+    if spec.input == "pair" and corrupted is None:
+        raise InputError(f"{spec.name} compares a clean and a corrupted prompt: pass corrupted=...")
+    if spec.input == "cache":
+        tokens, mask = prepare_tokens(model, prompt)
+        if cache is None:
+            with torch.no_grad():
+                _, cache = model.run_with_cache(tokens, names_filter=spec.names_filter(model),
+                                                **({} if mask is None else {"attention_mask": mask}))
+        if mask is not None:
+            kwargs.setdefault("attention_mask", mask)
+        return spec.fn(model, cache, target, position, **kwargs)
+    if spec.input == "tokens":
+        return spec.fn(model, prompt, target, position, **kwargs)
+    if cache is not None:
+        kwargs.setdefault("clean_cache", cache)
+    return spec.fn(model, prompt, corrupted, target, position, **kwargs)
+
+
+def attribute(method: str, *args: Any, **kwargs: Any) -> Attribution:
+    """Call the function registered as ``method`` with its own signature (see `run` for the uniform one)."""
+    spec = get_method(method)
+    return spec.fn(*args, **{**kwargs, **spec.fixed})

@@ -40,7 +40,7 @@ def _corpus() -> list[str]:
     return lines * 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_folder(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -7,7 +7,7 @@ these helpers instead of importing either class directly.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import version
 from typing import Any
 
@@ -17,7 +17,7 @@ TL_VERSION: str = version("transformer_lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
 
 
-@lru_cache(maxsize=None)
+@cache
 def hooked_transformer_class() -> type | None:
     """``HookedTransformer`` on TransformerLens 3.x, None on 4.x (where it was removed)."""
     try:
@@ -27,7 +27,7 @@ def hooked_transformer_class() -> type | None:
     return HookedTransformer
 
 
-@lru_cache(maxsize=None)
+@cache
 def bridge_class() -> type | None:
     """``TransformerBridge`` where this TransformerLens has one."""
     try:

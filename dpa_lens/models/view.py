@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpa_lens.models import tl
-from dpa_lens.models.load import UNEMBED_OFFSET_ATTR
+from dpa_lens.errors import UnsupportedModelError
+from dpa_lens.models import hooks, tl
+from dpa_lens.ops import ACTIVATIONS, rotate
 
 # Architectures whose blocks dpa_lens's rules cover, each tested against its own autograd oracle.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -39,11 +41,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "Gemma 2 (GeGLU, norms after the sublayers, soft-capping, sliding windows)",
     "Gemma3ForCausalLM": "Gemma 3 text (Gemma 2's rules plus query-key norm)",
 }
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
-
-
-class UnsupportedModelError(NotImplementedError):
-    """The model's architecture is not one whose DPA rules dpa_lens implements."""
+# Where `dpa_lens.load_model` records the mean that TransformerLens's centring removed from the
+# unembedding (see `ModelView.raw_unembed_offset`).
+UNEMBED_OFFSET_ATTR = "_dpa_lens_unembed_offset"
 
 
 @dataclass(frozen=True)
@@ -99,70 +99,6 @@ def _get(module: Any, name: str) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def rotate_half(x: Tensor, adjacent_pairs: bool = False) -> Tensor:
-    """The linear map P with rot(x) = x·cos + P(x)·sin (GPT-NeoX halves, or GPT-J pairs)."""
-    if adjacent_pairs:
-        out = torch.empty_like(x)
-        out[..., ::2] = -x[..., 1::2]
-        out[..., 1::2] = x[..., ::2]
-        return out
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor, adjacent_pairs: bool = False) -> Tensor:
-    """Rotary embedding of the first ``cos.shape[-1]`` dimensions (the rest pass through)."""
-    r = cos.shape[-1]
-    head, tail = x[..., :r], x[..., r:]
-    return torch.cat([head * cos + rotate_half(head, adjacent_pairs) * sin, tail], dim=-1)
-
-
-def unrotate(g: Tensor, cos: Tensor, sin: Tensor, adjacent_pairs: bool = False) -> Tensor:
-    """Transpose of `rotate`: Rᵀg = g·cos − P(g·sin) on the rotated dimensions (Pᵀ = −P)."""
-    r = cos.shape[-1]
-    head, tail = g[..., :r], g[..., r:]
-    return torch.cat([head * cos - rotate_half(head * sin, adjacent_pairs), tail], dim=-1)
-
-
-def pull_norm(update: Tensor, scale: Tensor, gain: Tensor | None, center: bool) -> Tensor:
-    """Transpose of a norm with its scale frozen: times the gain, centred (LayerNorm), over the scale.
-
-    Maps a target at a norm's output to the target at its input.
-    """
-    if gain is not None:
-        update = update * gain.to(update.device)
-    if center:
-        update = update - update.mean(-1, keepdim=True)
-    return update / scale
-
-
-def softcap(x: Tensor, cap: float | None) -> Tensor:
-    """``cap·tanh(x/cap)``, or ``x`` when there is no cap."""
-    return x if cap is None else cap * torch.tanh(x / cap)
-
-
-def activation(name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(act(x), act(x)/x)``: the activation and its secant slope (exact at 0, no division)."""
-    if name in ("silu", "swish"):
-        ratio = torch.sigmoid(x)
-    elif name == "gelu":
-        ratio = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-    elif name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        ratio = 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-    elif name == "relu":
-        ratio = (x > 0).to(x.dtype)
-    else:
-        raise UnsupportedModelError(f"activation {name!r}")
-    return x * ratio, ratio
-
-
-def softcap_ratio(x: Tensor, cap: float) -> Tensor:
-    """Secant slope ``cap·tanh(x/cap)/x`` of a soft cap (1 at x = 0)."""
-    y = x / cap
-    safe = y.abs() > 1e-4
-    return torch.where(safe, torch.tanh(y) / torch.where(safe, y, torch.ones_like(y)), 1.0 - y * y / 3.0)
-
-
 class ModelView:
     """Uniform, read-only access to a TransformerLens model's weights (float32 on request)."""
 
@@ -195,7 +131,7 @@ class ModelView:
         cap = getattr(self.cfg, name, -1.0)
         return float(cap) if cap is not None and cap > 0 else None
 
-    @property
+    @cached_property
     def rules(self) -> BlockRules:
         cfg, block = self.cfg, self.model.blocks[0]
         norm = str(getattr(cfg, "normalization_type", None))
@@ -226,11 +162,9 @@ class ModelView:
             return True
         return any(cls.__name__ == "PositionEmbeddingsAttentionBridge" for cls in type(attn).__mro__)
 
-    @property
-    def q_hook(self) -> str:
-        """The query hook whose positions DPA reads (rotated where the cache has rotated queries)."""
-        rules = self.rules
-        return "attn.hook_rot_q" if rules.rotary and rules.rot_hooks else "attn.hook_q"
+    def q_hook(self, layer: int) -> str:
+        """The query hook of a layer whose positions DPA reads (rotated where the cache has rotated queries)."""
+        return self.qk_hook_names(layer)[0]
 
     @property
     def embed_scale(self) -> float:
@@ -242,10 +176,11 @@ class ModelView:
 
     def qk_hook_names(self, layer: int) -> list[str]:
         """The hooks from which `rotated_qk` rebuilds a layer's queries and keys as the scores see them."""
-        rules, pre = self.rules, f"blocks.{layer}.attn."
+        rules = self.rules
         if rules.rotary and rules.rot_hooks:
-            return [pre + "hook_rot_q", pre + "hook_rot_k"]
-        return [pre + "hook_q", pre + "hook_k"] + ([pre + "hook_cos", pre + "hook_sin"] if rules.rotary else [])
+            return [hooks.attn(layer, "rot_q"), hooks.attn(layer, "rot_k")]
+        names = ["q", "k"] + (["cos", "sin"] if rules.rotary else [])
+        return [hooks.attn(layer, n) for n in names]
 
     def rotated_qk(self, acts: Any, layer: int, cos_sin: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Queries ``[batch, pos, head, d_head]`` and keys ``[batch, pos, kv_head, d_head]`` after any
@@ -386,7 +321,7 @@ class ModelView:
 
     def qk_norm_scale(self, cache: Any, layer: int, which: str, batch: int, n: int) -> Tensor:
         """The query/key norm's cached scale as ``[batch, pos, heads, 1]`` (lines lay it out differently)."""
-        s = cache[f"blocks.{layer}.attn.{which}_norm.hook_scale"]
+        s = cache[hooks.qk_norm(layer, which)]
         if s.ndim == 4:  # bridge: [batch, heads, pos, 1]
             return s.permute(0, 2, 1, 3)
         return s.reshape(batch, n, -1, 1)  # HookedTransformer: [(batch pos heads), 1]

@@ -1,6 +1,6 @@
 """An autograd oracle for DPA, independent of dpa_lens and of TransformerLens.
 
-DPA is the gradient of a re-wired forward pass (method doc, fact 1): a forward whose values equal
+DPA is the gradient of a re-wired forward pass (Jantsch et al. 2026; README, "How it is tested"): a forward whose values equal
 the model's, but whose autograd graph has every norm scale detached (LayerNorm keeps its centring),
 ``post = μ_up·act(g)̄·u + μ_gate·slope(g)̄·g·ū`` in a gated MLP (slope = act(g)/g, the secant),
 ``post = slope(s)̄·s`` in a plain MLP, soft caps replaced by their secant,

@@ -9,28 +9,34 @@ names on the bridge, see the TransformerLens notes).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from dpa_lens.inputs import RunInputs, inputs_from_tokens, prepare_tokens, resolve_positions
+from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.targets import Target, final_input
+from dpa_lens.targets import Target, final_input, resolve_target
+from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
+from dpa_lens.validation import require_eval
 
 
-class TrainModeError(RuntimeError):
-    """The model is in train mode: dropout makes gradients and patching meaningless."""
-
-
-def require_eval(model: Any, method: str) -> None:
-    training = [name for name, module in model.named_modules() if module.training]
-    if training:
-        raise TrainModeError(
-            f"{method} needs the model in eval mode (dropout would make the numbers random); "
-            f"call model.eval() first ({len(training)} modules are in train mode, e.g. {training[0] or 'the model'})"
-        )
+def prepare_run(
+    model: TLModel, text: PromptLike, target: TargetLike, position: PositionLike, attention_mask: Tensor | None, logit: str, method: str
+) -> tuple[ModelView, Tensor, Tensor | None, RunInputs, Tensor, Target]:
+    """The prelude of every method that runs the model itself: eval mode checked, tokens and
+    padding, answer positions, target."""
+    view = ModelView(model)
+    require_eval(model, method)
+    tokens, mask = prepare_tokens(model, text, attention_mask)
+    inputs = inputs_from_tokens(view, tokens, mask)
+    positions = resolve_positions(position, inputs)
+    resolved = resolve_target(model, view, target, inputs.batch, logit=logit)
+    return view, tokens, mask, inputs, positions, resolved
 
 
 @contextmanager
@@ -102,8 +108,8 @@ def forward_with_grads(
     def keep_normalized(x: Tensor, hook: Any) -> None:
         captured["normalized"] = x
 
-    fwd = [("hook_embed", embed_leaf), *extra_fwd_hooks]
-    fwd += [(n, save(n)) for n in names + act_only] + [("ln_final.hook_normalized", keep_normalized)]
+    fwd = [(hooks.EMBED, embed_leaf), *extra_fwd_hooks]
+    fwd += [(n, save(n)) for n in names + act_only] + [(hooks.FINAL_NORMALIZED, keep_normalized)]
     bwd = [(n, save_grad(n)) for n in names]
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     with torch.enable_grad(), frozen_parameters(model), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):

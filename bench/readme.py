@@ -1,0 +1,117 @@
+"""The README's numbers, rendered from the committed result files: ``python bench/readme.py``.
+
+The README holds blocks between ``<!-- generated: NAME -->`` and ``<!-- /generated -->``; this script
+rewrites each from its result file, so no number in them is typed by hand.
+``python bench/readme.py --check`` fails when the README differs from what the results say
+(tests/test_readme.py runs it).
+
+Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json), ``speed``
+(bench/results/speed_smollm2.json), ``ioi-heads`` (docs/images/ioi_heads.json, written by
+docs/screenshots.py with the pictures it describes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def faithfulness(r: dict) -> str:
+    s = r["settings"]
+    known, ioi, comp, agree = r["tokens"]["known_1000"], r["tokens"]["ioi"], r["components"], r["agreement"]
+    methods = sorted(set(known) | set(ioi) | set(comp), key=lambda m: -known.get(m, ioi.get(m, {})).get("total", -1e9))
+    f = lambda d, m, k: f"{d[m][k]:.1f}" if m in d else ""  # noqa: E731
+    lines = [
+        f"Every method on the authors' benchmarks with SmolLM2-135M, on {s['known_1000_prompts']} Known 1000 and "
+        f"{s['ioi_prompts']} IOI prompts that the model answers correctly "
+        "([`bench/results/faithfulness_smollm2.md`](bench/results/faithfulness_smollm2.md), `python bench/faithfulness.py`, "
+        f"{s['seconds'] / 60:.0f} min on {r.get('machine', {}).get('cpu_count', 2)} CPU cores). Totals are recovery AUC minus "
+        "disruption AUC (×100; higher is better) with zero ablation. The last column compares head scores with exact "
+        f"patching of each head, on the IO − S logit difference ({s['agreement_prompts']} prompts).",
+        "",
+        "| method | tokens, Known 1000: total | tokens, IOI: total | components, IOI: total (linear / log axis) "
+        "| heads vs exact patching: Pearson / Spearman |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        c = f"{comp[m]['total (linear)']:.1f} / {comp[m]['total (log)']:.1f}" if m in comp else ""
+        a = f"{agree[m]['pearson']:.2f} / {agree[m]['spearman']:.2f}" if m in agree else ""
+        lines.append(f"| {m} | {f(known, m, 'total')} | {f(ioi, m, 'total')} | {c} | {a} |")
+    extra = [m for m in comp if m not in methods]
+    for m in extra:
+        lines.append(f"| {m} | | | {comp[m]['total (linear)']:.1f} / {comp[m]['total (log)']:.1f} | |")
+    gap = s["integrated_gradients_gap"]
+    lines += ["", f"Integrated gradients ({s['integrated_gradients'].split(',')[0]}) were complete within "
+                  f"{gap['median']:.1%} at the median ({gap['max']:.0%} at worst)."]
+    return "\n".join(lines) + "\n"
+
+
+def speed(r: dict) -> str:
+    rows = r["rows"]
+    get = lambda m, n, o="": next((x for x in rows if x["measurement"] == m and x["length"] == n and x["option"] == o  # noqa: E731
+                                   and "error" not in x), None)
+    lines = ["| tokens | forward + backward | DPA, forward included | AtP | integrated gradients (128 steps) | exact patching (270 heads) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({x["length"] for x in rows if x["measurement"] == "forward+backward" and x["option"] == ""}):
+        base = get("forward+backward", n)
+        cell = lambda m: "" if get(m, n) is None else f"{get(m, n)['seconds']:.3g} s"  # noqa: E731
+        d = get("dpa", n)
+        dpa = f"{d['seconds']:.3g} s ({d['seconds'] / base['seconds']:.2f}×)" if d and base else ""
+        lines.append(f"| {n} | {cell('forward+backward')} | {dpa} | {cell('atp')} | {cell('integrated_gradients')} | {cell('patching')} |")
+    return "\n".join(lines) + "\n"
+
+
+def ioi_heads(r: dict) -> str:
+    a = r["against_exact_patching"]
+    return (f"Over these {r['prompts']} prompts AtP tracks exact patching with Pearson r = {a['atp']['pearson']:.2f} "
+            f"(Spearman {a['atp']['spearman']:.2f}) and DPA with r = {a['dpa']['pearson']:.2f} (Spearman {a['dpa']['spearman']:.2f}).\n")
+
+
+SOURCES: dict[str, tuple[Path, Callable[[dict], str]]] = {
+    "faithfulness": (RESULTS / "faithfulness_smollm2.json", faithfulness),
+    "speed": (RESULTS / "speed_smollm2.json", speed),
+    "ioi-heads": (ROOT / "docs" / "images" / "ioi_heads.json", ioi_heads),
+}
+
+
+def render(text: str) -> str:
+    """The README with every generated block rewritten from its result file."""
+
+    def block(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in SOURCES:
+            raise SystemExit(f"README has an unknown generated block {name!r}")
+        path, fn = SOURCES[name]
+        return m.group(1) + fn(_load(path)) + m.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if the README differs from the results")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            sys.exit("README.md is out of date with the committed results: run python bench/readme.py")
+        return
+    readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()

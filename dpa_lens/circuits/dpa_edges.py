@@ -1,0 +1,204 @@
+"""DPA's circuit edges from one sweep: every writer → reader edge with its q/k/v/mlp/logit label.
+
+DPA's sweep is a linear map of the target. Each reader (a head's query, key or value input, an
+MLP's input, the final norm) adds its own term ``R_r`` to the effective target of the stream it
+reads, so the effective target where a writer ``u`` writes is ``t_final + Σ_{r downstream of u} R_r``
+and its node score ``out_u · t_u`` splits exactly into edges::
+
+    edge(u → r) = Σ_p out_u[p] · R_r[p]          edge(u → logit) = Σ_p out_u[p] · t_final[p]
+
+with no remainder, for every ``mu``. ``out_u`` is what the writer adds to the stream (the token
+embeddings with their positions; a head's ``z W_O``, through its output norm where the model has
+one; an MLP's ``post W_out``, likewise; biases are not writers). Grouped key/value heads are split
+by the query head that pulls them, so every query head has its own k and v readers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dpa_lens.circuits.result import Circuit, graph
+from dpa_lens.errors import CacheError, InputError
+from dpa_lens.forward import CachedForward, read_forward
+from dpa_lens.methods.dpa.hooks import required_hooks
+from dpa_lens.methods.dpa.method import start_target, sweep
+from dpa_lens.methods.dpa.mu import Mu
+from dpa_lens.methods.dpa.rules import AttentionStep, MLPStep
+from dpa_lens.models import hooks
+from dpa_lens.models.view import ModelView
+from dpa_lens.ops import activation, pull_norm, push_norm
+from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
+
+
+@typechecked
+def writer_outputs(fwd: CachedForward, layer: int) -> Float[Tensor, "batch pos unit d_model"]:
+    """What each head of a layer (``z W_O``, then the MLP (``post W_out``) adds to the residual stream,
+    through the sublayers' output norms with their scales frozen (Gemma); biases left out."""
+    view, rules, act = fwd.view, fwd.view.rules, fwd.act
+    heads = torch.einsum("bnhe,hed->bnhd", act(hooks.attn(layer, "z")), view.attn(layer).W_O)
+    mlp = _post(fwd, layer) @ view.mlp(layer).W_out
+    if rules.post_norms:
+        heads = push_norm(heads, act(hooks.norm_scale(layer, "ln1_post"))[:, :, None], view.norm_weight("ln1_post", layer), center=False)
+        mlp = push_norm(mlp, act(hooks.norm_scale(layer, "ln2_post")), view.norm_weight("ln2_post", layer), center=False)
+    return torch.cat([heads, mlp[:, :, None]], dim=2)
+
+
+def _all_writers(fwd: CachedForward) -> Tensor:
+    """``[batch, pos, writer, d_model]`` in the order of `graph`: the embeddings, then each layer's heads and MLP."""
+    outs = [fwd.act(hooks.resid_pre(0))[:, :, None]] + [writer_outputs(fwd, l) for l in range(fwd.view.n_layers)]
+    return torch.cat(outs, dim=2)
+
+
+def _neuron_edges(fwd: CachedForward, layer: int, post_diff: Tensor | None, U: Tensor) -> Tensor:
+    """Edges from the neurons of ``layer`` into readers whose updates are ``U [batch, pos, reader, d]``:
+    ``Σ_p post[p, n] · W_out[n] · U[p]``, ``[batch, d_mlp, reader]``."""
+    view = fwd.view
+    m = view.mlp(layer)
+    post = _post(fwd, layer) if post_diff is None else post_diff
+    if view.rules.post_norms:
+        U = pull_norm(U, fwd.act(hooks.norm_scale(layer, "ln2_post"))[:, :, None], view.norm_weight("ln2_post", layer), center=False)
+    lam = U @ m.W_out.T  # [b, n, reader, d_mlp]
+    return torch.einsum("bnm,bnrm->bmr", post, lam)
+
+
+def dpa_edges(
+    model: TLModel,
+    cache: Cache,
+    target: TargetLike,
+    position: PositionLike = -1,
+    mu: Mu | None = None,
+    *,
+    per_position: bool = False,
+    neurons: bool | Iterable[int] = False,
+    corrupted_cache: Cache | None = None,
+    tokens: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    logit: Literal["auto", "raw", "centered"] = "auto",
+) -> Circuit:
+    """DPA's edges: how much of each writer's DPA score reaches the target through each reader.
+
+    Args:
+        model, cache, target, position, mu, tokens, attention_mask, logit: as for `dpa_lens.dpa`.
+        per_position: also return ``per_position [batch, pos, writer, reader]``: edges split by the
+            position where the writer writes and the reader reads (a key or value read at position p
+            is counted at p, whichever query pulled it).
+        neurons: also score each MLP neuron as a writer (``True``: every layer; or a list of layers).
+            Its edges cost one ``[pos, reader, d_mlp]`` product per neuron layer and reader layer.
+        corrupted_cache: a cache of a corrupted prompt of the same length: contrastive DPA, every
+            writer's score is ``(out_clean − out_corrupted) · R_r`` with the clean run's targets (the
+            question patching answers, asked of DPA's linearisation).
+
+    Returns:
+        `Circuit` with ``scores [batch, writer, reader]`` (writers ``embed``, ``L{l}H{h}``,
+        ``L{l}.mlp``, then ``L{l}N{n}``; readers ``(L{l}H{h}, q|k|v)``, ``(L{l}.mlp, mlp)``,
+        ``(logit, logit)``), ``mask`` of the edges that exist, ``nodes [batch, writer]`` (the
+        writers' DPA node scores, each the sum of its outgoing edges) and ``bias``.
+    """
+    mu = Mu.paper_default() if mu is None else mu
+    if not isinstance(mu, Mu):
+        raise TypeError(f"mu must be a dpa_lens.Mu, got {type(mu).__name__}")
+    view = ModelView(model)
+    view.check_supported("DPA edges")
+    L, H = view.n_layers, view.n_heads
+    if neurons is True:
+        neuron_layers = list(range(L))
+    elif neurons is False or neurons is None:
+        neuron_layers = []
+    else:
+        neuron_layers = sorted({int(l) for l in neurons})
+        bad = [l for l in neuron_layers if not 0 <= l < L]
+        if bad:
+            raise InputError(f"neuron layers {bad} are out of range (the model has {L} layers)")
+    kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit)
+    fwd = read_forward(model, cache, target, position, method="DPA edges", tokens=tokens, attention_mask=attention_mask, **kwargs)
+    base = None
+    if corrupted_cache is not None:
+        base = read_forward(model, corrupted_cache, None, position, method="contrastive DPA edges (corrupted cache)", **kwargs)
+        if base.inputs.tokens.shape != fwd.inputs.tokens.shape:
+            raise CacheError(f"the corrupted cache is a run on {tuple(base.inputs.tokens.shape)} tokens, the clean one on "
+                             f"{tuple(fwd.inputs.tokens.shape)}: contrastive scores need them aligned position by position")
+    writers, readers, mask = graph(L, H, parallel=view.rules.parallel)
+    n_neurons = len(neuron_layers) * view.d_mlp
+    writers += [f"L{l}N{i}" for l in neuron_layers for i in range(view.d_mlp)]
+    mask = torch.cat([mask, torch.zeros(n_neurons, mask.shape[1], dtype=torch.bool)])
+    b, n, R = fwd.batch, fwd.seq_len, len(readers)
+    W0 = mask.shape[0] - n_neurons  # writers that are not neurons
+    with torch.no_grad():
+        outs = _all_writers(fwd)
+        if base is not None:
+            outs = outs - _all_writers(base)
+        start, target_bias = start_target(fwd)
+        scores = torch.zeros(b, mask.shape[0], R, device=fwd.device)
+        per_pos = torch.zeros(b, n, mask.shape[0], R, device=fwd.device) if per_position else None
+        post_diff = {}
+        if base is not None:
+            for l in neuron_layers:
+                post_diff[l] = _post(fwd, l) - _post(base, l)
+
+        def add(writer_slice: slice, reader_slice: slice, U: Tensor) -> None:
+            """Edges of the writers ``writer_slice`` into readers whose updates are ``U [b, n, r, d]``."""
+            o = outs[:, :, writer_slice]
+            scores[:, writer_slice, reader_slice] = torch.einsum("bnwd,bnrd->bwr", o, U)
+            if per_pos is not None:
+                per_pos[:, :, writer_slice, reader_slice] = torch.einsum("bnwd,bnrd->bnwr", o, U)
+
+        def add_neurons(before_layer: int, reader_slice: slice, U: Tensor) -> None:
+            for k, l in enumerate(neuron_layers):
+                if l < before_layer:
+                    rows = slice(W0 + k * view.d_mlp, W0 + (k + 1) * view.d_mlp)
+                    scores[:, rows, reader_slice] = _neuron_edges(fwd, l, post_diff.get(l), U)
+                    mask[rows, reader_slice] = True
+
+        def on_layer(layer: int, attn: AttentionStep, mlp: MLPStep) -> None:
+            r0 = layer * (3 * H + 1)
+            heads = slice(r0, r0 + 3 * H)
+            U = attn.readers.reshape(b, n, 3 * H, -1)
+            add(slice(0, 1 + layer * (H + 1)), heads, U)  # the embeddings and earlier layers
+            mlp_writers = 1 + layer * (H + 1) + (0 if view.rules.parallel else H)  # a sequential MLP also reads its own layer's heads
+            add(slice(0, mlp_writers), slice(r0 + 3 * H, r0 + 3 * H + 1), mlp.update[:, :, None])
+            add_neurons(layer, heads, U)
+            add_neurons(layer, slice(r0 + 3 * H, r0 + 3 * H + 1), mlp.update[:, :, None])
+
+        result = sweep(fwd, start, mu, kinds={"tokens", "heads", "neurons"}, readers=True, on_layer=on_layer)
+        add(slice(0, W0), slice(R - 1, R), start[:, :, None])
+        add_neurons(L, slice(R - 1, R), start[:, :, None])
+        value = fwd.target.value(fwd.final_input())
+    nodes = torch.cat([result.tokens.sum(-1, keepdim=True),
+                       torch.cat([result.heads.sum(2), result.neurons.sum((2, 3))[:, :, None]], dim=-1).reshape(b, -1),
+                       *[result.neurons[:, l].sum(1) for l in neuron_layers]], dim=1) if base is None else None
+    if per_pos is not None:
+        per_pos = per_pos * mask
+    return Circuit(
+        method="dpa" if base is None else "dpa (contrastive)",
+        writers=writers,
+        readers=readers,
+        scores=scores * mask,
+        mask=mask,
+        per_position=per_pos,
+        nodes=nodes,
+        bias=result.bias + target_bias if base is None else None,
+        target_value=value if base is None else value - _corrupted_value(fwd, base),
+        positions=fwd.positions,
+        token_ids=fwd.inputs.tokens,
+        str_tokens=fwd.inputs.str_tokens,
+        target=fwd.target.describe(),
+        settings={"mu": mu.as_dict(), "neurons": neuron_layers, "contrastive": base is not None},
+        model_name=view.name,
+    )
+
+
+def _post(fwd: CachedForward, layer: int) -> Tensor:
+    rules = fwd.view.rules
+    post = activation(rules.act, fwd.act(hooks.mlp(layer, "pre")))[0]
+    return post * fwd.act(hooks.mlp(layer, "pre_linear")) if rules.gated else post
+
+
+def _corrupted_value(fwd: CachedForward, base: CachedForward) -> Tensor:
+    """The target's value on the corrupted run, at the clean run's answer positions."""
+    base.positions = fwd.positions
+    return fwd.target.value(base.final_input())

@@ -1,0 +1,229 @@
+"""The forward pass behind a cache, as the methods that read a cache see it.
+
+`read_forward` is the one prelude of every cache-based method (DPA, DLA, attention baselines,
+DePass, Unpack, circuits): it checks that the cache holds what the method reads and was made by
+this model, reads the input tokens and padding, resolves answer positions and the target, and
+returns a `CachedForward`. That object then answers, per layer, what the forward computed:
+activations in float32 on one device, attention patterns (cached, or recomputed from the cached
+queries and keys and checked against the head outputs), the rotary ``cos``/``sin`` the forward
+used, and rotated queries and keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from dpa_lens.errors import CacheError
+from dpa_lens.inputs import RunInputs, read_inputs, resolve_positions
+from dpa_lens.models import hooks
+from dpa_lens.models.view import ModelView
+from dpa_lens.ops import rotate
+from dpa_lens.targets import Target, final_input, resolve_target
+from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
+from dpa_lens.validation import check_cache_model, check_hooks
+
+Rotary = Callable[[int], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class CachedForward:
+    """One cached forward pass of a model, read in dpa_lens's conventions.
+
+    ``positions [batch]`` are the answer positions, ``target`` the resolved target (None for
+    methods that take none).
+    """
+
+    view: ModelView
+    cache: Cache
+    inputs: RunInputs
+    positions: Int[Tensor, " batch"]
+    target: Target | None
+    device: torch.device
+    _rotary: Rotary | None = field(default=None, repr=False)
+    _rotary_read: bool = field(default=False, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return self.inputs.batch
+
+    @property
+    def seq_len(self) -> int:
+        return self.inputs.seq_len
+
+    def act(self, name: str) -> Tensor:
+        """A cached activation, float32, on this forward's device."""
+        return self.cache[name].to(self.device).float()
+
+    @typechecked
+    def final_input(self) -> Float[Tensor, "batch d_model"]:
+        """What the unembedding reads at each row's answer position (the final norm's output, gain applied)."""
+        return final_input(self.cache[hooks.FINAL_NORMALIZED], self.positions, self.view.norm_weight("ln_final")).to(self.device)
+
+    @typechecked
+    def answer_scale(self, name: str = hooks.FINAL_SCALE) -> Float[Tensor, "batch 1"]:
+        """A norm's cached scale at each row's answer position."""
+        rows = torch.arange(self.batch, device=self.device)
+        return self.act(name)[rows, self.positions.to(self.device)]
+
+    # ------------------------------------------------------------------ attention
+    def rotary(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """``(cos, sin)`` ``[batch or 1, pos, 1, rotary_dim]`` the forward used at ``layer``, or None."""
+        if not self.view.rules.rotary:
+            return None
+        if not self._rotary_read:
+            self._rotary = _rotary_source(self.view, self.cache, self.inputs)
+            self._rotary_read = True
+        return self._rotary(layer)
+
+    @typechecked
+    def queries_keys(self, layer: int) -> tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos kv_head d_head"]]:
+        """Queries and keys as the attention scores see them (after query-key norms and rotary)."""
+        names = self.view.qk_hook_names(layer)[:2]
+        return self.view.rotated_qk({n: self.act(n) for n in names}, layer, self.rotary(layer))
+
+    @typechecked
+    def pattern(self, layer: int, q: Tensor | None = None, k: Tensor | None = None) -> Float[Tensor, "batch head query key"]:
+        """The layer's attention pattern: cached, or recomputed from the queries and keys (``q``, ``k``
+        if given) with a causal and padding mask, then checked against the cached head outputs."""
+        name = hooks.attn(layer, "pattern")
+        if name in self.cache:
+            return self.act(name)
+        if q is None or k is None:
+            q, k = self.queries_keys(layer)
+        return _recompute_pattern(self, layer, q, k)
+
+
+def _recompute_pattern(fwd: CachedForward, layer: int, q: Tensor, k: Tensor) -> Tensor:
+    view, real = fwd.view, fwd.inputs.real.to(q.device)
+    H, K = view.n_heads, view.n_kv_heads
+    n = q.shape[1]
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k.repeat_interleave(H // K, dim=2)) / view.attn_scale(layer)
+    cap = view.rules.attn_softcap
+    if cap is not None:
+        scores = cap * torch.tanh(scores / cap)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    allowed = causal[None, None] & real[:, None, None, :]
+    pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    del scores
+    z = fwd.act(hooks.attn(layer, "z"))
+    v = fwd.act(hooks.attn(layer, "v")).repeat_interleave(H // K, dim=2)
+    z_hat = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+    err = float(((z_hat - z).abs() * real[:, :, None, None]).max())
+    low_precision = fwd.cache[hooks.attn(layer, "z")].dtype in (torch.float16, torch.bfloat16)
+    if err > (3e-2 if low_precision else 1e-3) * float(z.abs().max()) + 1e-6:
+        raise CacheError(
+            f"layer {layer}'s attention pattern could not be recomputed from the cached queries and keys "
+            f"(its outputs differ by {err:.2e}): cache the patterns, names_filter=dpa_lens.dpa_names_filter(model)"
+        )
+    return pattern
+
+
+def _rotary_source(view: ModelView, cache: Cache, inputs: RunInputs) -> Rotary:
+    """Per layer, the ``(cos, sin)`` ``[batch or 1, pos, 1, rotary_dim]`` that the forward used."""
+    if view.rotary_from_cache():
+
+        def from_cache(layer: int) -> tuple[Tensor, Tensor]:
+            cos = cache[hooks.attn(layer, "cos")].float()
+            sin = cache[hooks.attn(layer, "sin")].float()
+            return cos.unsqueeze(2), sin.unsqueeze(2)
+
+        return from_cache
+
+    # HookedTransformer: buffers indexed by the position ids its forward used. With left padding
+    # (an attention mask) those start at each row's first real token; check against the cache.
+    if hooks.attn(0, "pattern") in cache:
+        pattern = cache[hooks.attn(0, "pattern")]
+        attended = pattern.detach().amax(dim=(1, 2)) > 0  # [batch, key]: padded keys get no attention
+    else:
+        attended = inputs.real.to(cache[hooks.attn(0, "rot_q")].device)
+    device = attended.device
+    candidates = [(attended.long().cumsum(-1) - 1).clamp(min=0)]
+    candidates.append(torch.arange(inputs.seq_len, device=device).expand(inputs.batch, -1))
+    rot_q = cache[hooks.attn(0, "rot_q")]
+    rel = 1e-3 if rot_q.dtype not in (torch.float16, torch.bfloat16) else 3e-2
+    b, n, H, dh = rot_q.shape
+    if view.rules.qk_norm:  # the rotation acts on the normalised query
+        q = cache[hooks.qk_norm(0, "q", "normalized")].float().reshape(b, n, H, dh)
+        gain = view.qk_norm_weight(0, "q")
+        q = q * gain.to(q.device) if gain is not None else q
+    else:
+        q = cache[hooks.attn(0, "q")].float()
+    rot_q = rot_q.float()
+    cos_buf, sin_buf = view.rotary_buffers(0)
+    tol = rel * float(rot_q.abs().max()) + 1e-6
+    for pos_ids in candidates:
+        pos_ids = pos_ids.to(cos_buf.device)
+        cos, sin = cos_buf[pos_ids].float().unsqueeze(2), sin_buf[pos_ids].float().unsqueeze(2)
+        pred = rotate(q, cos.to(q.device), sin.to(q.device), view.adjacent_pairs)
+        real = attended.to(q.device)[..., None, None]
+        if float(((pred - rot_q).abs() * real).max()) <= tol:
+
+            def from_buffers(layer: int, pos_ids: Tensor = pos_ids) -> tuple[Tensor, Tensor]:
+                c, s = view.rotary_buffers(layer)
+                return c[pos_ids].float().unsqueeze(2).to(device), s[pos_ids].float().unsqueeze(2).to(device)
+
+            return from_buffers
+    raise CacheError(
+        "could not reproduce the rotary positions this HookedTransformer forward used (checked "
+        "blocks.0.attn.hook_q against hook_rot_q); pass attention_mask= as given to the forward"
+    )
+
+
+def check_cache_shapes(view: ModelView, cache: Cache, inputs: RunInputs) -> None:
+    """The cache must hold one run of this model on these inputs (checked where the hooks are cached)."""
+    b, n = inputs.batch, inputs.seq_len
+    expected = {
+        view.q_hook(0): (b, n, view.n_heads, view.d_head),
+        hooks.attn(0, "v"): (b, n, view.n_kv_heads, view.d_head),
+        hooks.mlp(view.n_layers - 1, "pre"): (b, n, view.d_mlp),
+        hooks.FINAL_SCALE: (b, n, 1),
+    }
+    for name, shape in expected.items():
+        if name not in cache:
+            continue
+        got = tuple(cache[name].shape)
+        if got != shape:
+            raise CacheError(
+                f"cache[{name!r}] has shape {got}, expected {shape}: the cache was made by another "
+                "model or on another input"
+            )
+
+
+def read_forward(
+    model: TLModel,
+    cache: Cache,
+    target: TargetLike | None,
+    position: PositionLike = -1,
+    *,
+    method: str,
+    hook_names: Iterable[str],
+    filter_hint: str,
+    tokens: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    logit: str = "auto",
+    check_model: bool = True,
+) -> CachedForward:
+    """The prelude of every cache-based method: checks, inputs, positions and target.
+
+    Args:
+        method: the method's name, for error messages.
+        hook_names: what the method reads from the cache (checked to be there).
+        filter_hint: the ``names_filter`` expression that caches them (shown in the error).
+        target: the target, or None for methods that explain no target.
+        check_model: check that the cache was made by this model's weights.
+    """
+    view = ModelView(model)
+    check_hooks(cache, [n for n in hook_names if n != hooks.TOKENS], method=method, filter_hint=filter_hint)
+    inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
+    check_cache_shapes(view, cache, inputs)
+    if check_model:
+        check_cache_model(view, cache)
+    positions = resolve_positions(position, inputs)
+    resolved = None if target is None else resolve_target(model, view, target, inputs.batch, logit=logit)
+    device = cache[hooks.EMBED].device
+    return CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device)
