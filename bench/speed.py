@@ -1,77 +1,120 @@
-"""Seconds and peak memory per example of every costly method, on SmolLM2-135M.
+"""Seconds and peak memory per example of dpa_lens's methods on SmolLM2-135M, against the honest floor.
 
-    python bench/speed.py            # the full run (~27 min on 2 CPU cores, 11 of them at 8192 tokens)
-    python bench/speed.py --quick    # a few points, for CI
-    python bench/speed.py --device cuda
+    python bench/speed.py               # the full run (~45 min on 2 CPU cores)
+    python bench/speed.py --quick       # a few points, for CI
+    python bench/speed.py --device cuda # a GPU section (float32 and bfloat16)
 
-Three tables:
+The floor is the same model in ``transformers`` with SDPA attention: one forward, and one forward and
+backward to the input embeddings with the parameters frozen. Against it:
 
-1. time and peak memory per example against one plain forward+backward, at 32 … 2048 tokens:
-   DPA (tokens, heads and neurons, the cache forward included), AtP (clean forward, corrupted
-   forward and backward), integrated gradients (128 steps) and exact activation patching of every
-   head (both at 32 and 256 tokens);
-2. scaling in the number of components attributed, at 256 tokens: DPA scoring only tokens, adding
-   heads, neurons and per-key head scores, against exact patching of 9, 90 and 270 heads;
-3. the longest context DPA handles within 24 GiB (patterns recomputed, not cached), trying
-   SmolLM2's maximum of 8192 tokens first, then 4096 and 2048.
+1. DPA, per example: the cache forward DPA needs (``run_with_cache`` with ``dpa_names_filter(model,
+   patterns=False)``, under ``torch.no_grad``), the sweep (tokens, heads and neurons), and their
+   total, at 32 … 8192 tokens; the old baseline (TransformerLens's forward and a backward that also
+   computes every parameter's gradient) is kept, labelled for what it is;
+2. the other methods at 32 and 256 tokens (1024 where feasible): DPA edges, DePass, Unpack, AtP,
+   integrated gradients (128 steps) and exact patching of every head;
+3. scaling in the number of units scored, at 256 tokens: DPA scoring only tokens, adding heads,
+   neurons and per-key scores, against exact patching of 9, 90 and 270 heads;
+4. where the sweep spends its time, per rule (``torch.profiler`` on the labels of
+   `dpa_lens.methods.dpa.rules`), at 1024 tokens.
 
-Each measurement is a warm-up (whose peak memory is recorded) and then up to --repeats timed runs
-(fewer once they add up to 20 s; none after a warm-up over a minute).
-
-Each measurement runs in a fresh process (see _common.PeakMemory). Writes
-bench/results/speed_smollm2[_cuda].md and .json.
+Each measurement runs in a fresh process: a warm-up (whose peak memory is recorded: the peak above
+the loaded model), then up to ``--repeats`` timed runs (fewer once they add up to 20 s; none after a
+warm-up over a minute); the table gives the minimum. Writes bench/results/speed_smollm2[_cuda].md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, run_child, write_results
+from _common import PeakMemory, machine, run_child, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-LIMIT_BYTES = 24 * 2**30
+# measurement -> (what it is, how the table names it)
+LABELS = {
+    "hf_forward": "transformers forward (SDPA)",
+    "hf_forward_backward": "transformers forward + backward to the inputs (SDPA)",
+    "tl_forward_backward": "TransformerLens forward + backward with parameter gradients (the old baseline)",
+    "cache_forward": "TransformerLens cache forward for DPA (no patterns, no_grad)",
+    "dpa_sweep": "DPA sweep (tokens, heads, neurons)",
+    "dpa": "DPA total (cache forward + sweep)",
+}
 
 
-def run_one(measurement: str, length: int, repeats: int, device: str, option: str) -> dict:
+def _inputs(model, length: int, device: str):
     import torch
 
-    import dpa_lens
-
-    model = dpa_lens.load_model("smollm2-135m", device=device)
     gen = torch.Generator().manual_seed(length)
     clean = torch.randint(100, model.cfg.d_vocab, (1, length), generator=gen)
     clean[0, 0] = model.tokenizer.bos_token_id
     corrupted = clean.clone()
     corrupted[0, length // 2] = (corrupted[0, length // 2] + 1) % model.cfg.d_vocab
-    clean, corrupted = clean.to(model.cfg.device), corrupted.to(model.cfg.device)
+    return clean.to(device), corrupted.to(device)
+
+
+def run_one(measurement: str, length: int, repeats: int, device: str, option: str, dtype: str) -> dict:
+    import torch
+
+    import dpa_lens
+    from dpa_lens.circuits.dpa_edges import dpa_edges
+    from dpa_lens.models.bundled import load_bundled_hf
+
+    torch_dtype = getattr(torch, dtype)
+    model = dpa_lens.load_model("smollm2-135m", device=device, dtype=torch_dtype)
+    clean, corrupted = _inputs(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
+    hf = None
+    if measurement.startswith("hf_"):
+        hf, _ = load_bundled_hf(dtype=torch_dtype)
+        hf.set_attn_implementation("sdpa")
+        hf = hf.to(device)
+        for p in hf.parameters():
+            p.requires_grad_(False)
+        hf_ids = clean.clone()
+    cache_holder = {}
+    if measurement == "dpa_sweep":
+        with torch.no_grad():
+            _, cache_holder["cache"] = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
 
     def once():
-        if measurement == "forward+backward":
+        if measurement == "hf_forward":
+            with torch.no_grad():
+                hf(hf_ids)
+        elif measurement == "hf_forward_backward":
+            embeds = hf.get_input_embeddings()(hf_ids).detach().requires_grad_(True)
+            logits = hf(inputs_embeds=embeds).logits
+            (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
+        elif measurement == "tl_forward_backward":
             logits = model(clean)
             (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
             model.zero_grad(set_to_none=True)
+        elif measurement == "cache_forward":
+            with torch.no_grad():
+                model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+        elif measurement == "dpa_sweep":
+            dpa_lens.dpa(model, cache_holder["cache"], target)
         elif measurement == "dpa":
             kinds = {"tokens": ("tokens",), "tokens+heads": ("tokens", "heads")}.get(option, ("tokens", "heads", "neurons"))
-            patterns = option != "no-patterns"
             with torch.no_grad():
-                _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns))
+                _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=option == "head_keys"))
                 dpa_lens.dpa(model, cache, target, kinds=kinds, head_keys=option == "head_keys")
-        elif measurement == "atp":
-            dpa_lens.atp(model, clean, corrupted, target)
-        elif measurement == "integrated_gradients":
-            dpa_lens.integrated_gradients(model, clean, target, steps=128, batch_size=max(1, 1024 // length), progress=False, warn_gap=float("inf"))
+        elif measurement == "dpa_edges":
+            with torch.no_grad():
+                _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+                dpa_edges(model, cache, target)
         elif measurement == "patching":
             layers = {"9": [0], "90": list(range(10))}.get(option)
             dpa_lens.activation_patching(model, clean, corrupted, target, unit="heads", layers=layers, progress=False)
-        else:
-            raise ValueError(measurement)
+        elif measurement == "integrated_gradients":
+            dpa_lens.integrated_gradients(model, clean, target, steps=128, batch_size=max(1, 1024 // length), progress=False,
+                                          warn_gap=float("inf"))
+        else:  # any registered method, called the same way
+            dpa_lens.run(measurement, model, clean, target, corrupted=corrupted, progress=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -82,93 +125,123 @@ def run_one(measurement: str, length: int, repeats: int, device: str, option: st
     times = [first]
     if first < 60:  # long runs: the warm-up is the measurement
         times = []
-        while len(times) < repeats and (not times or sum(times) < 20):  # at most ~20 s of repeats
+        while len(times) < repeats and (not times or sum(times) < 20):
             start = time.perf_counter()
             once()
             times.append(time.perf_counter() - start)
-    return {"measurement": measurement, "length": length, "option": option, "seconds": statistics.median(times), "peak_bytes": mem.peak}
+    return {"measurement": measurement, "length": length, "option": option, "dtype": dtype, "seconds": min(times),
+            "median_seconds": sorted(times)[len(times) // 2], "peak_bytes": mem.peak}
 
 
-def plan(quick: bool) -> tuple[list, list, list]:
+def profile_sweep(length: int, device: str) -> dict:
+    """Seconds of the sweep per rule (the ``record_function`` labels of the DPA rules), one run."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import dpa_lens
+
+    model = dpa_lens.load_model("smollm2-135m", device=device)
+    clean, _ = _inputs(model, length, device)
+    target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+        dpa_lens.dpa(model, cache, target)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            dpa_lens.dpa(model, cache, target)
+            total = time.perf_counter() - start
+    rules = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("dpa.")}
+    return {"measurement": "profile", "length": length, "option": "", "seconds": total, "rules": rules, "peak_bytes": 0}
+
+
+def plan(quick: bool) -> list[tuple[str, int, str, str]]:
+    """(measurement, length, option, section) in run order."""
     if quick:
-        lengths = [32, 128]
-        main = [(m, n, "") for n in lengths for m in ("forward+backward", "dpa", "atp")] + [("integrated_gradients", 32, ""), ("patching", 32, "")]
-        scaling = [("dpa", 128, "tokens")]
-        longest = [("dpa", 512, "no-patterns")]
-        return main, scaling, longest
-    lengths = [32, 256, 1024, 2048]
-    main = [(m, n, "") for n in lengths for m in ("forward+backward", "dpa", "atp")]
-    main += [(m, n, "") for m in ("integrated_gradients", "patching") for n in (32, 256)]
-    # at 256 tokens the main table already has DPA with every kind and patching of all 270 heads
-    scaling = [("dpa", 256, o) for o in ("tokens", "tokens+heads", "head_keys")] + [("patching", 256, o) for o in ("9", "90")]
-    longest = [("dpa", n, "no-patterns") for n in (8192, 4096, 2048)]  # from the model's maximum down
-    return main, scaling, longest
+        rows = [(m, n, "", "floor") for n in (32, 128) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
+        rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients", "patching")]
+        rows += [("dpa", 128, "tokens", "scaling"), ("profile", 128, "", "profile")]
+        return rows
+    floor = ("hf_forward", "hf_forward_backward", "tl_forward_backward", "cache_forward", "dpa_sweep", "dpa")
+    rows = [(m, n, "", "floor") for n in (32, 256, 1024, 4096) for m in floor]
+    rows += [(m, 8192, "", "floor") for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
+    rows += [(m, n, "", "methods") for n in (32, 256, 1024) for m in ("dpa_edges", "depass", "unpack", "atp")]
+    rows += [(m, n, "", "methods") for n in (32, 256) for m in ("integrated_gradients", "patching")]
+    rows += [("dpa", 256, o, "scaling") for o in ("tokens", "tokens+heads", "head_keys")]
+    rows += [("patching", 256, o, "scaling") for o in ("9", "90")]
+    rows += [("profile", 1024, "", "profile")]
+    return rows
 
 
-def mib(row: dict) -> str:
-    return f"{row['peak_bytes'] / 2**20:,.0f} MiB"
+def _get(rows, m, n, o=""):
+    return next((r for r in rows if r["measurement"] == m and r["length"] == n and r["option"] == o and "error" not in r), None)
+
+
+def _cell(r: dict | None, base: dict | None = None) -> str:
+    if r is None:
+        return "—"
+    ratio = f" ({r['seconds'] / base['seconds']:.2f}×)" if base is not None else ""
+    return f"{r['seconds']:.3g} s{ratio}, {r['peak_bytes'] / 2**20:,.0f} MiB"
 
 
 def markdown(result: dict) -> str:
-    rows = result["rows"]
-    mach = result["machine"]
+    rows, mach = result["rows"], result["machine"]
     where = mach.get("gpu") or f"{mach['cpu_count']} CPU cores"
-    get = lambda m, n, o="": next((r for r in rows if r["measurement"] == m and r["length"] == n and r["option"] == o and "error" not in r), None)  # noqa: E731
     lines = [
         "# Speed and memory of dpa_lens's methods on SmolLM2-135M",
         "",
-        f"Device: {mach['device']} ({where}); torch {mach['torch']}, TransformerLens {mach['transformer_lens']}. "
-        f"Median of up to {result['repeats']} runs after a warm-up (fewer once they add up to 20 s; the warm-up alone when "
-        "it takes over a minute); peak memory above "
-        "the loaded model. Per example (one prompt). Produced by `python bench/speed.py"
-        + (" --quick`." if result["quick"] else "`."),
+        f"Device: {mach['device']} ({where}); torch {mach['torch']}, TransformerLens {mach['transformer_lens']}, "
+        f"{result['dtype']}. Minimum of up to {result['repeats']} runs after a warm-up (the warm-up alone when it takes over a "
+        "minute); peak memory above the loaded model, per example (one prompt of random tokens: the cost does not depend "
+        f"on the text). Produced by `python bench/speed.py{' --quick' if result['quick'] else ''}`.",
         "",
-        "## Per example, against one forward+backward",
+        "## DPA against the model's own forward and backward",
         "",
-        "| tokens | forward+backward | DPA | AtP | integrated gradients (128 steps) | exact patching, 270 heads |",
-        "|---:|---|---|---|---|---|",
+        "The floor is the same model in `transformers` with SDPA attention: a forward, and a forward and backward to the "
+        "input embeddings with the parameters frozen. DPA total = the cache forward DPA needs + the sweep (tokens, heads, "
+        "neurons); the ratio is to the floor's forward + backward (the sweep's: to the floor's backward, their difference).",
+        "",
+        "| tokens | HF forward | HF forward + backward | TL cache forward (DPA's hooks) | DPA sweep | DPA total | "
+        "TL forward + backward with parameter gradients |",
+        "|---:|---|---|---|---|---|---|",
     ]
-    for n in sorted({r["length"] for r in rows if r["option"] == "" and r["measurement"] == "forward+backward"}):
-        base = get("forward+backward", n)
-        cells = []
-        for m in ("forward+backward", "dpa", "atp", "integrated_gradients", "patching"):
-            r = get(m, n)
-            if r is None:
-                cells.append("not run" if m in ("integrated_gradients", "patching") else "failed")
-                continue
-            ratio = f" ({r['seconds'] / base['seconds']:.2f}×)" if base and m != "forward+backward" else ""
-            cells.append(f"{r['seconds']:.2f} s{ratio}, {mib(r)}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for n in sorted({r["length"] for r in rows if r.get("section") == "floor"}):
+        fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
+        back = None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
+        lines.append(f"| {n} | {_cell(f)} | {_cell(fb)} | {_cell(_get(rows, 'cache_forward', n), f)} | "
+                     f"{_cell(_get(rows, 'dpa_sweep', n), back)} | {_cell(_get(rows, 'dpa', n), fb)} | {_cell(_get(rows, 'tl_forward_backward', n))} |")
+    methods = [r for r in rows if r.get("section") == "methods"]
+    if methods:
+        names = list(dict.fromkeys(r["measurement"] for r in methods))
+        lengths = sorted({r["length"] for r in methods})
+        lines += ["", "## Other methods, per example", "", "Ratios to DPA total at the same length.", "",
+                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for m in names:
+            lines.append(f"| {m} | " + " | ".join(_cell(_get(rows, m, n), _get(rows, "dpa", n)) for n in lengths) + " |")
     scaling = [r for r in rows if r.get("section") == "scaling"]
     if scaling:
         n = scaling[0]["length"]
-        order = [("dpa", "tokens"), ("dpa", "tokens+heads"), ("dpa", ""), ("dpa", "head_keys"), ("patching", "9"), ("patching", "90"), ("patching", "")]
-        scaling = [r for key in order for r in rows if (r["measurement"], r["option"]) == key and r["length"] == n
-                   and r.get("section") in ("scaling", "main")]
-        lines += ["", f"## Scaling in the number of components attributed ({n} tokens)", "",
-                  "| method | units scored | seconds | peak memory |", "|---|---|---:|---:|"]
-        names = {("dpa", "tokens"): "tokens", ("dpa", "tokens+heads"): "tokens + 270 heads × positions",
-                 ("dpa", ""): "tokens + heads × positions + 46,080 neurons × positions",
-                 ("dpa", "head_keys"): "… + heads × query × key positions",
-                 ("patching", "9"): "9 heads", ("patching", "90"): "90 heads", ("patching", ""): "270 heads"}
-        for r in scaling:
-            if "error" in r:
-                continue
-            lines.append(f"| {'DPA' if r['measurement'] == 'dpa' else 'exact patching'} | {names[(r['measurement'], r['option'])]} | {r['seconds']:.2f} | {mib(r)} |")
-    longest = [r for r in rows if r.get("section") == "longest"]
-    if longest:
-        lines += ["", "## Longest context within 24 GiB (DPA, patterns recomputed in the sweep)", "",
-                  "| tokens | seconds | peak memory | within 24 GiB |", "|---:|---:|---:|---|"]
-        for r in longest:
-            if "error" in r:
-                lines.append(f"| {r['length']} | failed | | no ({r['error'].splitlines()[-1][:80]}) |")
-            else:
-                lines.append(f"| {r['length']} | {r['seconds']:.1f} | {mib(r)} | {'yes' if r['peak_bytes'] < LIMIT_BYTES else 'no'} |")
-        ok = [r["length"] for r in longest if "error" not in r and r["peak_bytes"] < LIMIT_BYTES]
-        lines += ["", f"Longest context measured within 24 GiB: **{max(ok) if ok else 'none'} tokens**"
-                  + (" (SmolLM2's maximum is 8192)." if ok and max(ok) == 8192 else ".")]
-    lines += ["", "DPA's time does not grow with the number of units it scores (one sweep gives all of them); exact "
-              "patching's grows linearly with it. Random token ids are used as prompts: the cost does not depend on the text.", ""]
+        order = [("dpa", "tokens", "DPA: tokens"), ("dpa", "tokens+heads", "DPA: tokens + 270 heads × positions"),
+                 ("dpa", "", "DPA: tokens + heads × positions + 46,080 neurons × positions"),
+                 ("dpa", "head_keys", "DPA: … + heads × query × key positions (patterns cached)"),
+                 ("patching", "9", "exact patching: 9 heads"), ("patching", "90", "exact patching: 90 heads"),
+                 ("patching", "", "exact patching: 270 heads")]
+        lines += ["", f"## Scaling in the number of units scored ({n} tokens)", "", "| method and units | seconds | peak memory |",
+                  "|---|---:|---:|"]
+        for m, o, label in order:
+            r = _get(rows, m, n, o)
+            if r is not None:
+                lines.append(f"| {label} | {r['seconds']:.3g} | {r['peak_bytes'] / 2**20:,.0f} MiB |")
+    prof = next((r for r in rows if r["measurement"] == "profile" and "error" not in r), None)
+    if prof:
+        lines += ["", f"## Where the sweep spends its time ({prof['length']} tokens, one run of {prof['seconds']:.3g} s)", "",
+                  "| rule | seconds (CPU time, all threads) |", "|---|---:|"]
+        for k, v in sorted(prof["rules"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {k} | {v:.3g} |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "## Failed measurements", ""] + [f"- {r['measurement']} {r['option']} at {r['length']} tokens: "
+                                                        f"{r['error'].splitlines()[-1][:160]}" for r in failed]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -177,27 +250,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "OPTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         m, n, o = args.child
-        print(json.dumps(run_one(m, int(n), args.repeats, args.device, o if o != "-" else "")))
+        row = profile_sweep(int(n), args.device) if m == "profile" else run_one(m, int(n), args.repeats, args.device,
+                                                                                 o if o != "-" else "", args.dtype)
+        print(json.dumps(row))
         return
-    main_rows, scaling, longest = plan(args.quick)
-    jobs = [(j, "main") for j in main_rows] + [(j, "scaling") for j in scaling] + [(j, "longest") for j in longest]
+    jobs = plan(args.quick)
     rows = []
-    for i, ((m, n, o), section) in enumerate(jobs, 1):
-        if section == "longest" and any(r.get("section") == "longest" and "error" not in r and r["peak_bytes"] < LIMIT_BYTES for r in rows):
-            break  # a longer context already fits
+    for i, (m, n, o, section) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {m} {o} at {n} tokens ...", file=sys.stderr, flush=True)
-        row = run_child(__file__, [m, str(n), o or "-", "--repeats", str(args.repeats), "--device", args.device])
+        row = run_child(__file__, [m, str(n), o or "-", "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype])
         row.update({"measurement": m, "length": n, "option": o, "section": section})
         rows.append(row)
-        print(f"      {row.get('seconds', float('nan')):.2f} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row
-              else f"      failed: {row['error'].splitlines()[-1][:120]}", file=sys.stderr, flush=True)
-    result = {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "machine": machine(args.device), "repeats": args.repeats,
-              "quick": args.quick, "rows": rows}
+        print(f"      {row.get('seconds', float('nan')):.3g} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row
+              else f"      failed: {row['error'].splitlines()[-1][:160]}", file=sys.stderr, flush=True)
+    result = {"model": "SmolLM2-135M-Instruct (bundled GGUF)", "machine": machine(args.device), "repeats": args.repeats,
+              "quick": args.quick, "dtype": args.dtype, "rows": rows}
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     write_results(args.out / f"speed_smollm2{suffix}{'_quick' if args.quick else ''}", result, markdown)
 

@@ -13,6 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from dpa_lens import datasets, evaluation, plot
 from dpa_lens.attribution import KINDS, Attribution, Diagnostics
+from dpa_lens.circuits import Circuit, Hop, Path
+from dpa_lens.circuits.dpa_edges import dpa_edges
+from dpa_lens.circuits.dpa_paths import dpa_paths
 from dpa_lens.errors import (
     CacheError,
     DpaLensError,
@@ -25,6 +28,7 @@ from dpa_lens.errors import (
 )
 from dpa_lens.methods.atp import atp
 from dpa_lens.methods.attention import attention_last, attention_mean, attention_rollout, random_baseline
+from dpa_lens.methods.depass import depass
 from dpa_lens.methods.dla import dla
 from dpa_lens.methods.dpa import Mu, dpa, dpa_hook_names, dpa_names_filter
 from dpa_lens.methods.gradients import gradient, input_x_gradient
@@ -44,13 +48,16 @@ __all__ = [
     "KINDS",
     "Attribution",
     "CacheError",
+    "Circuit",
     "Diagnostics",
+    "Hop",
     "DpaLensError",
     "InputError",
     "MethodSpec",
     "ModelNotAvailableError",
     "Mu",
     "PairError",
+    "Path",
     "SUPPORTED_ARCHITECTURES",
     "TLModel",
     "TargetError",
@@ -64,10 +71,13 @@ __all__ = [
     "attribute",
     "available_methods",
     "datasets",
+    "depass",
     "dla",
     "dpa",
+    "dpa_edges",
     "dpa_hook_names",
     "dpa_names_filter",
+    "dpa_paths",
     "evaluation",
     "get_method",
     "gradient",

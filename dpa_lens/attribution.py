@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Any, Literal
 
 import pandas as pd
@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from dpa_lens.circuits.paths import Path, path_from_state, path_state
 from dpa_lens.errors import InputError
 from dpa_lens.types import typechecked
 
@@ -50,7 +51,7 @@ class Diagnostics:
     clean_value: Float[Tensor, " batch"] | None = None  # f(clean): AtP, patching
     corrupted_value: Float[Tensor, " batch"] | None = None  # f(corrupted): AtP, patching
     completeness_gap: Float[Tensor, " batch"] | None = None  # IG: (Σ tokens − (f(x) − f(x'))) / |f(x) − f(x')|
-    remainder: Float[Tensor, " batch"] | None = None  # decompositions: the part no scored unit owns
+    remainder: Float[Tensor, " batch *layer"] | None = None  # decompositions: what no unit owns ([batch], or per layer)
     corrupted_str_tokens: list[list[str]] | None = None
 
     def rows(self, sel: slice) -> Diagnostics:
@@ -112,6 +113,7 @@ class Attribution:
     token_ids: Int[Tensor, "batch pos"] | None = None
     str_tokens: list[list[str]] | None = None
     mask: Bool[Tensor, "batch pos"] | None = None
+    paths: list[list[Path]] | None = None  # per row, strongest first: named paths (DPA, Unpack)
     target: dict[str, Any] = field(default_factory=dict)
     diagnostics: Diagnostics = field(default_factory=Diagnostics)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +167,7 @@ class Attribution:
     def flat(self, kind: Kind, row: int = 0, sum_positions: bool = True) -> tuple[Float[Tensor, " unit"], list[str]]:
         """One row's scores of a kind as a vector, with unit labels (``"3:' Mary'"``, ``"L5H1"``,
         ``"L5H1@7"``, ``"L9N200"``); heads and neurons summed over positions by default."""
-        row = self._row(row)
+        row = self.row_index(row)
         if kind == "tokens":
             t = self.scores("tokens")[row].detach().float().cpu()
             strs = self.str_tokens[row] if self.str_tokens else [str(i) for i in range(len(t))]
@@ -179,7 +181,8 @@ class Attribution:
         L, P, U = t.shape
         return t.flatten(), [f"L{l}{letter}{u}@{p}" for l in range(L) for p in range(P) for u in range(U)]
 
-    def _row(self, row: int) -> int:
+    def row_index(self, row: int) -> int:
+        """``row`` as a non-negative index, or `InputError` when this attribution has no such row."""
         if isinstance(row, bool) or not isinstance(row, int):
             raise InputError(f"row must be an int, got {row!r}")
         if not -self.batch <= row < self.batch:
@@ -191,7 +194,7 @@ class Attribution:
         if isinstance(rows, slice):
             sel = rows
         else:
-            r = self._row(rows)
+            r = self.row_index(rows)
             sel = slice(r, r + 1)
 
         def cut(value: Any) -> Any:
@@ -203,7 +206,7 @@ class Attribution:
                 return value[sel]
             return value
 
-        out = {name: cut(getattr(self, name)) for name in _ROW_TENSORS + ("str_tokens", "effective_targets")}
+        out = {name: cut(getattr(self, name)) for name in _ROW_TENSORS + ("str_tokens", "effective_targets", "paths")}
         target = {k: (v[sel] if isinstance(v, list) and len(v) == self.batch else v) for k, v in self.target.items()}
         return replace(self, **out, target=target, diagnostics=self.diagnostics.rows(sel))
 
@@ -229,6 +232,8 @@ class Attribution:
             out[name] = torch.cat([_pad(v, _POSITION_AXES.get(name, ()), n, fill).to(values[0].device) for v in values])
         if all(a.mask is None for a in attrs) and any(a.seq_len != n for a in attrs):  # padding needs a mask
             out["mask"] = torch.cat([_pad(torch.ones(a.batch, a.seq_len, dtype=torch.bool), (1,), n, False) for a in attrs])
+        paths = [a.paths for a in attrs]
+        out["paths"] = None if any(p is None for p in paths) else [row for p in paths for row in p]
         strs = [a.str_tokens for a in attrs]
         out["str_tokens"] = None if any(s is None for s in strs) else [row + [""] * (n - len(row)) for s in strs for row in s]
         targets = [a.effective_targets for a in attrs]
@@ -263,6 +268,7 @@ class Attribution:
                 out[name] = None
             out["head_totals"] = None if self.heads is None and self.head_totals is None else avg(self.totals("heads"))
             out["neuron_totals"] = None if self.neurons is None and self.neuron_totals is None else avg(self.totals("neurons"))
+        out["paths"] = None
         if not same and out["head_totals"] is None and out["neuron_totals"] is None:
             raise InputError(f"{self.method} scores only tokens, and these rows are different prompts: their token scores "
                              "cannot be averaged position by position (average rows of one prompt, or compare them side by side)")
@@ -323,7 +329,7 @@ class Attribution:
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive int, got {k!r}")
-        row = self._row(row)
+        row = self.row_index(row)
         if kind != "tokens" and (sum_positions or getattr(self, kind) is None):
             t = self.totals(kind)[row].detach().float().cpu()  # [layer, unit]
             L, U = t.shape
@@ -359,22 +365,23 @@ class Attribution:
         return figures[kind](self, **kwargs)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | FilePath) -> FilePath:
         """Save to a file (``torch.save`` of plain tensors and metadata; `load` reads it back).
         ``~`` is expanded; the folder must exist. Returns the path written."""
-        path = Path(path).expanduser()
+        path = FilePath(path).expanduser()
         if not path.parent.is_dir():
             raise InputError(f"cannot save to {path}: the folder {path.parent} does not exist")
         state = {f.name: _move(getattr(self, f.name), "cpu") for f in fields(self)}
         state = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in state.items()}
         state["diagnostics"] = self.diagnostics.to("cpu").as_dict()
+        state["paths"] = None if self.paths is None else [[path_state(p) for p in row] for row in self.paths]
         torch.save({"dpa_lens_attribution": 2, **state}, path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Attribution:
+    def load(cls, path: str | FilePath) -> Attribution:
         """An `Attribution` saved by `save`."""
-        path = Path(path).expanduser()
+        path = FilePath(path).expanduser()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -386,6 +393,8 @@ class Attribution:
             raise InputError(f"{path} is not a saved dpa_lens Attribution")
         known = {f.name for f in fields(cls)}
         state["diagnostics"] = Diagnostics(**state.get("diagnostics", {}))
+        if state.get("paths") is not None:
+            state["paths"] = [[path_from_state(p) for p in row] for row in state["paths"]]
         return cls(**{k: v for k, v in state.items() if k in known})
 
     def to(self, device: str | torch.device) -> Attribution:

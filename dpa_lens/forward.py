@@ -23,9 +23,9 @@ from dpa_lens.inputs import RunInputs, read_inputs, resolve_positions
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import rotate
-from dpa_lens.targets import Target, final_input, resolve_target
+from dpa_lens.targets import Target, final_input, resolve_target, warn_if_not_predicted
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
-from dpa_lens.validation import check_cache_model, check_hooks
+from dpa_lens.validation import check_cache_model, check_cache_object, check_cache_shape, check_finite, check_hooks, check_padding
 
 Rotary = Callable[[int], tuple[Tensor, Tensor]]
 
@@ -218,12 +218,20 @@ def read_forward(
         check_model: check that the cache was made by this model's weights.
     """
     view = ModelView(model)
-    check_hooks(cache, [n for n in hook_names if n != hooks.TOKENS], method=method, filter_hint=filter_hint)
+    check_cache_object(cache, method)
+    hook_names = [n for n in hook_names if n != hooks.TOKENS]
+    check_cache_shape(view, cache, hook_names)
+    check_hooks(cache, hook_names, method=method, filter_hint=filter_hint)
     inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
     check_cache_shapes(view, cache, inputs)
+    check_finite(cache, hook_names, method)
+    check_padding(inputs.real, cache, given_mask=attention_mask is not None)
     if check_model:
         check_cache_model(view, cache)
     positions = resolve_positions(position, inputs)
     resolved = None if target is None else resolve_target(model, view, target, inputs.batch, logit=logit)
     device = cache[hooks.EMBED].device
-    return CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device)
+    fwd = CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device)
+    if resolved is not None and hooks.FINAL_NORMALIZED in cache:
+        warn_if_not_predicted(model, resolved, fwd.final_input())
+    return fwd

@@ -164,8 +164,13 @@ def prepare_tokens(
     Token tensors are used as they are; pass ``attention_mask`` for left-padded ones.
     """
     device = model.cfg.device
+    if hasattr(text, "keys") and hasattr(text, "__getitem__") and not isinstance(text, Tensor):
+        raise InputError(f"expected a prompt (a string, a list of strings or token ids), got a {type(text).__name__}; "
+                         "methods that run the model take prompts (a clean cache goes in clean_cache=...)")
     if isinstance(text, str):
         text = [text]
+    if isinstance(text, (list, tuple)) and not text:
+        raise InputError("the list of prompts is empty")
     if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
         rows = [model.to_tokens(t)[0].cpu() for t in text]
         n = max(len(r) for r in rows)
@@ -179,7 +184,10 @@ def prepare_tokens(
             cols = slice(0, len(r)) if side == "right" else slice(n - len(r), n)
             tokens[i, cols], mask[i, cols] = r, 1
         return tokens.to(device), mask.to(device)
-    tokens = torch.as_tensor(text)
+    try:
+        tokens = torch.as_tensor(text)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"expected a string, a list of strings or token ids [batch, pos], got {type(text).__name__}") from None
     if tokens.dtype.is_floating_point or tokens.ndim not in (1, 2):
         raise InputError(f"expected a string, a list of strings or token ids [batch, pos], got {type(text).__name__}")
     if tokens.ndim == 1:

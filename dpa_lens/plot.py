@@ -12,6 +12,12 @@ attribution was made; several methods can be compared side by side.
     dpa_lens.plot.flow(attr)                       # layer × position (dpa(..., flow=True))
     dpa_lens.plot.scatter(dpa, patching)           # two methods' scores, with their correlation
     dpa_lens.plot.faithfulness([curves_dpa, curves_atp])  # disruption and recovery curves
+    dpa_lens.plot.circuit(circuit)                 # the strongest edges, layers left to right
+    dpa_lens.plot.circuit_positions(circuit)       # the strongest edges by position
+    dpa_lens.plot.paths(circuit.paths[0])          # the strongest paths
+
+Circuit figures colour edges by the input they reach (`PATH_COLORS`: query, key, value, MLP, logit),
+not by sign: their width is ``|score|`` and a negative edge is dotted.
 """
 
 from __future__ import annotations
@@ -27,15 +33,25 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from dpa_lens.attribution import Attribution
+from dpa_lens.circuits.paths import Path, node_layer
+from dpa_lens.circuits.result import Circuit
 from dpa_lens.errors import InputError
 from dpa_lens.evaluation.agreement import correlation
 
 COLORSCALE = "RdBu_r"  # red positive, blue negative, white at zero
+PATH_COLORS = {"q": "#d1495b", "k": "#edae49", "v": "#00798c", "mlp": "#66a182", "logit": "#30638e"}
+_PORTS = {"q": -0.22, "k": 0.0, "v": 0.22, "mlp": 0.0, "logit": 0.0}  # where each input enters a node, vertically
 Positions = Literal["sum", "answer"] | int | Sequence[int]
 
 
 def _as_list(attrs: Attribution | Sequence[Attribution]) -> list[Attribution]:
-    return [attrs] if isinstance(attrs, Attribution) else list(attrs)
+    out = [attrs] if isinstance(attrs, Attribution) else list(attrs)
+    if not out:
+        raise InputError("nothing to plot: pass an Attribution or a non-empty list of them")
+    bad = [type(a).__name__ for a in out if not isinstance(a, Attribution)]
+    if bad:
+        raise InputError(f"expected Attribution objects, got {bad[0]}")
+    return out
 
 
 def _label(attr: Attribution) -> str:
@@ -56,6 +72,7 @@ def _token_text(token: str) -> str:
 
 def _select_positions(attr: Attribution, kind: str, row: int, positions: Positions) -> tuple[Tensor, str]:
     """One row's ``[layer, unit]`` scores of heads or neurons, at or over the positions asked for."""
+    row = attr.row_index(row)
     if positions == "sum":
         return attr.totals(kind)[row].detach().float().cpu(), "summed over positions"
     t = attr.scores(kind)[row].detach().float().cpu()  # [layer, pos, unit]
@@ -129,6 +146,7 @@ def heads(
 
 def tokens(attr: Attribution, *, row: int = 0, width: int = 12, normalize: bool = False, title: str | None = None) -> go.Figure:
     """The prompt laid out in lines of ``width`` tokens, each cell coloured by its score."""
+    row = attr.row_index(row)
     scores = attr.scores("tokens")[row].detach().float().cpu()
     if normalize:
         scores = scores / _symmetric([scores])
@@ -157,7 +175,9 @@ def tokens(attr: Attribution, *, row: int = 0, width: int = 12, normalize: bool 
             zmid=0.0,
             xgap=2,
             ygap=2,
-            colorbar=dict(title="relative" if normalize else "score", len=1.0, thickness=14),
+            # a horizontal colour bar of fixed length under the strip: a one-line strip is too short for a vertical one
+            colorbar=dict(title=dict(text="relative" if normalize else "score", side="right"), orientation="h", lenmode="pixels",
+                          len=320, thickness=12, x=0.5, xanchor="center", y=0, yanchor="top", ypad=8),
         )
     )
     fig.update_yaxes(autorange="reversed", showticklabels=False)
@@ -165,9 +185,10 @@ def tokens(attr: Attribution, *, row: int = 0, width: int = 12, normalize: bool 
     target = (attr.target.get("labels") or [""])[row] if attr.target.get("labels") else ""
     fig.update_layout(
         title=title or f"{_label(attr)}: token scores" + (f" for {target}" if target else ""),
-        height=max(220, 130 + 40 * lines),
+        height=max(240, 170 + 40 * lines),
         width=max(500, 82 * width + 100),
         plot_bgcolor="white",
+        margin=dict(b=80),
     )
     return fig
 
@@ -178,7 +199,7 @@ def tokens_by_method(attrs: Sequence[Attribution], *, row: int = 0, normalize: b
     strs = attrs[0].str_tokens[row] if attrs[0].str_tokens else None
     rows = []
     for a in attrs:
-        s = a.scores("tokens")[row].detach().float().cpu()
+        s = a.scores("tokens")[a.row_index(row)].detach().float().cpu()
         rows.append(s / _symmetric([s]) if normalize else s)
     z = torch.stack(rows)
     zmax = _symmetric([z])
@@ -221,16 +242,27 @@ def neurons_top(
     return fig
 
 
-def neurons_overview(attr: Attribution, *, row: int = 0, title: str | None = None) -> go.Figure:
-    """Layer × neuron heatmap of neuron scores summed over positions."""
-    z = attr.totals("neurons")[row].detach().float().cpu()
+def neurons_overview(attr: Attribution, *, row: int = 0, k: int = 10, title: str | None = None) -> go.Figure:
+    """The ``k`` strongest neurons of every layer (by |score| summed over positions): a layer × rank
+    heatmap, each cell labelled with its neuron. Readable at any width (a layer × d_mlp heatmap of
+    thousands of neurons is not)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive int, got {k!r}")
+    t = attr.totals("neurons")[attr.row_index(row)].detach().float().cpu()  # [layer, d_mlp]
+    k = min(k, t.shape[1])
+    order = t.nan_to_num(0.0).abs().argsort(dim=1, descending=True)[:, :k]
+    z = t.gather(1, order)
     zmax = _symmetric([z])
+    labels = [[f"N{int(i)}" for i in layer] for layer in order]
     fig = go.Figure(
-        go.Heatmap(z=z.numpy(), colorscale=COLORSCALE, zmin=-zmax, zmax=zmax, zmid=0.0,
-                   hovertemplate="L%{y}N%{x}<br>score %{z:.4g}<extra></extra>", colorbar=dict(title="score"))
+        go.Heatmap(z=z.numpy(), x=[f"#{r + 1}" for r in range(k)], y=list(range(t.shape[0])), text=labels, texttemplate="%{text}",
+                   textfont=dict(size=9), colorscale=COLORSCALE, zmin=-zmax, zmax=zmax, zmid=0.0, xgap=1, ygap=1,
+                   customdata=labels, hovertemplate="L%{y}%{customdata}<br>score %{z:.4g}<extra></extra>",
+                   colorbar=dict(title="score", thickness=14))
     )
-    fig.update_layout(title=title or f"{_label(attr)}: neurons (summed over positions)", xaxis_title="neuron",
-                      yaxis_title="layer", height=max(350, 14 * z.shape[0] + 150), width=900)
+    fig.update_layout(title=title or f"{_label(attr)}: top {k} neurons of each layer (summed over positions)",
+                      xaxis_title="rank in the layer (by |score|)", yaxis=dict(title="layer", dtick=1),
+                      height=max(350, 18 * t.shape[0] + 150), width=max(600, 70 * k + 200))
     return fig
 
 
@@ -238,6 +270,7 @@ def flow(attr: Attribution, *, row: int = 0, title: str | None = None) -> go.Fig
     """Layer × position heatmap of the target's share in the residual stream (``dpa(..., flow=True)``)."""
     if attr.flow is None:
         raise ValueError("this attribution has no flow: run dpa(..., flow=True) with dpa_names_filter(model, flow=True)")
+    row = attr.row_index(row)
     z = attr.flow[row].detach().float().cpu()  # [layer + 1, pos]
     zmax = _symmetric([z])
     strs = attr.str_tokens[row] if attr.str_tokens else [str(i) for i in range(z.shape[1])]
@@ -325,3 +358,109 @@ def faithfulness(curves: Sequence[Any], *, axis: Literal["linear", "log"] | None
     fig.update_layout(title=title or f"Faithfulness: {curves[0].unit}, {curves[0].ablation} ablation, {curves[0].disruption.shape[0]} prompts",
                       width=1100, height=450)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- circuits
+def _node_xy(node: str, n_layers: int, n_heads: int) -> tuple[float, float]:
+    """Layers left to right (embed, then each layer's heads and MLP, then the logit): heads stacked
+    from the top, the MLPs, embed and logit on one row below them."""
+    if node in ("embed", "logit"):
+        return (0.0 if node == "embed" else 2.0 * n_layers + 2), -1.0
+    x = 1 + 2 * node_layer(node)  # an MLP's depth is its layer + 0.5
+    return x, (n_heads - 1 - int(node.split("H")[1]) if "H" in node else -1.0)
+
+
+def circuit(circ: Circuit, *, row: int = 0, top_n: int | None = 40, threshold: float | None = None, title: str | None = None) -> go.Figure:
+    """The ``top_n`` strongest edges of one row (and/or those with ``|score| ≥ threshold``) as a graph.
+
+    Layers run left to right (``embed``, each layer's heads then its MLP, ``logit``); an edge goes
+    from its writer to the input of its reader it reaches (query, key and value enter a head at three
+    heights), coloured by that input (`PATH_COLORS`, one legend entry each), as wide as ``|score|``,
+    dotted when negative; hovering shows writer, reader, path and score. ``fig.layout.meta`` holds
+    the edges drawn (``writer, reader, path, score``).
+    """
+    table = circ.prune(top_n=top_n, threshold=threshold, row=row).to_dataframe(row=row)
+    table = table.loc[table["score"].abs().sort_values(ascending=False).index].reset_index(drop=True)
+    n_heads = max([int(w.split("H")[1]) + 1 for w in circ.writers if "H" in w] or [1])
+    n_layers = max([int(node_layer(w)) + 1 for w in circ.writers if w != "embed"] or [0])
+    xy = lambda node: _node_xy(node, n_layers, n_heads)  # noqa: E731
+    widest = float(table["score"].abs().max()) if len(table) else 1.0
+    fig = go.Figure()
+    for w, r, label, score in table[["writer", "reader", "path", "score"]].itertuples(index=False):
+        (x0, y0), (x1, y1) = xy(w), xy(r)
+        bow = -0.35 * (x1 - x0) ** 0.7 if y0 == y1 == -1.0 else 0.0  # along the bottom row: arcs, longer ones lower
+        y1 += _PORTS[label]
+        text = f"{w} → {r} [{label}]<br>score {score:.4g}"
+        fig.add_trace(go.Scatter(
+            x=[x0, (x0 + x1) / 2, x1], y=[y0, (y0 + y1) / 2 + bow, y1], mode="lines", name=f"{w} → {r} [{label}]", legendgroup=label,
+            showlegend=False, line=dict(color=PATH_COLORS[label], width=1 + 7 * abs(score) / widest,
+                                        dash="solid" if score >= 0 else "dot", shape="spline"),
+            text=[text] * 3, hovertemplate="%{text}<extra></extra>", opacity=0.85))
+    for label in [l for l in PATH_COLORS if l in set(table["path"])]:  # the legend: one solid line per label
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label, legendgroup=label,
+                                 line=dict(color=PATH_COLORS[label], width=3)))
+    nodes = sorted({"embed", "logit", *table["writer"], *table["reader"]}, key=lambda n: (xy(n)[0], xy(n)[1]))
+    node_scores = dict(zip(circ.writers, circ.nodes[circ._row(row)].tolist())) if circ.nodes is not None else {}
+    fig.add_trace(go.Scatter(
+        x=[xy(n)[0] for n in nodes], y=[xy(n)[1] for n in nodes], mode="markers+text", text=nodes, textposition="top center",
+        marker=dict(size=11, color="#f4f4f4", line=dict(color="#555555", width=1.2)), name="nodes", showlegend=False,
+        customdata=[f"{n}" + (f"<br>node score {node_scores[n]:.4g}" if n in node_scores else "") for n in nodes],
+        hovertemplate="%{customdata}<extra></extra>"))
+    ticks = [0] + [1 + 2 * l for l in range(n_layers)] + [2 * n_layers + 2]
+    fig.update_xaxes(tickvals=ticks, ticktext=["embed"] + [f"L{l}" for l in range(n_layers)] + ["logit"], showgrid=False, zeroline=False)
+    fig.update_yaxes(visible=False)
+    labels = circ.target.get("labels") or []
+    fig.update_layout(
+        title=title or f"{circ.method}: top {len(table)} edges" + (f" for {labels[circ._row(row)]}" if len(labels) > circ._row(row) else ""),
+        width=max(700, min(1800, 60 * (2 * n_layers + 2))), height=max(420, 45 * n_heads + 320), plot_bgcolor="white",
+        legend=dict(title="path (dotted: negative)"), hovermode="closest")
+    fig.layout.meta = {"edges": table.to_dict("records")}
+    return fig
+
+
+def circuit_positions(circ: Circuit, *, row: int = 0, top_n: int = 20, title: str | None = None) -> go.Figure:
+    """Edge × position heatmap of the ``top_n`` strongest edges of one row (by total ``|score|``),
+    split by the position where the writer writes and the reader reads (``Circuit.per_position``)."""
+    if circ.per_position is None:
+        raise InputError("this circuit has no per-position scores: make it with per_position=True")
+    table = circ.top(top_n, row=row)
+    b = circ._row(row)
+    w_idx = [circ.writers.index(w) for w in table["writer"]]
+    r_idx = [circ.readers.index((r, p)) for r, p in zip(table["reader"], table["path"])]
+    z = circ.per_position[b][:, w_idx, r_idx].T.detach().float().cpu()  # [edge, pos]
+    strs = circ.str_tokens[b] if circ.str_tokens else [str(i) for i in range(z.shape[1])]
+    zmax = _symmetric([z])
+    names = [f"{w} → {r} [{p}]" for w, r, p in zip(table["writer"], table["reader"], table["path"])]
+    fig = go.Figure(go.Heatmap(
+        z=z.numpy(), x=[f"{i}:{_token_text(t)}" for i, t in enumerate(strs)], y=names, colorscale=COLORSCALE,
+        zmin=-zmax, zmax=zmax, zmid=0.0, xgap=1, ygap=1, colorbar=dict(title="score"),
+        hovertemplate="%{y}<br>position %{x}<br>score %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=title or f"{circ.method}: top {len(names)} edges by position", xaxis=dict(tickangle=-45),
+                      yaxis=dict(autorange="reversed"), height=max(300, 24 * len(names) + 180), width=max(650, 45 * z.shape[1] + 360))
+    return fig
+
+
+def paths(found: Sequence[Path] | Circuit, *, row: int = 0, top_n: int = 20, title: str | None = None) -> go.Figure:
+    """Bar chart of the strongest paths (a list of `Path`, or a `Circuit`'s ``paths`` of one row), each
+    labelled by its hops and coloured by the input its last hop reaches before the logit."""
+    if isinstance(found, Circuit):
+        if found.paths is None:
+            raise InputError("this circuit has no paths: make it with dpa_edges(..., paths=k)")
+        found = found.paths[found._row(row)]
+    found = sorted(found, key=lambda p: -abs(p.score))[:top_n]
+    if not found:
+        raise InputError("no paths to plot")
+    names = [str(p) for p in found]
+    last = [p.hops[-2].label if len(p.hops) > 2 else "logit" for p in found]
+    fig = go.Figure()
+    for label in [l for l in PATH_COLORS if l in last]:  # one trace per label, for the legend
+        sel = [p for p, l in zip(found, last) if l == label]
+        fig.add_trace(go.Bar(
+            x=[p.score for p in sel], y=[str(p) for p in sel], orientation="h", name=label, marker_color=PATH_COLORS[label],
+            customdata=[f"{len(p.hops) - 2} reader(s)" + (f", source token {p.source_token!r}" if p.source_token else "") for p in sel],
+            hovertemplate="%{y}<br>score %{x:.4g}<br>%{customdata}<extra></extra>"))
+    fig.update_layout(title=title or f"{found[0].method or 'paths'}: top {len(found)} paths", xaxis_title="score",
+                      yaxis=dict(categoryorder="array", categoryarray=names[::-1]), legend=dict(title="input read last"),
+                      height=140 + 24 * len(found), width=max(650, 9 * max(len(n) for n in names) + 330), margin=dict(l=20))
+    return fig
+

@@ -7,7 +7,13 @@ Accepted target forms (``target=`` of every method):
 * a direction, a float tensor ``[d_model]``: the quantity ``ln_final(resid) · direction``
   (a token target is the special case ``direction = W_U[:, id]``);
 * one of these per batch row: a ``list`` of length batch, an int tensor ``[batch]`` (ids),
-  ``[batch, 2]`` (pairs) or a float tensor ``[batch, d_model]`` (directions).
+  ``[batch, 2]`` (pairs) or a float tensor ``[batch, d_model]`` (directions);
+* for the methods that run the model (``atp``, ``activation_patching``, ``gradient``,
+  ``input_x_gradient``, ``integrated_gradients``), a metric as TransformerLens users write them,
+  ``metric(logits) -> scalar tensor`` (`MetricTarget`). It is applied to each batch row's logits
+  ``[1, pos, vocab]`` on its own (the row as it was run, padding included), so values stay per row;
+  it reads the positions it wants (``position`` does not reach it) and must be differentiable for
+  the gradient methods. Cache methods (DPA, DLA) follow a linear direction and cannot take one.
 
 Tuples are pairs and lists are per-row targets, so ``(a, b)`` is always a logit difference.
 
@@ -15,14 +21,20 @@ Which logit: TransformerLens centres the unembedding (``W_U`` minus its mean ove
 which shifts every logit at a position by the same amount. A token target explains the model's
 **raw** logit when that shift is known (models from `dpa_lens.load_model`, or an uncentred
 ``W_U``), else the centred logit; ``Target.logit`` says which. Differences are unaffected.
+
+Where processing left the final LayerNorm's bias ``β`` (``fold_ln=False``), the target's biases hold
+its share (``β·W_U[:, y]``, ``β·direction``), as ``fold_ln`` puts it in ``b_U``: ``x̂``, what the
+target is applied to, is the final norm's output before its bias.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -33,6 +45,7 @@ from dpa_lens.ops import softcap_ratio
 from dpa_lens.types import typechecked
 
 LogitKind = Literal["raw", "centered", "difference", "direction"]
+Metric = Callable[[Tensor], Tensor]
 
 
 @typechecked
@@ -41,8 +54,9 @@ class Target:
     """A resolved target, one row per batch element.
 
     The explained quantity of a row is ``Σ_k signs[k]·cap(x̂ · columns[k] + column_bias[k])`` for
-    token targets (``cap`` is the model's final-logit soft cap, or nothing), and ``x̂ · direction``
-    for a direction, where ``x̂`` is the final norm's output at the answer position.
+    token targets (``cap`` is the model's final-logit soft cap, or nothing), and ``x̂ · direction +
+    bias`` for a direction, where ``x̂`` is the final norm's output at the answer position (before the
+    norm's bias, whose share the biases hold; zero unless processing left the bias).
     """
 
     directions: Float[Tensor, "batch d_model"]  # Σ signs·columns (uncapped), or the direction
@@ -101,6 +115,41 @@ class Target:
         return {"labels": self.labels, "token_ids": self.token_ids.tolist(), "logit": self.logit}
 
 
+@dataclass
+class MetricTarget:
+    """A metric as the target: ``metric(logits) -> scalar``, TransformerLens's convention
+    (``transformer_lens.patching``, ``attribution_patch``), applied to each batch row's logits
+    ``[1, pos, vocab]`` on its own so that the explained value stays one per row."""
+
+    metric: Metric
+    name: str
+    batch: int
+
+    def rows(self, index: Tensor) -> MetricTarget:
+        """The target of some rows (the same metric)."""
+        return MetricTarget(self.metric, self.name, len(index))
+
+    def of_logits(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        """The metric of each row's logits (differentiable when the metric is)."""
+        values = []
+        for row in logits.split(1):
+            value = self.metric(row)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise TargetError(f"the metric {self.name} must return a scalar tensor for one row's logits [1, pos, vocab], "
+                                  f"got {got}")
+            values.append(value.reshape(()).float())
+        return torch.stack(values)
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": [f"metric {self.name}"] * self.batch, "token_ids": [[-1, -1]] * self.batch, "logit": ["metric"] * self.batch}
+
+
+def _metric_name(metric: Any) -> str:
+    name = getattr(metric, "__name__", None) or getattr(getattr(metric, "func", None), "__name__", None)  # functools.partial
+    return name or type(metric).__name__
+
+
 def token_id(model: Any, token: int | str | Tensor, d_vocab: int) -> int:
     """A single token id from an int or a string that tokenizes to exactly one token."""
     if isinstance(token, Tensor):
@@ -109,6 +158,8 @@ def token_id(model: Any, token: int | str | Tensor, d_vocab: int) -> int:
         token = int(token.item())
     if isinstance(token, bool):
         raise TargetError("a target cannot be a bool")
+    if isinstance(token, np.integer):  # an id from numpy (argmax over numpy logits, say)
+        token = int(token)
     if isinstance(token, int):
         if not 0 <= token < d_vocab:
             raise TargetError(f"token id {token} is out of the vocabulary (0 .. {d_vocab - 1})")
@@ -137,6 +188,8 @@ def _label(model: Any, tid: int) -> str:
 
 
 def _per_row(target: Any, batch: int) -> list[Any]:
+    if isinstance(target, np.ndarray):
+        target = torch.from_numpy(target)
     if isinstance(target, Tensor):
         if target.dtype.is_floating_point:
             if target.ndim == 1:
@@ -167,13 +220,24 @@ def _per_row(target: Any, batch: int) -> list[Any]:
     return [target] * batch
 
 
-def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logit: str = "auto") -> Target:
+def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logit: str = "auto",
+                   metric: bool = False) -> Target | MetricTarget:
     """Turn any accepted target form into per-row directions (float32) on the model's device.
 
     Args:
         logit: for token targets, ``"raw"`` (error if the raw logit cannot be recovered),
             ``"centered"``, or ``"auto"`` (raw when possible, else centred, with a warning).
+        metric: accept a metric ``metric(logits) -> scalar`` (a `MetricTarget`), for methods that
+            run the model; otherwise a callable is a `TargetError`.
     """
+    if callable(target) and not isinstance(target, (Tensor, np.ndarray)):
+        if metric:
+            return MetricTarget(target, _metric_name(target), batch)
+        raise TargetError(
+            f"a metric ({_metric_name(target)}) cannot be explained from a cache: DPA and DLA follow a linear target "
+            "direction through the network. Pass a token (' Mary'), a (correct, incorrect) pair or a direction "
+            "[d_model]; metrics work with atp, activation_patching, gradient, input_x_gradient and integrated_gradients."
+        )
     if logit not in ("auto", "raw", "centered"):
         raise TargetError(f"logit must be 'auto', 'raw' or 'centered', got {logit!r}")
     W_U = view.W_U.detach()
@@ -192,6 +256,7 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
         bias = b_U[tid].float() if b_U is not None else torch.zeros((), device=device)
         return vec, bias
 
+    beta = view.norm_bias("ln_final")  # an unfolded final LayerNorm bias: its share of a direction
     directions, biases, labels, ids, kinds, columns, cbias, signs = [], [], [], [], [], [], [], []
     zero_col, zero = torch.zeros(view.d_model, device=device), torch.zeros((), device=device)
     warned = False
@@ -202,7 +267,7 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
             if not torch.isfinite(row).all():
                 raise TargetError("the direction has non-finite entries")
             directions.append(row.detach().to(device).float())
-            biases.append(torch.zeros((), device=device))
+            biases.append(torch.zeros((), device=device) if beta is None else beta.to(device) @ directions[-1])
             labels.append("direction")
             ids.append((-1, -1))
             kinds.append("direction")
@@ -236,10 +301,13 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
             else:
                 kinds.append("centered")
                 if logit == "auto" and not warned:
+                    uncentred = ("model.enable_compatibility_mode(center_unembed=False)" if view.is_bridge
+                                 else "HookedTransformer.from_pretrained(..., center_unembed=False)")
                     warnings.warn(
                         "explaining the centred logit (TransformerLens centred this model's unembedding and "
-                        "the raw one is unknown); load the model with dpa_lens.load_model to explain the raw "
-                        "logit, or use a (correct, incorrect) pair",
+                        "the raw one is unknown); to explain the raw logit, load the model with "
+                        f"dpa_lens.load_model or build it with {uncentred}; or use a (correct, incorrect) "
+                        "pair, the same under both",
                         stacklevel=3,
                     )
                     warned = True
@@ -281,3 +349,22 @@ def final_input(
     rows = torch.arange(normalized_final.shape[0], device=normalized_final.device)
     x = normalized_final[rows, positions.to(normalized_final.device)].float()
     return x * ln_final_weight.to(x.device) if ln_final_weight is not None else x
+
+
+def warn_if_not_predicted(model: Any, target: Target, final: Float[Tensor, "batch d_model"]) -> None:
+    """Warn when a token target written without its leading space (``"Mary"``) is not what the model
+    predicts but the same word with the space (``" Mary"``) is: the usual slip with word-initial tokens."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return
+    view = ModelView(model)
+    logits = final.float() @ view.W_U.detach().float().to(final.device)
+    predicted = (logits + (view.b_U.float().to(final.device) if view.b_U is not None else 0.0)).argmax(-1).tolist()
+    for row, ((tid, _), kind) in enumerate(zip(target.token_ids.tolist(), target.logit)):
+        if kind not in ("raw", "centered") or tid == predicted[row]:
+            continue
+        text = tokenizer.decode([tid])
+        if not text.startswith(" ") and tokenizer.decode([predicted[row]]) == " " + text:
+            warnings.warn(f"explaining {text!r} (token {tid}), but the model predicts {' ' + text!r} here: did you mean "
+                          f"{' ' + text!r}, with the leading space?", stacklevel=4)
+            return

@@ -22,7 +22,8 @@ def badge(name: str) -> str:
 SETUP = '''import os, sys
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
-    %pip install -q dpa-lens'''
+    # dpa-lens is not on PyPI yet: install it from its repository
+    %pip install -q "dpa-lens @ git+https://github.com/dpa-lens/dpa_lens"'''
 
 MODEL = '''import torch
 import dpa_lens

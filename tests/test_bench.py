@@ -1,4 +1,4 @@
-"""Issue 6: the benchmark scripts run (quick mode) and the committed tables are what they produce."""
+"""The benchmark scripts run (quick mode) and the committed tables are what they produce."""
 
 from __future__ import annotations
 
@@ -55,4 +55,6 @@ def test_bench_quick_run(script, tmp_path):
     else:
         rows = [r for r in data["rows"] if "error" not in r]
         assert len(rows) == len(data["rows"]) and all(r["seconds"] > 0 for r in rows)
-        assert "Longest context measured within 24 GiB: **512 tokens**" in text
+        assert "## DPA against the model's own forward and backward" in text and "| 128 |" in text
+        profile = next(r for r in rows if r["measurement"] == "profile")
+        assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])

@@ -22,12 +22,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from dpa_lens.circuits.paths import node_layer
 from dpa_lens.circuits.result import Circuit, graph
 from dpa_lens.errors import CacheError, InputError
 from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.methods.dpa.hooks import required_hooks
 from dpa_lens.methods.dpa.method import start_target, sweep
 from dpa_lens.methods.dpa.mu import Mu
+from dpa_lens.methods.dpa.root import Root, parse_root
 from dpa_lens.methods.dpa.rules import AttentionStep, MLPStep
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
@@ -79,6 +81,8 @@ def dpa_edges(
     tokens: Tensor | None = None,
     attention_mask: Tensor | None = None,
     logit: Literal["auto", "raw", "centered"] = "auto",
+    root: str | None = None,
+    paths: int = 0,
 ) -> Circuit:
     """DPA's edges: how much of each writer's DPA score reaches the target through each reader.
 
@@ -92,6 +96,12 @@ def dpa_edges(
         corrupted_cache: a cache of a corrupted prompt of the same length: contrastive DPA, every
             writer's score is ``(out_clean − out_corrupted) · R_r`` with the clean run's targets (the
             question patching answers, asked of DPA's linearisation).
+        root: explain ``x · target`` at a residual hook or a head's output instead of the logit
+            (rerooting, `dpa_lens.methods.dpa.root`; ``target`` is then a direction): the graph keeps
+            the writers and readers upstream of the root, and ``(logit, logit)`` is the root's direct
+            read (of the stream, or of the root head's output).
+        paths: also find the top ``paths`` DPA paths per row (`dpa_lens.dpa_paths` with its defaults)
+            into ``Circuit.paths``.
 
     Returns:
         `Circuit` with ``scores [batch, writer, reader]`` (writers ``embed``, ``L{l}H{h}``,
@@ -104,6 +114,13 @@ def dpa_edges(
         raise TypeError(f"mu must be a dpa_lens.Mu, got {type(mu).__name__}")
     view = ModelView(model)
     view.check_supported("DPA edges")
+    rooted = None if root is None else parse_root(view, root)
+    if rooted is not None and corrupted_cache is not None:
+        raise InputError("contrastive edges explain the logit: pass root= or corrupted_cache=, not both")
+    if isinstance(paths, bool) or not isinstance(paths, int) or paths < 0:
+        raise InputError(f"paths must be a non-negative int (how many paths per row), got {paths!r}")
+    if paths and corrupted_cache is not None:
+        raise InputError("paths explain the clean run: pass paths= or corrupted_cache=, not both")
     L, H = view.n_layers, view.n_heads
     if neurons is True:
         neuron_layers = list(range(L))
@@ -115,6 +132,8 @@ def dpa_edges(
         if bad:
             raise InputError(f"neuron layers {bad} are out of range (the model has {L} layers)")
     kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit)
+    if rooted is not None:
+        kwargs.update(hook_names=kwargs["hook_names"] + rooted.hooks, filter_hint=rooted.filter_hint)
     fwd = read_forward(model, cache, target, position, method="DPA edges", tokens=tokens, attention_mask=attention_mask, **kwargs)
     base = None
     if corrupted_cache is not None:
@@ -132,7 +151,7 @@ def dpa_edges(
         outs = _all_writers(fwd)
         if base is not None:
             outs = outs - _all_writers(base)
-        start, target_bias = start_target(fwd)
+        start, target_bias = start_target(fwd) if rooted is None else rooted.start(fwd)
         scores = torch.zeros(b, mask.shape[0], R, device=fwd.device)
         per_pos = torch.zeros(b, n, mask.shape[0], R, device=fwd.device) if per_position else None
         post_diff = {}
@@ -164,13 +183,19 @@ def dpa_edges(
             add_neurons(layer, heads, U)
             add_neurons(layer, slice(r0 + 3 * H, r0 + 3 * H + 1), mlp.update[:, :, None])
 
-        result = sweep(fwd, start, mu, kinds={"tokens", "heads", "neurons"}, readers=True, on_layer=on_layer)
+        result = sweep(fwd, start, mu, kinds={"tokens", "heads", "neurons"}, readers=True, on_layer=on_layer,
+                       **({} if rooted is None else rooted.sweep_args))
         add(slice(0, W0), slice(R - 1, R), start[:, :, None])
         add_neurons(L, slice(R - 1, R), start[:, :, None])
-        value = fwd.target.value(fwd.final_input())
+        value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
+        from dpa_lens.circuits.dpa_paths import search_paths  # (it imports this module)
+
+        found = search_paths(fwd, start, mu, root=rooted, k=paths) if paths else None
     nodes = torch.cat([result.tokens.sum(-1, keepdim=True),
                        torch.cat([result.heads.sum(2), result.neurons.sum((2, 3))[:, :, None]], dim=-1).reshape(b, -1),
                        *[result.neurons[:, l].sum(1) for l in neuron_layers]], dim=1) if base is None else None
+    if rooted is not None:
+        mask &= _upstream(rooted, writers, readers, view.rules.parallel)
     if per_pos is not None:
         per_pos = per_pos * mask
     return Circuit(
@@ -186,10 +211,32 @@ def dpa_edges(
         positions=fwd.positions,
         token_ids=fwd.inputs.tokens,
         str_tokens=fwd.inputs.str_tokens,
-        target=fwd.target.describe(),
-        settings={"mu": mu.as_dict(), "neurons": neuron_layers, "contrastive": base is not None},
+        paths=found,
+        target=fwd.target.describe() if rooted is None else rooted.describe(fwd),
+        settings={"mu": mu.as_dict(), "neurons": neuron_layers, "contrastive": base is not None, **({} if root is None else {"root": root})},
         model_name=view.name,
     )
+
+
+def entry_stream(node: str, parallel: bool) -> int:
+    """Where a writer's output enters the residual stream, as a stream index: ``2l`` is ``resid_pre(l)``,
+    ``2l + 1`` ``resid_mid(l)``, ``2l + 2`` ``resid_post(l)`` (a reader's output enters where its node's does)."""
+    if node == "embed":
+        return 0
+    return 2 * int(node_layer(node)) + (1 if "H" in node and not parallel else 2)
+
+
+def _upstream(root: Root, writers: list[str], readers: list[tuple[str, str]], parallel: bool) -> Tensor:
+    """``[writer, reader]``: what a rerooted graph keeps. Writers and readers whose outputs enter the
+    stream at or above the root, and ``logit`` (the root's own read); for a head root, its own q, k,
+    v readers, and itself as the only writer that ``logit`` reads."""
+    w = torch.tensor([entry_stream(n, parallel) <= root.stream for n in writers])
+    r = torch.tensor([n == "logit" or entry_stream(n, parallel) <= root.stream for n, _ in readers])
+    keep = w[:, None] & r[None, :]
+    if root.head is not None:
+        keep[:, [n == root.name for n, _ in readers]] = w[:, None]
+        keep[:, [n == "logit" for n, _ in readers]] = torch.tensor([n == root.name for n in writers])[:, None]
+    return keep
 
 
 def _post(fwd: CachedForward, layer: int) -> Tensor:

@@ -28,92 +28,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from dpa_lens.circuits.paths import LABELS, Path, head_name, mlp_name, neuron_name, node_layer, path_from_state, path_state
 from dpa_lens.errors import InputError
 from dpa_lens.types import typechecked
-
-Label = Literal["q", "k", "v", "mlp", "logit"]
-LABELS: tuple[str, ...] = ("q", "k", "v", "mlp", "logit")
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
-def mlp_name(layer: int) -> str:
-    return f"L{layer}.mlp"
-
-
-def neuron_name(layer: int, neuron: int) -> str:
-    return f"L{layer}N{neuron}"
-
-
-def node_layer(name: str) -> float:
-    """Where a node sits in depth: -1 for the embeddings, L for layer L's heads, L + 0.5 for its MLP
-    and neurons, infinity for the logit (parallel blocks compare heads and MLPs by ``int``)."""
-    if name == "embed":
-        return -1.0
-    if name == "logit":
-        return float("inf")
-    layer = int(name[1:].split("H")[0].split(".")[0].split("N")[0])
-    return layer + (0.0 if "H" in name else 0.5)
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One node of a path: ``node`` read the previous hop through ``label`` (None for the source),
-    at ``position`` (None where the path is summed over positions)."""
-
-    node: str
-    label: Label | None = None
-    position: int | None = None
-
-    def __str__(self) -> str:
-        s = self.node + (f"[{self.label}]" if self.label not in (None, "logit") else "")
-        return s + (f"@{self.position}" if self.position is not None else "")
-
-
-@dataclass(frozen=True)
-class Path:
-    """A chain of hops from a source writer to the logit, with its score.
-
-    Attributes:
-        hops: source first, ``logit`` last.
-        score: the path's share of the explained quantity (same units as node scores).
-        method: which method found it (``"dpa"``, ``"unpack"``, ...).
-        source_token: the input token at the source position, where it has one.
-        extra: method-specific numbers (Unpack's percent credit, say).
-    """
-
-    hops: tuple[Hop, ...]
-    score: float
-    method: str = ""
-    source_token: str | None = None
-    extra: dict[str, float] = field(default_factory=dict, compare=False)
-
-    @property
-    def source(self) -> Hop:
-        return self.hops[0]
-
-    @property
-    def source_pos(self) -> int | None:
-        return self.hops[0].position
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return tuple(h.label for h in self.hops[1:])
-
-    def __str__(self) -> str:
-        return " → ".join(str(h) for h in self.hops)
-
-    def check(self) -> None:
-        """Raise `InputError` unless the hops go down in depth toward the logit with valid labels."""
-        if len(self.hops) < 2 or self.hops[-1].node != "logit":
-            raise InputError(f"a path ends at the logit: {self}")
-        for a, b in zip(self.hops, self.hops[1:]):
-            if b.label not in LABELS:
-                raise InputError(f"hop {b} has no valid label (one of {LABELS})")
-            if not node_layer(a.node) < node_layer(b.node):
-                raise InputError(f"hop {a} → {b} does not go downstream")
 
 
 @typechecked
@@ -243,6 +160,12 @@ class Circuit:
                        target_value=cut(self.target_value), positions=cut(self.positions), token_ids=cut(self.token_ids),
                        str_tokens=cut(self.str_tokens), paths=cut(self.paths), target=target)
 
+    def show(self, **kwargs: Any) -> Any:
+        """`dpa_lens.plot.circuit` of this circuit (``row=``, ``top_n=``, ``threshold=``, ``title=``)."""
+        from dpa_lens import plot
+
+        return plot.circuit(self, **kwargs)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | FilePath) -> FilePath:
         """Save to a file (``torch.save`` of plain tensors and metadata; `load` reads it back)."""
@@ -252,7 +175,7 @@ class Circuit:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
         state["readers"] = [list(r) for r in self.readers]
-        state["paths"] = None if self.paths is None else [[_path_state(p) for p in row] for row in self.paths]
+        state["paths"] = None if self.paths is None else [[path_state(p) for p in row] for row in self.paths]
         torch.save({"dpa_lens_circuit": 1, **state}, path)
         return path
 
@@ -269,7 +192,7 @@ class Circuit:
             raise InputError(f"{path} is not a saved dpa_lens Circuit")
         state["readers"] = [tuple(r) for r in state["readers"]]
         if state.get("paths") is not None:
-            state["paths"] = [[_path_from_state(p) for p in row] for row in state["paths"]]
+            state["paths"] = [[path_from_state(p) for p in row] for row in state["paths"]]
         return cls(**state)
 
     def __repr__(self) -> str:
@@ -278,16 +201,6 @@ class Circuit:
         return (f"Circuit(method={self.method!r}, {len(self.writers)} writers, {len(self.readers)} readers, {n} edges, "
                 f"batch={self.batch}" + (f", target={labels[0]}" if labels else "")
                 + (f", paths={sum(len(p) for p in self.paths)}" if self.paths else "") + ")")
-
-
-def _path_state(p: Path) -> dict[str, Any]:
-    return {"hops": [[h.node, h.label, h.position] for h in p.hops], "score": p.score, "method": p.method,
-            "source_token": p.source_token, "extra": dict(p.extra)}
-
-
-def _path_from_state(s: dict[str, Any]) -> Path:
-    return Path(hops=tuple(Hop(*h) for h in s["hops"]), score=s["score"], method=s["method"], source_token=s["source_token"],
-                extra=s["extra"])
 
 
 def graph(n_layers: int, n_heads: int, *, parallel: bool, neurons: int = 0) -> tuple[list[str], list[tuple[str, str]], Tensor]:

@@ -6,14 +6,20 @@ AttributionResult`` whose ``node_scores`` use TransformerLens's ``Node`` keys (e
 layer's neurons there), so its ``top_nodes`` ranks them as TransformerLens ranks AtP.
 ``circuit_edges(model, nodes)`` turns chosen nodes into the edge set that
 TransformerLens's ``faithfulness`` keeps (every edge leaving a chosen writer).
+``circuit_to_transformer_lens(circuit)`` hands a `Circuit`'s per-position edges over as an
+edge-granularity ``AttributionResult`` (TransformerLens 4.x).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
+
+import torch
 
 from dpa_lens.attribution import Attribution
+from dpa_lens.circuits.paths import node_layer
+from dpa_lens.circuits.result import Circuit
 from dpa_lens.errors import InputError
 
 
@@ -65,3 +71,59 @@ def circuit_edges(model: Any, clean_tokens: Any, nodes: Iterable[Any]) -> list[t
                                                  names_filter=lambda n: n in names, compute_gradient=False)
         edges = ap.enumerate_edges(model, cache)
     return [(w, r) for w, r in edges if w in keep]
+
+
+def circuit_to_transformer_lens(circuit: Circuit, row: int = 0) -> Any:
+    """TransformerLens ``AttributionResult`` of one row of a `Circuit`, at edge granularity.
+
+    ``edge_scores`` holds every edge of the circuit's graph at every position, keyed by
+    TransformerLens's ``(writer, reader)`` nodes: ``Node("embed", p)``, ``Node("attn_head_out", p,
+    layer, head)`` or ``Node("mlp_out", p, layer)`` to ``Node("q_input" | "k_input" | "v_input", p,
+    layer, head)``, ``Node("mlp_in", p, layer)`` or ``Node("logits", p, n_layers - 1)``. As in
+    TransformerLens's own edge graph, writer and reader share the position ``p`` where the stream is
+    read: a key or value edge sits at the key position, whichever query pulled it (what
+    ``Circuit.per_position`` holds). ``node_scores`` are each writer's outgoing edges summed at its
+    position (for DPA, its node score there). Neuron writers have no TransformerLens node and are left
+    out (their MLP's edges already hold them).
+
+    Raises:
+        InputError: the circuit has no per-position scores.
+        NotImplementedError: TransformerLens 3.x, whose ``Node`` has no reader kinds.
+    """
+    ap = _tl()
+    if "q_input" not in get_args(ap.NodeKind):
+        from importlib.metadata import version
+
+        raise NotImplementedError(f"TransformerLens {version('transformer_lens')} has no edge-granularity nodes (q_input, k_input, ...): "
+                                  "circuit_to_transformer_lens needs TransformerLens 4.x (pip install 'transformer-lens>=4.3')")
+    if circuit.per_position is None:
+        raise InputError("TransformerLens keys edges per position: make the circuit with per_position=True")
+    b = circuit._row(row)
+    n_layers = max(int(node_layer(w)) for w in circuit.writers if w != "embed") + 1
+    kinds = {"q": "q_input", "k": "k_input", "v": "v_input", "mlp": "mlp_in"}
+
+    def writer_node(name: str, p: int) -> Any:
+        if name == "embed":
+            return ap.Node("embed", p)
+        layer = int(node_layer(name))
+        return ap.Node("attn_head_out", p, layer, int(name.split("H")[1])) if "H" in name else ap.Node("mlp_out", p, layer)
+
+    def reader_node(name: str, label: str, p: int) -> Any:
+        if label == "logit":
+            return ap.Node("logits", p, n_layers - 1)
+        layer = int(node_layer(name))
+        return ap.Node(kinds[label], p, layer, int(name.split("H")[1])) if "H" in name else ap.Node("mlp_in", p, layer)
+
+    mask = circuit.mask.clone()
+    mask[[i for i, w in enumerate(circuit.writers) if "N" in w]] = False  # neurons ("L{l}N{n}")
+    scores = circuit.per_position[b].detach().double().cpu()  # [pos, writer, reader]
+    w_idx, r_idx = torch.nonzero(mask, as_tuple=True)
+    writers = sorted(set(w_idx.tolist()))
+    edges, nodes = {}, {}
+    for p in range(scores.shape[0]):
+        at = scores[p]
+        for w in writers:
+            nodes[writer_node(circuit.writers[w], p)] = float(at[w][mask[w]].sum())
+        for w, r, s in zip(w_idx.tolist(), r_idx.tolist(), at[w_idx, r_idx].tolist()):
+            edges[(writer_node(circuit.writers[w], p), reader_node(*circuit.readers[r], p))] = s
+    return ap.AttributionResult(node_scores=nodes, edge_scores=edges)

@@ -4,7 +4,8 @@
 grad (parameters are frozen for the call, so no weight gradients are computed), records the
 activations of the hooks asked for, backpropagates the sum over rows of the target quantity,
 and records each hook's gradient under the name that was asked for (backward hooks report other
-names on the bridge, see the TransformerLens notes).
+names on the bridge, see the TransformerLens notes). The target is a `Target`, or a metric of
+the logits (`MetricTarget`, TransformerLens's ``metric(logits)`` convention, applied row by row).
 """
 
 from __future__ import annotations
@@ -17,25 +18,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpa_lens.errors import TargetError
 from dpa_lens.inputs import RunInputs, inputs_from_tokens, prepare_tokens, resolve_positions
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.targets import Target, final_input, resolve_target
+from dpa_lens.targets import MetricTarget, Target, final_input, resolve_target
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
 from dpa_lens.validation import require_eval
 
 
 def prepare_run(
     model: TLModel, text: PromptLike, target: TargetLike, position: PositionLike, attention_mask: Tensor | None, logit: str, method: str
-) -> tuple[ModelView, Tensor, Tensor | None, RunInputs, Tensor, Target]:
+) -> tuple[ModelView, Tensor, Tensor | None, RunInputs, Tensor, Target | MetricTarget]:
     """The prelude of every method that runs the model itself: eval mode checked, tokens and
-    padding, answer positions, target."""
+    padding, answer positions, target (a metric of the logits allowed)."""
     view = ModelView(model)
     require_eval(model, method)
     tokens, mask = prepare_tokens(model, text, attention_mask)
     inputs = inputs_from_tokens(view, tokens, mask)
     positions = resolve_positions(position, inputs)
-    resolved = resolve_target(model, view, target, inputs.batch, logit=logit)
+    resolved = resolve_target(model, view, target, inputs.batch, logit=logit, metric=True)
     return view, tokens, mask, inputs, positions, resolved
 
 
@@ -64,7 +66,7 @@ def forward_with_grads(
     model: Any,
     view: ModelView,
     tokens: Tensor,
-    target: Target,
+    target: Target | MetricTarget,
     positions: Tensor,
     names: Iterable[str] = (),
     *,
@@ -77,7 +79,8 @@ def forward_with_grads(
 
     The target quantity is ``ln_final(resid_final) · direction + bias`` at each row's answer
     position, read from ``ln_final.hook_normalized`` (gradients flow through the final norm,
-    scale included, exactly as through the logits). Rows are independent, so the gradient of
+    scale included, exactly as through the logits); for a `MetricTarget`, the metric of each row's
+    logits (``positions`` unused). Rows are independent, so the gradient of
     the sum over rows is each row's own gradient. ``embed_override`` maps the token embeddings
     to what the blocks receive (integrated gradients' interpolation). ``act_only`` names are
     recorded in ``acts`` without a gradient (constants such as rotary cos/sin).
@@ -112,10 +115,16 @@ def forward_with_grads(
     fwd += [(n, save(n)) for n in names + act_only] + [(hooks.FINAL_NORMALIZED, keep_normalized)]
     bwd = [(n, save_grad(n)) for n in names]
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    metric = isinstance(target, MetricTarget)
     with torch.enable_grad(), frozen_parameters(model), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-        model(tokens, return_type=None, **kwargs)
-        x = final_input(captured["normalized"], positions, view.norm_weight("ln_final"))
-        value = target.value(x)
+        logits = model(tokens, return_type="logits" if metric else None, **kwargs)
+        if metric:
+            value = target.of_logits(logits)
+            if not value.requires_grad:
+                raise TargetError(f"the metric {target.name} returned a value that does not depend on the logits through "
+                                  "torch operations (.item(), .detach() or numpy inside?); gradient methods need one that does")
+        else:
+            value = target.value(final_input(captured["normalized"], positions, view.norm_weight("ln_final")))
         value.sum().backward()
     missing = [n for n in names if n not in grads]
     if missing:

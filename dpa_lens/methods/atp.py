@@ -30,7 +30,7 @@ from dpa_lens.methods.registry import MethodSpec, register, register_variant
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import softcap
-from dpa_lens.targets import Target, resolve_target, target_values
+from dpa_lens.targets import Metric, MetricTarget, Target, resolve_target, target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
 from dpa_lens.validation import require_eval
 
@@ -38,7 +38,7 @@ from dpa_lens.validation import require_eval
 def atp_names(view: ModelView, qk_fix: bool) -> list[str]:
     names = []
     for layer in range(view.n_layers):
-        names += [hooks.attn(layer, "z"), hooks.mlp(layer, "post")]
+        names += [hooks.attn(layer, "z")] + ([hooks.mlp(layer, "post")] if view.rules.has_mlp else [])
         if qk_fix:
             names += [hooks.attn(layer, n) for n in ("v", "pattern", "attn_scores")] + view.qk_hook_names(layer)
     return names
@@ -61,7 +61,7 @@ def clean_activations(
     return {n: cache[n] for n in needed}
 
 
-def corrupted_run(model: TLModel, view: ModelView, tokens: Tensor, target: Target, positions: Tensor, names: list[str],
+def corrupted_run(model: TLModel, view: ModelView, tokens: Tensor, target: Target | MetricTarget, positions: Tensor, names: list[str],
                   mask: Tensor | None = None):
     """Forward and backward on the corrupted tokens, recording ``names`` (rotary angles without gradient)."""
     constants = [n for n in names if n.endswith(("hook_cos", "hook_sin"))]
@@ -117,7 +117,7 @@ def atp(
     model: TLModel,
     clean_tokens: PromptLike,
     corrupted_tokens: PromptLike,
-    target: TargetLike,
+    target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
     clean_cache: Cache | None = None,
@@ -129,23 +129,31 @@ def atp(
 
     Args:
         clean_tokens, corrupted_tokens: strings, lists of strings or token ids of equal shape.
+        target: any target form, or a metric ``metric(logits) -> scalar`` as for TransformerLens's
+            ``attribution_patch``, applied to each row's logits ``[1, pos, vocab]`` (it must be
+            differentiable; with ``clean_cache`` it costs one more forward, for the clean logits).
         clean_cache: an ``ActivationCache`` of the clean run you already have (saves a forward).
         qk_fix: AtP*'s query-key fix for heads (exact softmax for patched queries and keys).
 
     Returns:
         `Attribution` with ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``,
-        ``neurons [batch, layer, pos, d_mlp]``; ``target_value = f(clean) − f(corrupted)``.
-        Without ``qk_fix`` the head scores equal TransformerLens's ``attribution_patch``.
+        ``neurons [batch, layer, pos, d_mlp]`` (None for an attention-only model);
+        ``target_value = f(clean) − f(corrupted)``. Without ``qk_fix`` the head scores equal
+        TransformerLens's ``attribution_patch``.
     """
     view = ModelView(model)
     require_eval(model, "AtP")
     clean_tok, corr_tok, mask, clean_in, corr_in = prepare_pair(model, view, clean_tokens, corrupted_tokens, attention_mask)
     positions = resolve_positions(position, corr_in)
-    resolved: Target = resolve_target(model, view, target, corr_in.batch, logit=logit)
+    resolved = resolve_target(model, view, target, corr_in.batch, logit=logit, metric=True)
     names = atp_names(view, qk_fix)
     clean = clean_activations(model, view, clean_tok, mask, names, clean_cache)
     run = corrupted_run(model, view, corr_tok, resolved, positions, names, mask)
-    clean_value = target_values(resolved, clean[hooks.FINAL_NORMALIZED], positions, view.norm_weight("ln_final"))
+    if isinstance(resolved, MetricTarget):
+        with torch.no_grad():
+            clean_value = resolved.of_logits(model(clean_tok, **({} if mask is None else {"attention_mask": mask})))
+    else:
+        clean_value = target_values(resolved, clean[hooks.FINAL_NORMALIZED], positions, view.norm_weight("ln_final"))
 
     L = view.n_layers
     d = lambda name: clean[name].to(run.acts[name].device).float() - run.acts[name].float()  # noqa: E731
@@ -154,7 +162,9 @@ def atp(
         heads = torch.stack([sum(qk_fixed_parts(view, l, run, clean)) for l in range(L)], 1)
     else:
         heads = torch.stack([(d(hooks.attn(l, "z")) * run.grads[hooks.attn(l, "z")].float()).sum(-1) for l in range(L)], 1)
-    neurons = torch.stack([d(hooks.mlp(l, "post")) * run.grads[hooks.mlp(l, "post")].float() for l in range(L)], 1)
+    neurons = None
+    if view.rules.has_mlp:
+        neurons = torch.stack([d(hooks.mlp(l, "post")) * run.grads[hooks.mlp(l, "post")].float() for l in range(L)], 1)
     return Attribution(
         method="atp*" if qk_fix else "atp",
         tokens=tokens_out,

@@ -28,11 +28,11 @@ from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 def dla_hook_names(model: TLModel) -> list[str]:
     """What DLA reads from the cache."""
     view = ModelView(model)
-    names = [hooks.EMBED, hooks.resid_pre(0), hooks.FINAL_SCALE, hooks.FINAL_NORMALIZED]
-    for layer in range(view.n_layers):
-        names += [hooks.attn(layer, "z"), hooks.mlp(layer, "post")]
+    names = [hooks.EMBED, hooks.FINAL_SCALE, hooks.FINAL_NORMALIZED, hooks.resid_post(view.n_layers - 1), hooks.attn(0, "pattern")]
+    for layer in range(view.n_layers):  # the streams check the cache against the weights; the pattern, the padding
+        names += [hooks.resid_pre(layer), hooks.attn(layer, "z")] + ([hooks.mlp(layer, "post")] if view.rules.has_mlp else [])
         if view.rules.post_norms:
-            names += [hooks.norm_scale(layer, "ln1_post"), hooks.norm_scale(layer, "ln2_post")]
+            names += [hooks.norm_scale(layer, "ln1_post")] + ([hooks.norm_scale(layer, "ln2_post")] if view.rules.has_mlp else [])
     return names
 
 
@@ -50,9 +50,12 @@ def dla(
 ) -> Attribution:
     """Direct logit attribution of tokens, heads and neurons at the answer position.
 
+    A head's score is its output without the value bias (which, as every bias, is in ``bias``), so
+    the scores are the same whether TransformerLens folded the value biases and norms or not.
+
     Returns ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``, ``neurons [batch, layer,
-    pos, d_mlp]`` that are zero except at each row's answer position, and ``bias [batch]``; they
-    add up to ``target_value``.
+    pos, d_mlp]`` (None for an attention-only model) that are zero except at each row's answer
+    position, and ``bias [batch]``; they add up to ``target_value``.
     """
     fwd = read_forward(model, cache, target, position, method="DLA", hook_names=dla_hook_names(model),
                        filter_hint="dpa_lens.names_filter(model, 'dla')", tokens=tokens, attention_mask=attention_mask, logit=logit)
@@ -73,19 +76,25 @@ def dla(
 
         tokens_out = torch.zeros(b, n, device=device)
         heads_out = torch.zeros(b, L, n, H, device=device)
-        neurons_out = torch.zeros(b, L, n, view.d_mlp, device=device)
+        neurons_out = torch.zeros(b, L, n, view.d_mlp, device=device) if view.rules.has_mlp else None
         bias = target_bias.to(device).float().clone()
         tokens_out[rows, pos] = (at(hooks.resid_pre(0)) * t).sum(-1)
         for layer in range(L):
-            a, m = view.attn(layer), view.mlp(layer)
-            t_attn, t_mlp = written(layer, "ln1_post"), written(layer, "ln2_post")
+            a, t_attn = view.attn(layer), written(layer, "ln1_post")
             lam = torch.einsum("hed,bd->bhe", a.W_O.to(device), t_attn)  # W_O t per head
-            heads_out[rows, layer, pos] = (at(hooks.attn(layer, "z")) * lam).sum(-1)
-            neurons_out[rows, layer, pos] = at(hooks.mlp(layer, "post")) * (t_mlp @ m.W_out.to(device).T)
+            z = at(hooks.attn(layer, "z"))
+            if a.b_V is not None:  # an answer position's weights sum to one: the value bias is an output bias, as in DPA
+                b_V = a.b_V.to(device).repeat_interleave(view.n_heads // view.n_kv_heads, dim=0)
+                z = z - b_V
+                bias += (lam * b_V).sum(dim=(1, 2))
+            heads_out[rows, layer, pos] = (z * lam).sum(-1)
             if a.b_O is not None:
                 bias += t_attn @ a.b_O.to(device)
-            if m.b_out is not None:
-                bias += t_mlp @ m.b_out.to(device)
+            if neurons_out is not None:
+                m, t_mlp = view.mlp(layer), written(layer, "ln2_post")
+                neurons_out[rows, layer, pos] = at(hooks.mlp(layer, "post")) * (t_mlp @ m.W_out.to(device).T)
+                if m.b_out is not None:
+                    bias += t_mlp @ m.b_out.to(device)
         value = fwd.target.value(x_final)
     return Attribution(
         method="dla",

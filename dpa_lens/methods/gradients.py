@@ -10,7 +10,9 @@ token ids, and return the same `Attribution` as DPA.
 * ``integrated_gradients`` (in its own module): the gradient integrated along a path from a baseline.
 
 Units: tokens are the embeddings fed to the first block, heads the per-head outputs
-``blocks.L.attn.hook_z`` (per query position), neurons ``blocks.L.mlp.hook_post``.
+``blocks.L.attn.hook_z`` (per query position), neurons ``blocks.L.mlp.hook_post`` (none in an
+attention-only model). ``target`` is any target form, or a metric ``metric(logits) -> scalar``
+applied to each row's logits (see `dpa_lens.targets.MetricTarget`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dpa_lens.methods._autograd import forward_with_grads, prepare_run
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
+from dpa_lens.targets import Metric
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
 
 
@@ -34,7 +37,7 @@ def _component_names(view: ModelView, kinds: set[str]) -> list[str]:
     for layer in range(view.n_layers):
         if "heads" in kinds:
             names.append(hooks.attn(layer, "z"))
-        if "neurons" in kinds:
+        if "neurons" in kinds and view.rules.has_mlp:
             names.append(hooks.mlp(layer, "post"))
     return names
 
@@ -58,7 +61,7 @@ def _gradient_method(model, text, target, position, attention_mask, logit, kinds
         embed, grad = run.embed.float(), run.embed_grad.float()
         tokens_out = (embed * grad).sum(-1) if signed else grad.norm(dim=-1)
     heads = torch.stack([score(hooks.attn(l, "z"), True) for l in range(L)], 1) if "heads" in kinds else None
-    neurons = torch.stack([score(hooks.mlp(l, "post"), False) for l in range(L)], 1) if "neurons" in kinds else None
+    neurons = torch.stack([score(hooks.mlp(l, "post"), False) for l in range(L)], 1) if "neurons" in kinds and view.rules.has_mlp else None
     return Attribution(
         method=method,
         tokens=tokens_out,
@@ -78,7 +81,7 @@ def _gradient_method(model, text, target, position, attention_mask, logit, kinds
 def gradient(
     model: TLModel,
     tokens: PromptLike,
-    target: TargetLike,
+    target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
     attention_mask: Tensor | None = None,
@@ -99,7 +102,7 @@ def gradient(
 def input_x_gradient(
     model: TLModel,
     tokens: PromptLike,
-    target: TargetLike,
+    target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
     attention_mask: Tensor | None = None,

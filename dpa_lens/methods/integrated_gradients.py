@@ -21,6 +21,7 @@ from dpa_lens.inputs import RunInputs
 from dpa_lens.methods._autograd import forward_with_grads, prepare_run
 from dpa_lens.methods.quadrature import QUADRATURES, Quadrature, adaptive_rule, fixed_rule, quadrature_rule
 from dpa_lens.methods.registry import MethodSpec, register
+from dpa_lens.targets import Metric
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
 
 
@@ -89,7 +90,7 @@ class _Path:
 def integrated_gradients(
     model: TLModel,
     tokens: PromptLike,
-    target: TargetLike,
+    target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
     steps: int = 128,
@@ -109,6 +110,8 @@ def integrated_gradients(
     token's embedding accounts for along the straight path from the baseline ``x'``.
 
     Args:
+        target: any target form, or a differentiable metric ``metric(logits) -> scalar`` applied to
+            each row's logits ``[1, pos, vocab]`` (see `dpa_lens.targets.MetricTarget`).
         steps: gradient evaluations on the path per row (f(x') and f(x) are evaluated too).
         baseline: ``"zero"`` (a zero embedding: the authors' protocol), ``"pad"`` (the pad
             token's embedding) or a tensor broadcastable to ``[batch, pos, d_model]``.

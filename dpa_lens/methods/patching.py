@@ -13,7 +13,10 @@ Units:
   -> ``neuron_totals [batch, layer, d_mlp]`` (NaN in layers not measured);
 * ``"tokens"``: one position's token embedding -> ``tokens [batch, pos]``.
 
-Padding positions are not patched (their score is 0).
+Padding positions are not patched (their score is 0). ``target`` may also be a metric
+``metric(logits) -> scalar``, as for TransformerLens's ``patching`` functions, applied to each row's
+logits (each patched copy's) ``[1, pos, vocab]`` on its own; a unit's score is then
+``metric(patched) − metric(corrupted)`` (TransformerLens's functions return ``metric(patched)``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dpa_lens.inputs import prepare_pair, resolve_positions
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.targets import resolve_target, target_values
+from dpa_lens.targets import Metric, MetricTarget, resolve_target, target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
 from dpa_lens.validation import require_eval
 
@@ -82,7 +85,7 @@ def activation_patching(
     model: TLModel,
     clean_tokens: PromptLike,
     corrupted_tokens: PromptLike,
-    target: TargetLike,
+    target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
     unit: Unit = "heads_by_pos",
@@ -96,6 +99,7 @@ def activation_patching(
     """Exact denoising activation patching, one patched forward per unit (batched).
 
     Args:
+        target: any target form, or a metric ``metric(logits) -> scalar`` (see the module's note).
         unit: ``"heads_by_pos"`` (default), ``"heads"``, ``"neurons"`` or ``"tokens"``.
         layers: layers to measure (default all; required for ``"neurons"``, whose cost is one
             forward per neuron).
@@ -113,6 +117,8 @@ def activation_patching(
     view = ModelView(model)
     require_eval(model, "activation patching")
     L = view.n_layers
+    if unit == "neurons" and not view.rules.has_mlp:
+        raise InputError("unit='neurons': this model is attention-only (attn_only=True), it has no neurons; patch heads or tokens")
     if unit == "neurons" and layers is None:
         raise InputError(
             f"unit='neurons' needs layers=[...]: it costs one forward per neuron ({view.d_mlp} per layer, "
@@ -124,21 +130,27 @@ def activation_patching(
         raise InputError(f"layers {bad} are out of range (the model has {L})")
     clean_tok, corr_tok, mask, clean_in, corr_in = prepare_pair(model, view, clean_tokens, corrupted_tokens, attention_mask)
     positions = resolve_positions(position, corr_in)
-    resolved = resolve_target(model, view, target, corr_in.batch, logit=logit)
+    resolved = resolve_target(model, view, target, corr_in.batch, logit=logit, metric=True)
+    metric = isinstance(resolved, MetricTarget)
     ln_f = view.norm_weight("ln_final")
 
     hook_names = ["hook_embed"] if unit == "tokens" else [_hook_name(unit, l) for l in layer_list]
-    wanted = set(hook_names) | {hooks.FINAL_NORMALIZED}
+    wanted = set(hook_names) | ({hooks.FINAL_NORMALIZED} if not metric else set())
     kwargs = {} if mask is None else {"attention_mask": mask}
     with torch.no_grad():
         if clean_cache is None:
-            _, clean_cache = model.run_with_cache(clean_tok, names_filter=lambda n: n in wanted, **kwargs)
-        _, corr_cache = model.run_with_cache(corr_tok, names_filter=lambda n: n == hooks.FINAL_NORMALIZED, **kwargs)
+            clean_logits, clean_cache = model.run_with_cache(clean_tok, names_filter=lambda n: n in wanted, **kwargs)
+        elif metric:
+            clean_logits = model(clean_tok, **kwargs)
+        corr_logits, corr_cache = model.run_with_cache(corr_tok, names_filter=lambda n: n == hooks.FINAL_NORMALIZED, **kwargs)
     missing = [n for n in wanted if n not in clean_cache]
     if missing:
         raise CacheError(f"clean_cache lacks {missing[:3]}; cache the clean run without a names_filter")
-    clean_value = target_values(resolved, clean_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
-    corr_value = target_values(resolved, corr_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
+    if metric:
+        clean_value, corr_value = resolved.of_logits(clean_logits), resolved.of_logits(corr_logits)
+    else:
+        clean_value = target_values(resolved, clean_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
+        corr_value = target_values(resolved, corr_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
 
     b, n = corr_in.batch, corr_in.seq_len
     device = corr_value.device
@@ -173,8 +185,10 @@ def activation_patching(
         captured: dict[str, Tensor] = {}
         fwd_hooks.append((hooks.FINAL_NORMALIZED, lambda x, hook, captured=captured: captured.__setitem__("x", x)))
         with torch.no_grad():
-            model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **({} if row_mask is None else {"attention_mask": row_mask}))
-        values = target_values(resolved.rows(torch.full((c,), row)), captured["x"], positions[row].expand(c), ln_f)
+            logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits" if metric else None,
+                                          **({} if row_mask is None else {"attention_mask": row_mask}))
+        row_target = resolved.rows(torch.full((c,), row))
+        values = row_target.of_logits(logits) if metric else target_values(row_target, captured["x"], positions[row].expand(c), ln_f)
         effects = (values - corr_value[row].to(values.device)).to(device)
         for k, (layer, pos, idx) in enumerate(chunk):
             if unit == "tokens":

@@ -5,20 +5,27 @@
 * Before TransformerLens centres the unembedding, the raw one is probed and the offset that
   centring removes is recorded on the model (`ModelView.raw_unembed_offset` reads it), so token
   targets can explain the model's raw logit.
+* A square unembedding (``d_vocab == d_model``) is left uncentred on the bridge: TransformerLens's
+  bridge tells the vocabulary axis from the other by their sizes, and centres a square one along
+  ``d_model``, which changes the logits by more than a constant per position.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
 from dpa_lens.models import tl
-from dpa_lens.models.view import UNEMBED_OFFSET_ATTR
+from dpa_lens.models.view import UNEMBED_OFFSET_ATTR, ModelView
 
 Line = Literal["hooked", "bridge"]
+_PROBE = 64.0  # amplitude of the final-norm probe in `_raw_unembedding`
+# TransformerLens's weight processing, as `load_model` applies it (both lines take these four switches)
+PROCESSING: dict[str, bool] = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
 
 
 def resolve_line(line: Line | None) -> Line:
@@ -50,14 +57,24 @@ def _reloadable_tokenizer(tok: Any) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def wrap(hf_model: Any, tok: Any, name: str, *, line: Line, device, dtype: torch.dtype) -> Any:
-    """The TransformerLens model of ``line`` around a ``transformers`` model (eval mode)."""
+def wrap(hf_model: Any, tok: Any, name: str, *, line: Line, device, dtype: torch.dtype,
+         processing: Mapping[str, bool] | None = None) -> Any:
+    """The TransformerLens model of ``line`` around a ``transformers`` model (eval mode).
+
+    ``processing`` overrides switches of `PROCESSING` (``fold_ln``, ``center_writing_weights``,
+    ``center_unembed``, ``fold_value_biases``), as ``enable_compatibility_mode`` and
+    ``HookedTransformer.from_pretrained`` take them; all off is ``no_processing=True``
+    (``from_pretrained_no_processing``): the weights as ``transformers`` has them."""
+    unknown = set(processing or {}) - set(PROCESSING)
+    if unknown:
+        raise ValueError(f"unknown processing switches {sorted(unknown)}; known: {sorted(PROCESSING)}")
+    switches = {**PROCESSING, **(processing or {})}
     hf_model.eval()
     tok = _reloadable_tokenizer(tok)
     if line == "bridge":
-        model = _wrap_bridge(hf_model, tok, name, device=device, dtype=dtype)
+        model = _wrap_bridge(hf_model, tok, name, device=device, dtype=dtype, switches=switches)
     else:
-        model = _wrap_hooked(hf_model, tok, name, device=device, dtype=dtype)
+        model = _wrap_hooked(hf_model, tok, name, device=device, dtype=dtype, switches=switches)
     model.eval()
     return model
 
@@ -84,37 +101,58 @@ def _raw_unembedding(hf_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     d = W.shape[0]
     if d % 2:
         raise RuntimeError("dpa_lens's norm probe needs an even d_model; please report this")
-    x = torch.ones(1, d, device=W.device)
-    x[:, 1::2] = -1.0  # zero mean and unit mean square: the norm only scales it
+    # ±64 in turn: zero mean, so the norm only scales it, by 1/sqrt(1 + ε/64²); for any ε ≤ 1e-5 that
+    # is 1 within 2⁻²⁹, below float32 rounding (and 64² stays finite in float16)
+    x = torch.full((1, d), _PROBE, device=W.device)
+    x[:, 1::2] = -_PROBE
     dtype = next(norm.parameters(), torch.zeros(())).dtype
     with torch.no_grad():
         plus, minus = norm(x.to(dtype)).float(), norm((-x).to(dtype)).float()
-    gain = ((plus - minus) / (2 * x))[0]
+    gain = ((plus - minus) / (2 * x / _PROBE))[0]
     shift = ((plus + minus) / 2)[0]
     b = torch.zeros(W.shape[1], device=W.device) if getattr(out, "bias", None) is None else out.bias.detach().float().clone()
     return W * gain[:, None], b + shift @ W
 
 
+def unembed_tolerance(W_raw: torch.Tensor, dtype: torch.dtype, layer_norm: bool) -> float:
+    """The largest ``|W_U[i, j] + m[i] − W_raw[i, j]|`` float rounding allows, for ``W_raw [d_model, d_vocab]``
+    and TransformerLens's processed ``W_U`` stored in ``dtype``.
+
+    With ``u`` the unit roundoff (of ``dtype``, float32 at least) and ``w = max|W_raw|``: each of the
+    elementwise steps (the probed gain, two products by it, TransformerLens's subtraction of the mean
+    and its storage, our addition of ``m``) rounds once, within ``u·w`` each (8 in all); each mean over
+    the ``V`` vocabulary columns (TransformerLens's and ours, ``m``) is within ``(V − 1)·u·w`` whatever
+    the summation order (the recursive-summation bound), and with LayerNorm each mean over the ``d``
+    model dimensions that both sides then remove, within ``(d − 1)·u·w``."""
+    u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps) / 2
+    d, V = W_raw.shape
+    return (8 + 2 * (V - 1) + (2 * (d - 1) if layer_norm else 0)) * u * float(W_raw.abs().max())
+
+
 def _record_unembed_offset(model: Any, raw: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Store on the model the offset ``(m, mb)`` with raw logit = ``x̂·(W_U[:, y] + m) + b_U[y] + mb``.
+    """Store on the model the offset ``(m, mb)`` with raw logit = ``x̂·(W_U[:, y] + m) + b_U[y] + mb``
+    (``x̂`` the final norm's output before its bias, ``b_U`` as `ModelView.b_U` reads it).
 
     TransformerLens centres the unembedding (unless it cannot: logit soft-capping), which removes
     the mean of the folded columns; the offset is that mean, or zero when nothing was centred.
-    Checked on a few columns, so a processing dpa_lens does not understand is an error, not a
-    silently wrong logit.
+    Checked on a few columns within float rounding (`unembed_tolerance`), so a processing dpa_lens
+    does not understand is an error, not a silently wrong logit.
     """
     W_raw, b_raw = raw
     W_U = model.W_U.detach().float()
     W_raw = W_raw.to(W_U.device)
+    gain = ModelView(model).norm_weight("ln_final")
+    if gain is not None:  # fold_ln=False: x̂ carries the final norm's gain, so the raw unembedding reads x̂ / gain
+        W_raw = W_raw / gain.to(W_raw)[:, None]
     cols = torch.linspace(0, W_U.shape[1] - 1, 16).long().to(W_U.device)
     ln = str(getattr(model.cfg, "normalization_type", "")).startswith("LN")
-    eps = max(torch.finfo(model.W_U.dtype).eps, 1e-6)
+    tol = unembed_tolerance(W_raw, model.W_U.dtype, ln)
     candidates = [(W_raw.mean(1), b_raw.mean()), (torch.zeros_like(W_raw[:, 0]), torch.zeros((), device=W_raw.device))]
     for m, mb in candidates:
         got, want = W_U[:, cols] + m[:, None], W_raw[:, cols]
         if ln:  # LayerNorm output has zero mean: folding also drops the columns' mean over d_model
             got, want = got - got.mean(0), want - want.mean(0)
-        if torch.allclose(got, want, rtol=32 * eps, atol=32 * eps * float(want.abs().max())):
+        if float((got - want).abs().max()) <= tol:
             setattr(model, UNEMBED_OFFSET_ATTR, (m.to(W_U.device), mb.to(W_U.device)))
             return
     raise RuntimeError(
@@ -123,11 +161,16 @@ def _record_unembed_offset(model: Any, raw: tuple[torch.Tensor, torch.Tensor]) -
     )
 
 
-def _wrap_bridge(hf_model: Any, tok: Any, name: str, *, device, dtype: torch.dtype) -> Any:
+def _wrap_bridge(hf_model: Any, tok: Any, name: str, *, device, dtype: torch.dtype, switches: dict[str, bool]) -> Any:
     Bridge = tl.bridge_class()
     raw = _raw_unembedding(hf_model)  # before TransformerLens processes the weights in place
     model = Bridge.boot_transformers(name, hf_model=hf_model, tokenizer=tok, device=device, dtype=dtype)
-    model.enable_compatibility_mode(disable_warnings=True)
+    d_vocab, d_model = hf_model.get_output_embeddings().weight.shape
+    switches = {**switches, "center_unembed": switches["center_unembed"] and d_vocab != d_model}  # see the module's note
+    if any(switches.values()):
+        model.enable_compatibility_mode(disable_warnings=True, **switches)
+    else:
+        model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     _record_unembed_offset(model, raw)
     return model
 
@@ -139,7 +182,7 @@ def _rope_theta(config: Any, layer_type: str) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def _hooked_gemma_config(config: Any, *, device, dtype: torch.dtype) -> Any:
+def _hooked_gemma_config(config: Any, *, device, dtype: torch.dtype, fold_ln: bool = True) -> Any:
     """A HookedTransformer config for Gemma 2/3 read from the ``transformers`` config.
 
     TransformerLens 3.x knows Gemma only by official hub names (it hard-codes their shapes); this
@@ -156,7 +199,7 @@ def _hooked_gemma_config(config: Any, *, device, dtype: torch.dtype) -> Any:
         n_key_value_heads=config.num_key_value_heads, d_mlp=config.intermediate_size, n_layers=n,
         n_ctx=min(int(config.max_position_embeddings), 8192), eps=config.rms_norm_eps, d_vocab=config.vocab_size,
         act_fn=config.hidden_activation, initializer_range=config.initializer_range,
-        normalization_type="RMSPre",  # ln1/ln2 folded, as from_pretrained(fold_ln=True) does
+        normalization_type="RMSPre" if fold_ln else "RMS",  # ln1/ln2 folded, as from_pretrained(fold_ln=True) does
         positional_embedding_type="rotary", rotary_dim=config.head_dim, rotary_base=_rope_theta(config, "full_attention"),
         use_attn_scale=True, attn_scale=float(config.query_pre_attn_scalar) ** 0.5, gated_mlp=True, final_rms=True,
         use_normalization_before_and_after=True, window_size=config.sliding_window, use_local_attn=True,
@@ -171,8 +214,8 @@ def _hooked_gemma_config(config: Any, *, device, dtype: torch.dtype) -> Any:
     return HookedTransformerConfig.from_dict(cfg)
 
 
-def _wrap_hooked(hf_model: Any, tok: Any, name: str, *, device, dtype: torch.dtype) -> Any:
-    """Build a processed HookedTransformer from a transformers model, without the hub.
+def _wrap_hooked(hf_model: Any, tok: Any, name: str, *, device, dtype: torch.dtype, switches: dict[str, bool]) -> Any:
+    """Build a HookedTransformer from a transformers model, without the hub, processed as ``switches`` say.
 
     TransformerLens 3.x maps a HuggingFace config to its own by architecture when given a local
     folder holding ``config.json``; we write the model's config there and convert its weights.
@@ -191,10 +234,10 @@ def _wrap_hooked(hf_model: Any, tok: Any, name: str, *, device, dtype: torch.dty
     folder = tempfile.mkdtemp(prefix="dpa_lens_cfg_")
     config.save_pretrained(folder)
     if type(hf_model).__name__ in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
-        cfg = _hooked_gemma_config(config, device=device, dtype=dtype)
+        cfg = _hooked_gemma_config(config, device=device, dtype=dtype, fold_ln=switches["fold_ln"])
     else:
         try:
-            cfg = loading.get_pretrained_model_config(folder, fold_ln=True, device=device, dtype=dtype)
+            cfg = loading.get_pretrained_model_config(folder, fold_ln=switches["fold_ln"], device=device, dtype=dtype)
         except NotImplementedError as err:
             raise NotImplementedError(
                 f"HookedTransformer (TransformerLens {tl.TL_VERSION}) cannot build {type(hf_model).__name__} from a "
@@ -205,13 +248,8 @@ def _wrap_hooked(hf_model: Any, tok: Any, name: str, *, device, dtype: torch.dty
     cfg.model_name = name.split("/")[-1]
     state_dict = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tok, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=True,
-        center_writing_weights=True,
-        center_unembed=not (getattr(cfg, "output_logits_soft_cap", -1.0) > 0),  # a soft cap is not shift-invariant
-        fold_value_biases=True,
-    )
+    soft_cap = getattr(cfg, "output_logits_soft_cap", -1.0) > 0  # a soft cap is not shift-invariant: never centred
+    model.load_and_process_state_dict(state_dict, **{**switches, "center_unembed": switches["center_unembed"] and not soft_cap})
     model.move_model_modules_to_device()
     _record_unembed_offset(model, _raw_unembedding(hf_model))
     return model

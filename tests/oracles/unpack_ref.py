@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -180,6 +180,31 @@ def _neox(model, ids: Tensor):
 FAMILIES = {"GPT2LMHeadModel": _gpt2, "GPTNeoXForCausalLM": _neox}
 
 
+def tl_processing(embeds: dict[str, Tensor], blocks: list[_Block]) -> tuple[dict[str, Tensor], list[_Block]]:
+    """The same model with TransformerLens's weight processing (``fold_ln``, ``fold_value_biases``,
+    ``center_writing_weights``), done here in float64.
+
+    The forward computes the same function, but the components change: each norm's bias moves into
+    the biases of the projections that read it; the value bias (with the first norm's bias) moves
+    through W_O into the output bias, so that the heads no longer write ``b_V·W_O`` and
+    ``attn_L_bias`` does; every write (embeddings, W_O, b_O, W_out, b_out) loses its mean over
+    d_model. The gains stay apart (folding them into the weights changes no product).
+    """
+    centre = lambda t: t - t.mean(-1, keepdim=True)  # noqa: E731
+    out = []
+    for B in blocks:
+        (g1, b1, eps1), (g2, b2, eps2) = B.ln1, B.ln2
+        b_V = B.b_V + torch.einsum("d,hde->he", b1, B.W_V)
+        b_O = B.b_O + torch.einsum("he,hed->d", b_V, B.W_O)
+        out.append(replace(
+            B, ln1=(g1, torch.zeros_like(b1), eps1), ln2=(g2, torch.zeros_like(b2), eps2),
+            b_Q=B.b_Q + torch.einsum("d,hde->he", b1, B.W_Q), b_K=B.b_K + torch.einsum("d,hde->he", b1, B.W_K),
+            b_V=torch.zeros_like(b_V), W_O=centre(B.W_O), b_O=centre(b_O),
+            b_in=B.b_in + b2 @ B.W_in, W_out=centre(B.W_out), b_out=centre(B.b_out),
+        ))
+    return {nm: centre(e) for nm, e in embeds.items()}, out
+
+
 def _rope(x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
     """Rotate the first r dims of x [..., n, dh] by position (cos/sin [n, r]); identity without rotary."""
     if rope is None:
@@ -296,16 +321,20 @@ def _direction(vocab: int, target: int, distractor: int | None) -> Tensor:
 
 
 def decompose(model, input_ids: Tensor, target: int | None = None, distractor: int | None = None, *,
-              position: int = -1, quirks: bool = True) -> Decomposition:
+              position: int = -1, quirks: bool = True, processed: bool = False) -> Decomposition:
     """Run the float64 forward and compute every decomposition Unpack reads.
 
     Args:
         input_ids: [n] or [1, n].
         target: the target token (default: the model's top prediction); distractor: optional.
         position: the target position (default the last, as in the reference).
+        processed: first rewrite the weights as TransformerLens processes them (`tl_processing`),
+            so that the components are those of a processed TransformerLens model.
     """
     ids = input_ids.reshape(-1)
     embeds, blocks, ln_f, W_U, parallel, rope = FAMILIES[type(model).__name__](model, ids)
+    if processed:
+        embeds, blocks = tl_processing(embeds, blocks)
     n = ids.shape[0]
     t = position % n
     causal = torch.ones(n, n, dtype=torch.bool).tril()
@@ -652,7 +681,7 @@ def _root(D: Decomposition, root: str | None) -> tuple[dict[str, float], int, st
 def unpack_reference(model, input_ids: Tensor, target: int | None = None, distractor: int | None = None, *,
                      preset: str | Preset = "kqv_aligned", root: str | None = None, top_paths: int = 20,
                      min_frac: float = 1e-4, max_depth: int = 50, position: int = -1, quirks: bool = True,
-                     decomposition: Decomposition | None = None) -> UnpackRef:
+                     processed: bool = False, decomposition: Decomposition | None = None) -> UnpackRef:
     """Unpack on a ``transformers`` GPT-2 or GPT-NeoX model, in float64.
 
     Args:
@@ -662,10 +691,11 @@ def unpack_reference(model, input_ids: Tensor, target: int | None = None, distra
         root: None (the target), or a component ``"attn_L_head_H"`` / ``"mlp_L"`` / ..., optionally
             ``"@pos"`` (default: the target position), which then gets credit 1.
         top_paths: how many paths to keep; min_frac: the pruning threshold on raw credit.
-        decomposition: reuse one from `decompose` (same quirks).
+        processed: on TransformerLens's processed weights (see `tl_processing`).
+        decomposition: reuse one from `decompose` (same quirks and processing).
     """
     P = PRESETS[preset] if isinstance(preset, str) else preset
-    D = decomposition or decompose(model, input_ids, target, distractor, position=position, quirks=quirks)
+    D = decomposition or decompose(model, input_ids, target, distractor, position=position, quirks=quirks, processed=processed)
     seeds, q0, label = _root(D, root)
     flows, credit = flow_sweep(D, P, seeds, q0, quirks=quirks)
     pos_mass, neg_mass = float(credit.clamp_min(0).sum()), float(-credit.clamp_max(0).sum())

@@ -35,7 +35,9 @@ def flow_hooks(view: ModelView) -> list[str]:
 def dpa_hook_names(model: TLModel, flow: bool = False, patterns: bool = True) -> list[str]:
     """Every hook name DPA reads from the cache for this model.
 
-    ``flow=True`` adds the residual streams that ``dpa(..., flow=True)`` reads. ``patterns=False``
+    The residual streams entering each layer (and leaving the last) are always included: they check
+    the cache against the model's weights at every layer, and give ``dpa(..., flow=True)`` (``flow`` is
+    kept for compatibility and adds nothing). ``patterns=False``
     leaves out the attention patterns (``[batch, head, pos, pos]`` per layer, most of the cache's
     memory at long contexts): DPA then recomputes each layer's pattern from the cached queries and
     keys, and checks it against the cached head outputs. Sliding-window models always cache their
@@ -51,8 +53,7 @@ def dpa_hook_names(model: TLModel, flow: bool = False, patterns: bool = True) ->
         names += [hooks.attn(0, "q")] + ([hooks.qk_norm(0, "q", "normalized")] if rules.qk_norm else [])
     for layer in range(view.n_layers):
         names += _layer_hooks(view, layer, patterns)
-    if flow:
-        names += flow_hooks(view)
+    names += flow_hooks(view)
     return list(dict.fromkeys(names))
 
 

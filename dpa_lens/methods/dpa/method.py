@@ -14,6 +14,7 @@ from dpa_lens.errors import InputError
 from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.methods.dpa.hooks import dpa_hook_names, required_hooks
 from dpa_lens.methods.dpa.mu import Mu
+from dpa_lens.methods.dpa.root import parse_root
 from dpa_lens.methods.dpa.rules import AttentionStep, MLPStep, Propagator
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
@@ -57,19 +58,24 @@ def sweep(
     readers: bool = False,
     on_layer: Callable[[int, AttentionStep, MLPStep], None] | None = None,
     top_layer: int | None = None,
+    start_at: Literal["post", "mid"] | int = "post",
 ) -> SweepResult:
     """Propagate the target ``start [batch, pos, d_model]`` from the final residual stream to the embeddings.
 
     ``on_layer(layer, attention, mlp)`` sees each layer's steps as the sweep passes (``readers=True``
     splits the attention's update by reader, for circuit edges). ``top_layer`` starts the sweep below
-    the final stream: ``start`` is then the target at ``blocks.{top_layer}.hook_resid_post``."""
+    the final stream (rerooting, `dpa_lens.methods.dpa.root`): ``start`` is then the target at
+    ``blocks.{top_layer}.hook_resid_post``, or with ``start_at="mid"`` at its ``hook_resid_mid`` (the
+    layer's MLP does not read it), or with ``start_at=h`` at head ``h``'s output alone (the layer's MLP
+    and other heads do not read it, the stream above the head is not carried down, and the output
+    bias, which is no head's, is left out)."""
     view = fwd.view
     b, n, _ = start.shape
     L, H = view.n_layers, view.n_heads
     device = start.device
     rules = Propagator(fwd, mu)
     heads = torch.zeros(b, L, n, H, device=device) if "heads" in kinds else None
-    neurons = torch.zeros(b, L, n, view.d_mlp, device=device) if "neurons" in kinds else None
+    neurons = torch.zeros(b, L, n, view.d_mlp, device=device) if "neurons" in kinds and view.rules.has_mlp else None
     keys = torch.zeros(b, L, H, n, n, device=device) if head_keys else None
     bias = torch.zeros(b, device=device)
     targets: dict[str, Tensor] | None = {} if keep_targets else None
@@ -81,18 +87,23 @@ def sweep(
     if flows is not None:
         flows[:, last + 1] = (fwd.act(hooks.resid_post(last)) * t).sum(-1)
     for layer in reversed(range(last + 1)):
-        mlp = rules.mlp(layer, t)
+        no_mlp = layer == last and start_at != "post"  # rerooted at resid_mid or at a head
+        head = start_at if layer == last and isinstance(start_at, int) else None
+        mask = None if head is None else torch.eye(H, device=device)[head]
+        mlp = rules.mlp(layer, torch.zeros_like(t) if no_mlp else t)
         if view.rules.parallel:  # attention and MLP read the same stream and write the same stream
-            attn = rules.attention(layer, t, head_keys=head_keys, readers=readers)
+            attn = rules.attention(layer, t, head_keys=head_keys, readers=readers, head_mask=mask)
             lam = mlp.lam
-            t = t + mlp.update + attn.update
+            t = (t if head is None else 0) + mlp.update + attn.update
         else:
             t_mid = t + mlp.update
-            lam = mlp.lam if neuron_target == "post" else rules.neuron_targets(layer, t_mid)
-            if targets is not None:
+            lam = mlp.lam if neuron_target == "post" or no_mlp or neurons is None else rules.neuron_targets(layer, t_mid)
+            if targets is not None and view.rules.has_mlp:  # an attention-only block has no resid_mid
                 targets[hooks.resid_mid(layer)] = t_mid
-            attn = rules.attention(layer, t_mid, head_keys=head_keys, readers=readers)
-            t = t_mid + attn.update
+            attn = rules.attention(layer, t_mid, head_keys=head_keys, readers=readers, head_mask=mask)
+            t = (t_mid if head is None else 0) + attn.update
+        if head is not None and view.attn(layer).b_O is not None:
+            attn.bias = attn.bias - (rules.out_norm(start, layer, "ln1_post") @ view.attn(layer).b_O).sum(-1)
         if on_layer is not None:
             on_layer(layer, attn, mlp)
         bias += mlp.bias + attn.bias
@@ -127,6 +138,7 @@ def dpa(
     head_keys: bool = False,
     effective_targets: bool = False,
     flow: bool = False,
+    root: str | None = None,
 ) -> Attribution:
     """Dual Path Attribution of ``target`` over the activations in ``cache``.
 
@@ -151,12 +163,17 @@ def dpa(
         flow: also return ``flow [batch, layer + 1, pos]``: each layer's input residual stream
             (and, last, the final one) dotted with its effective target, i.e. where the target's
             evidence sits at each depth (needs ``dpa_names_filter(model, flow=True)``).
+        root: explain ``x · target`` somewhere else than at the logit (rerooting, see
+            `dpa_lens.methods.dpa.root`): a residual hook name (``"blocks.5.hook_resid_pre"``,
+            ``hook_resid_mid``, ``hook_resid_post``) or a head ``"L5H1"`` (its output); ``target`` is then
+            a direction ``[d_model]`` (a probe, an SAE encoder row; or one per row) and ``position`` where
+            it is read. Not with ``flow`` or ``effective_targets``.
 
     Returns:
         `Attribution` with ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``,
-        ``neurons [batch, layer, pos, d_mlp]``, ``bias [batch]`` and ``target_value [batch]``.
-        A score is in the units of the target (a logit, or a logit difference); with
-        ``Mu.content_only()`` the token scores plus ``bias`` add up to ``target_value``.
+        ``neurons [batch, layer, pos, d_mlp]`` (None for an attention-only model), ``bias [batch]``
+        and ``target_value [batch]``. A score is in the units of the target (a logit, or a logit
+        difference); with ``Mu.content_only()`` the token scores plus ``bias`` add up to ``target_value``.
     """
     mu = Mu.paper_default() if mu is None else mu
     if not isinstance(mu, Mu):
@@ -168,17 +185,23 @@ def dpa(
         raise InputError(f"kinds must be among {KINDS}, got {sorted(kinds)}")
     view = ModelView(model)
     view.check_supported("DPA")
+    rooted = None if root is None else parse_root(view, root)
+    if rooted is not None and (flow or effective_targets):
+        raise InputError("flow and effective_targets describe the sweep from the logit: leave them off with root=")
+    needed = required_hooks(view, flow)
+    if not view.rules.has_mlp:  # an attention-only model has no ln2 and no MLP hooks
+        needed = [name for name in needed if ".mlp." not in name and ".ln2." not in name]
     fwd = read_forward(
         model, cache, target, position, method="DPA" + (" with flow=True" if flow else ""),
-        hook_names=required_hooks(view, flow),
-        filter_hint=f"dpa_lens.dpa_names_filter(model{', flow=True' if flow else ''})",
+        hook_names=needed + ([] if rooted is None else rooted.hooks),
+        filter_hint=f"dpa_lens.dpa_names_filter(model{', flow=True' if flow else ''})" if rooted is None else rooted.filter_hint,
         tokens=tokens, attention_mask=attention_mask, logit=logit,
     )
     with torch.no_grad():
-        start, target_bias = start_target(fwd)
+        start, target_bias = start_target(fwd) if rooted is None else rooted.start(fwd)
         scores = sweep(fwd, start, mu, kinds=kinds, neuron_target=neuron_target, head_keys=head_keys,
-                       keep_targets=effective_targets, flow=flow)
-        value = fwd.target.value(fwd.final_input())
+                       keep_targets=effective_targets, flow=flow, **({} if rooted is None else rooted.sweep_args))
+        value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
     return Attribution(
         method="dpa",
         tokens=scores.tokens,
@@ -193,7 +216,7 @@ def dpa(
         token_ids=fwd.inputs.tokens,
         str_tokens=fwd.inputs.str_tokens,
         mask=fwd.inputs.real,
-        target=fwd.target.describe(),
-        settings={"mu": mu.as_dict(), "neuron_target": neuron_target},
+        target=fwd.target.describe() if rooted is None else rooted.describe(fwd),
+        settings={"mu": mu.as_dict(), "neuron_target": neuron_target, **({} if root is None else {"root": root})},
         model_name=view.name,
     )

@@ -55,13 +55,19 @@ class Propagator:
         return pull_norm(t, self.fwd.act(hooks.norm_scale(layer, name)), self.view.norm_weight(name, layer), center=False)
 
     def in_norm(self, update: Tensor, layer: int, name: str) -> Tensor:
-        """Through a sublayer's input norm (scale frozen, LayerNorm centred) to the stream it reads."""
-        return pull_norm(update, self.fwd.act(hooks.norm_scale(layer, name)), self.view.norm_weight(name, layer),
-                         center=self.rules.norm == "ln")
+        """Through a sublayer's input norm (scale frozen, LayerNorm centred) to the stream it reads.
+        The norm's bias, where processing left one, is in the biases of the maps that read it
+        (`ModelView.attn`, `ModelView.mlp`), so its share is in the step's ``bias``."""
+        return pull_norm(update, self.view.stream_scale(self.fwd.act(hooks.norm_scale(layer, name))),
+                         self.view.norm_weight(name, layer), center=self.rules.norm == "ln")
 
     # ------------------------------------------------------------------ MLP
     def mlp(self, layer: int, t: Tensor) -> MLPStep:
-        """The MLP's update of the target at its input stream, from the target ``t`` at its output."""
+        """The MLP's update of the target at its input stream, from the target ``t`` at its output
+        (nothing, with no neurons, in an attention-only model)."""
+        if not self.rules.has_mlp:
+            return MLPStep(update=torch.zeros_like(t), post=t.new_zeros(self.b, self.n, 0), lam=t.new_zeros(self.b, self.n, 0),
+                           bias=t.new_zeros(self.b))
         mu, w, act = self.mu, self.view.mlp(layer), self.fwd.act
         t_out = self.out_norm(t, layer, "ln2_post")
         lam = t_out @ w.W_out.T  # [b, n, d_mlp]
@@ -102,6 +108,9 @@ class Propagator:
         alpha = fwd.pattern(layer, q_rot, k_rot).view(b, K, G, n, n)
         v = fwd.act(hooks.attn(layer, "v")).permute(0, 2, 1, 3)  # [b, K, k, dh]
         z = fwd.act(hooks.attn(layer, "z"))  # [b, q, H, dh]
+        if a.b_V is not None:  # heads and keys score the values without their bias, an output bias (see below)
+            v = v - a.b_V[None, :, None, :]
+            z = z - alpha.sum(-1).reshape(b, H, n).transpose(1, 2)[..., None] * a.b_V.repeat_interleave(G, dim=0)
         lam = (t_out @ a.W_O.reshape(H * dh, -1).T).view(b, n, H, dh)  # W_O t per head
         if head_mask is not None:
             lam = lam * head_mask.to(lam)[None, None, :, None]
@@ -143,7 +152,9 @@ class Propagator:
             grad_q = torch.zeros(b, n, H, dh, device=t.device)
             grad_k = torch.zeros(b, n, K, dh, device=t.device)
             delta_by_head = None
-        for weight, grad_, bias_ in ((mu.q, grad_q, a.b_Q), (mu.k, grad_k, a.b_K), (mu.v, grad_v, a.b_V)):
+        # the value bias reaches z unchanged (each query's weights sum to one): an output bias, at full
+        # weight, as TransformerLens's fold_value_biases books it on processed models
+        for weight, grad_, bias_ in ((mu.q, grad_q, a.b_Q), (mu.k, grad_k, a.b_K), (1.0, grad_v, a.b_V)):
             if bias_ is not None:
                 bias = bias + weight * (grad_ * bias_).sum(dim=(1, 2, 3))
         if readers:
@@ -184,5 +195,5 @@ class Propagator:
             torch.einsum("bnhe,hde->bnhd", mu.k * grad_k, expand(a.W_K)),
             torch.einsum("bnhe,hde->bnhd", mu.v * grad_v, expand(a.W_V)),
         ], dim=3)  # [b, n, H, 3, d]
-        scale = self.fwd.act(hooks.norm_scale(layer, "ln1"))[:, :, None, None]  # [b, n, 1, 1, 1]
+        scale = self.view.stream_scale(self.fwd.act(hooks.norm_scale(layer, "ln1")))[:, :, None, None]  # [b, n, 1, 1, 1]
         return pull_norm(split, scale, self.view.norm_weight("ln1", layer), center=self.rules.norm == "ln")

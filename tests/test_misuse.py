@@ -1,0 +1,241 @@
+"""What people really pass, wrong or unusual, and what they get back: a dpa_lens error that names the
+problem and the fix, or a warning, never a silent wrong number or a traceback from torch, TransformerLens
+or Python internals. Grouped by the public function that receives the input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dpa_lens
+from dpa_lens import Attribution, CacheError, DpaLensError, InputError, TargetError, cli, plot
+
+from .conftest import CORRUPTED, IOI_PROMPT, PAIR, make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, hf = make_tiny("llama", seed=41)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    return model, hf, cache
+
+
+# ------------------------------------------------------------------------------ the cache (dpa, dla)
+
+
+def test_every_error_is_a_dpa_lens_error():
+    for cls in (CacheError, TargetError, InputError, dpa_lens.PairError, dpa_lens.UnsupportedModelError,
+                dpa_lens.ModelNotAvailableError, dpa_lens.TrainModeError):
+        assert issubclass(cls, DpaLensError)
+    assert issubclass(CacheError, ValueError) and issubclass(dpa_lens.UnsupportedModelError, NotImplementedError)
+
+
+def test_a_cache_of_the_same_architecture_with_other_weights_is_refused(tiny, line):
+    model, hf, _ = tiny
+    other_hf = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in other_hf.model.layers[1].parameters():
+            p.mul_(1.1)  # only the last layer differs
+    other = dpa_lens.load_model(other_hf, tokenizer=model.tokenizer, line=line)
+    mine = dpa_lens.load_model(copy.deepcopy(hf), tokenizer=model.tokenizer, line=line)
+    _, cache = other.run_with_cache(IOI_PROMPT)
+    with pytest.raises(CacheError, match="weights at layer 1"):
+        dpa_lens.dpa(mine, cache, " Mary")
+    _, dla_cache = other.run_with_cache(IOI_PROMPT, names_filter=dpa_lens.names_filter(other, "dla"))
+    with pytest.raises(CacheError, match="weights at layer 1"):
+        dpa_lens.dla(mine, dla_cache, " Mary")
+
+
+def test_non_finite_values_in_the_cache_are_refused(tiny):
+    model, _, cache = tiny
+    bad = {k: v.clone() for k, v in cache.items()}
+    bad["blocks.1.attn.hook_z"][0, 3, 0, 0] = float("nan")
+    with pytest.raises(CacheError, match=r"blocks\.1\.attn\.hook_z.*NaN"):
+        dpa_lens.dpa(model, bad, " Mary")
+
+
+def test_an_attention_mask_that_contradicts_the_cache_is_refused(tiny):
+    model, _, cache = tiny
+    n = cache["hook_embed"].shape[1]
+    mask = torch.ones(1, n, dtype=torch.long)
+    mask[0, :3] = 0  # real tokens marked as padding
+    with pytest.raises(CacheError, match="did not mask them"):
+        dpa_lens.dpa(model, cache, " Mary", attention_mask=mask)
+
+
+def test_padding_the_forward_did_not_mask_is_refused_with_the_fix(line):
+    model, _ = make_tiny("llama", seed=41, line=line)
+    tokens, mask = dpa_lens.inputs.prepare_tokens(model, [IOI_PROMPT, "The Eiffel Tower is in"], padding_side="left")
+    _, unmasked = model.run_with_cache(tokens)  # no attention_mask: the pads are attended on some lines
+    _, masked = model.run_with_cache(tokens, attention_mask=mask)
+    dpa_lens.dpa(model, masked, " Paris", attention_mask=mask)  # the right way works
+    assert bool((unmasked["blocks.0.attn.hook_pattern"][1, :, :, : int((mask[1] == 0).sum())] > 0).any())  # pads attended
+    with pytest.raises(CacheError, match="attention_mask=mask"):
+        dpa_lens.dpa(model, unmasked, " Paris")
+    # explaining the run as it happened, padding included, is allowed
+    dpa_lens.dpa(model, unmasked, " Paris", attention_mask=torch.ones_like(tokens))
+
+
+@pytest.mark.parametrize("what", ["pair", "tensor", "none", "string"])
+def test_something_else_as_the_cache_says_what_was_passed(tiny, what):
+    model, _, cache = tiny
+    logits = model(IOI_PROMPT)
+    given = {"pair": (logits, cache), "tensor": logits, "none": None, "string": "cache"}[what]
+    expected = {"pair": r"pair \(logits, cache\)", "tensor": "a tensor of shape", "none": "got NoneType", "string": "got str"}[what]
+    for method in (dpa_lens.dpa, dpa_lens.dla, dpa_lens.attention_last):
+        with pytest.raises(CacheError, match=expected):
+            method(model, given, " Mary")
+
+
+def test_a_cache_of_another_model_says_so(tiny):
+    model, _, _ = tiny
+    small, _ = make_tiny("llama", seed=41, n_layers=1)
+    _, cache = small.run_with_cache(IOI_PROMPT)
+    with pytest.raises(CacheError, match="holds layers 0–0 only, and this model has 2"):
+        dpa_lens.dpa(model, cache, " Mary")
+    with pytest.raises(CacheError, match="at least 2 layers; this model has 1"):
+        _, big_cache = model.run_with_cache(IOI_PROMPT)
+        dpa_lens.dpa(small, big_cache, " Mary")
+
+
+# ------------------------------------------------------------------------------ targets
+
+
+@pytest.mark.smollm2
+def test_a_target_without_its_leading_space_warns(smollm2):
+    _, cache = smollm2.run_with_cache(IOI_PROMPT, names_filter=dpa_lens.dpa_names_filter(smollm2))
+    with pytest.warns(UserWarning, match="did you mean ' Mary'"):
+        dpa_lens.dpa(smollm2, cache, "Mary")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dpa_lens.dpa(smollm2, cache, " Mary")
+
+
+def test_numpy_token_ids_are_targets(tiny):
+    model, _, cache = tiny
+    tid = model.to_single_token(" Mary")
+    a = dpa_lens.dpa(model, cache, np.int64(tid))
+    b = dpa_lens.dpa(model, cache, tid)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    c = dpa_lens.dpa(model, cache, np.array([tid]))
+    torch.testing.assert_close(c.tokens, b.tokens)
+
+
+# ------------------------------------------------------------------------------ methods that run the model
+
+
+def test_a_cache_where_a_prompt_belongs_is_refused(tiny):
+    model, _, cache = tiny
+    with pytest.raises(InputError, match="clean_cache="):
+        dpa_lens.atp(model, cache, CORRUPTED, PAIR)
+    with pytest.raises(InputError, match="got a"):
+        dpa_lens.gradient(model, cache, PAIR)
+    with pytest.raises(InputError, match="empty"):
+        dpa_lens.gradient(model, [], PAIR)
+
+
+def test_random_seed_must_be_an_int(tiny):
+    model, _, cache = tiny
+    with pytest.raises(InputError, match="seed must be an int"):
+        dpa_lens.random_baseline(model, cache, seed="x")
+
+
+# ------------------------------------------------------------------------------ Attribution
+
+
+def test_rows_and_top_k_are_checked(tiny, tmp_path):
+    model, _, cache = tiny
+    attr = dpa_lens.dpa(model, cache, " Mary")
+    for k in (-3, 0, 2.5, True):
+        with pytest.raises(InputError, match="k must be a positive int"):
+            attr.top(k)
+    with pytest.raises(InputError, match="row 3 is out of range"):
+        attr.top(5, row=3)
+    with pytest.raises(InputError, match="row 3 is out of range"):
+        attr[3]
+    assert attr[-1].batch == 1
+
+
+def test_row_selection_slices_the_diagnostics(tiny):
+    model, _, _ = tiny
+    attr = dpa_lens.atp(model, [IOI_PROMPT, IOI_PROMPT], [CORRUPTED, IOI_PROMPT], PAIR)
+    one = attr[1]
+    torch.testing.assert_close(one.diagnostics.clean_value, attr.diagnostics.clean_value[1:])
+    torch.testing.assert_close(one.diagnostics.corrupted_value, attr.diagnostics.corrupted_value[1:])
+    assert one.diagnostics.corrupted_str_tokens == attr.diagnostics.corrupted_str_tokens[1:]
+
+
+def test_save_and_load_say_what_is_wrong(tiny, tmp_path, monkeypatch):
+    model, _, cache = tiny
+    attr = dpa_lens.dpa(model, cache, " Mary")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="not a saved dpa_lens Attribution"):
+        Attribution.load(tmp_path / "notes.txt")
+    with pytest.raises(InputError, match="does not exist"):
+        attr.save(tmp_path / "missing" / "a.pt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = attr.save("~/a.pt")
+    assert path == tmp_path / "a.pt" and Attribution.load("~/a.pt").method == "dpa"
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def test_plots_check_their_input(tiny):
+    model, _, cache = tiny
+    attr = dpa_lens.dpa(model, cache, " Mary")
+    with pytest.raises(InputError, match="nothing to plot"):
+        plot.heads([])
+    with pytest.raises(InputError, match="row 5 is out of range"):
+        plot.tokens(attr, row=5)
+    with pytest.raises(InputError, match="out of range"):
+        plot.heads(attr, positions=99)
+    with pytest.raises(InputError, match="expected Attribution"):
+        plot.heads([attr, "dla"])
+
+
+def test_neurons_overview_shows_the_top_neurons_of_each_layer(tiny):
+    model, _, cache = tiny
+    attr = dpa_lens.dpa(model, cache, " Mary")
+    fig = plot.neurons_overview(attr, k=5)
+    z = np.asarray(fig.data[0].z)
+    totals = attr.totals("neurons")[0]
+    assert z.shape == (model.cfg.n_layers, 5)
+    for layer in range(model.cfg.n_layers):  # each row: the layer's five largest |scores|, strongest first
+        best = totals[layer].abs().sort(descending=True).values[:5]
+        np.testing.assert_allclose(np.abs(z[layer]), best.numpy(), rtol=1e-5)
+        assert fig.data[0].text[layer][0] == f"N{int(totals[layer].abs().argmax())}"
+
+
+# ------------------------------------------------------------------------------ command line and report
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "--prompt", "x", "--target", " y", "--methods", "atp"], "add --corrupted"),
+    (["explain", "--prompt", "x", "--target", " y", "--methods", "dpa,lime"], "unknown method lime"),
+    (["explain", "--prompt", "x", "--target", " y", "--out", "/no/such/folder/r.html"], "does not exist"),
+    (["explain", "--prompt", "x", "--target", " y", "--top", "-2"], "positive integer"),
+    (["demo", "--top", "0"], "positive integer"),
+])
+def test_the_command_line_checks_arguments_before_loading_a_model(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(dpa_lens, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the arguments were checked"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_report_tables_rank_by_absolute_score(tiny):
+    from dpa_lens.report import _table
+
+    model, _, cache = tiny
+    attr = dpa_lens.dpa(model, cache, " Mary")
+    html = _table(attr, "neurons", 3)
+    strongest = attr.neurons[0].abs().max()
+    value = float(attr.neurons[0].flatten()[attr.neurons[0].abs().argmax()])
+    assert f"{value:+.4f}" in html and float(strongest) == abs(value)
