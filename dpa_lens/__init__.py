@@ -14,8 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 from dpa_lens import datasets, evaluation, plot
 from dpa_lens.attribution import KINDS, Attribution, Diagnostics
 from dpa_lens.circuits import Circuit, Hop, Path
+from dpa_lens.circuits.atp import edge_atp, edge_random
 from dpa_lens.circuits.dpa_edges import dpa_edges
 from dpa_lens.circuits.dpa_paths import dpa_paths
+from dpa_lens.circuits.patching import edge_patching
 from dpa_lens.errors import (
     CacheError,
     DpaLensError,
@@ -34,6 +36,7 @@ from dpa_lens.methods.dpa import Mu, dpa, dpa_hook_names, dpa_names_filter
 from dpa_lens.methods.gradients import gradient, input_x_gradient
 from dpa_lens.methods.integrated_gradients import integrated_gradients
 from dpa_lens.methods.patching import activation_patching
+from dpa_lens.methods.unpack import unpack, unpack_validate
 from dpa_lens.methods.registry import MethodSpec, attribute, available_methods, get_method, method_table, names_filter, run
 from dpa_lens.models.load import load_model
 from dpa_lens.models.view import SUPPORTED_ARCHITECTURES
@@ -78,6 +81,9 @@ __all__ = [
     "dpa_hook_names",
     "dpa_names_filter",
     "dpa_paths",
+    "edge_atp",
+    "edge_patching",
+    "edge_random",
     "evaluation",
     "get_method",
     "gradient",
@@ -89,4 +95,6 @@ __all__ = [
     "plot",
     "random_baseline",
     "run",
+    "unpack",
+    "unpack_validate",
 ]

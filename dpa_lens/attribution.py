@@ -52,6 +52,9 @@ class Diagnostics:
     corrupted_value: Float[Tensor, " batch"] | None = None  # f(corrupted): AtP, patching
     completeness_gap: Float[Tensor, " batch"] | None = None  # IG: (Σ tokens − (f(x) − f(x'))) / |f(x) − f(x')|
     remainder: Float[Tensor, " batch *layer"] | None = None  # decompositions: what no unit owns ([batch], or per layer)
+    mlp_flow: Float[Tensor, " batch layer"] | None = None  # Unpack: credit through each layer's MLP, positions summed
+    suppress_ratio: Float[Tensor, " batch"] | None = None  # Unpack: negative over total token mass
+    paths_found: Int[Tensor, " batch"] | None = None  # paths a search found before keeping the top ones
     corrupted_str_tokens: list[list[str]] | None = None
 
     def rows(self, sel: slice) -> Diagnostics:

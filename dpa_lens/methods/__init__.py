@@ -1,3 +1,3 @@
 """Attribution methods, one module per family; importing this package registers them all."""
 
-from dpa_lens.methods import atp, attention, depass, dla, dpa, gradients, integrated_gradients, patching  # noqa: F401  (registration)
+from dpa_lens.methods import atp, attention, depass, dla, dpa, gradients, integrated_gradients, patching, unpack  # noqa: F401  (registration)
