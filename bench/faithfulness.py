@@ -189,7 +189,8 @@ def markdown(r: dict) -> str:
     lines += ["## Components: IOI (heads × positions and neurons × positions)", "",
               "The authors integrate on a linear axis, where the curves' first points weigh nothing (the grid is "
               "logarithmic); the log-axis AUC weighs every decade of the grid equally.", ""]
-    lines += table(r["components"], ["disruption (linear)", "recovery (linear)", "total (linear)", "disruption (log)", "recovery (log)", "total (log)"])
+    lines += table(r["components"], ["disruption (linear)", "recovery (linear)", "total (linear)",
+                                     "disruption (log)", "recovery (log)", "total (log)"])
     lines += ["", "## Agreement with exact patching of whole heads: IOI, logit difference", "",
               f"Mean over the {s['agreement_prompts']} IOI prompts whose two names start with different tokens "
               "(the logit difference of the others is 0 whatever the model does).", "",

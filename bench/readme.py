@@ -16,8 +16,8 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -60,16 +60,25 @@ def faithfulness(r: dict) -> str:
 
 def speed(r: dict) -> str:
     rows = r["rows"]
-    get = lambda m, n, o="": next((x for x in rows if x["measurement"] == m and x["length"] == n and x["option"] == o  # noqa: E731
-                                   and "error" not in x), None)
-    lines = ["| tokens | forward + backward | DPA, forward included | AtP | integrated gradients (128 steps) | exact patching (270 heads) |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for n in sorted({x["length"] for x in rows if x["measurement"] == "forward+backward" and x["option"] == ""}):
-        base = get("forward+backward", n)
-        cell = lambda m: "" if get(m, n) is None else f"{get(m, n)['seconds']:.3g} s"  # noqa: E731
-        d = get("dpa", n)
-        dpa = f"{d['seconds']:.3g} s ({d['seconds'] / base['seconds']:.2f}×)" if d and base else ""
-        lines.append(f"| {n} | {cell('forward+backward')} | {dpa} | {cell('atp')} | {cell('integrated_gradients')} | {cell('patching')} |")
+
+    def get(m: str, n: int, o: str = "") -> dict | None:
+        return next((x for x in rows if x["measurement"] == m and x["length"] == n and x["option"] == o and "error" not in x), None)
+
+    def secs(x: dict | None, base: float | None = None) -> str:
+        if x is None:
+            return ""
+        return f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base:.2f}×)" if base else "")
+
+    lines = ["| tokens | model forward + backward (SDPA) | DPA total (× that) | DPA peak memory | cache forward (× model forward) "
+             "| sweep (× model backward) | DPA edges | AtP | DePass | Unpack |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({x["length"] for x in rows if x.get("section") == "floor"}):
+        f, fb, d = get("hf_forward", n), get("hf_forward_backward", n), get("dpa", n)
+        back = fb["seconds"] - f["seconds"] if f and fb else None
+        mem = f"{d['peak_bytes'] / 2**20:,.0f} MiB" if d else ""
+        lines.append(f"| {n} | {secs(fb)} | {secs(d, fb and fb['seconds'])} | {mem} | "
+                     f"{secs(get('cache_forward', n), f and f['seconds'])} | {secs(get('dpa_sweep', n), back)} | "
+                     f"{secs(get('dpa_edges', n))} | {secs(get('atp', n))} | {secs(get('depass', n))} | {secs(get('unpack', n))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, run_child, write_results  # noqa: E402
+from _common import PeakMemory, machine, run_child, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # measurement -> (what it is, how the table names it)
@@ -208,7 +208,8 @@ def markdown(result: dict) -> str:
         fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
         back = None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
         lines.append(f"| {n} | {_cell(f)} | {_cell(fb)} | {_cell(_get(rows, 'cache_forward', n), f)} | "
-                     f"{_cell(_get(rows, 'dpa_sweep', n), back)} | {_cell(_get(rows, 'dpa', n), fb)} | {_cell(_get(rows, 'tl_forward_backward', n))} |")
+                     f"{_cell(_get(rows, 'dpa_sweep', n), back)} | {_cell(_get(rows, 'dpa', n), fb)} | "
+                     f"{_cell(_get(rows, 'tl_forward_backward', n))} |")
     methods = [r for r in rows if r.get("section") == "methods"]
     if methods:
         names = list(dict.fromkeys(r["measurement"] for r in methods))

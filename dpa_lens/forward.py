@@ -56,8 +56,13 @@ class CachedForward:
         return self.inputs.seq_len
 
     def act(self, name: str) -> Tensor:
-        """A cached activation, float32, on this forward's device."""
-        return self.cache[name].to(self.device).float()
+        """A cached activation, float32, on this forward's device. With ``use_split_qkv_input`` or
+        ``use_attn_in``, HookedTransformer normalises one (equal) copy of the stream per head and caches
+        ``ln1``'s scale and output per head: they are read as the one stream's."""
+        t = self.cache[name]
+        if t.ndim == 4 and name.endswith(("ln1.hook_scale", "ln1.hook_normalized")):
+            t = t[:, :, 0]
+        return t.to(self.device).float()
 
     @typechecked
     def final_input(self) -> Float[Tensor, "batch d_model"]:

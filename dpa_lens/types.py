@@ -44,8 +44,9 @@ class TLModel(Protocol):
 TokenLike = int | str | Tensor
 """One token: an id, or a string that is exactly one token (mind the leading space)."""
 
-TargetLike = TokenLike | tuple | Sequence[Any]
-"""A token, a ``(correct, incorrect)`` pair, a direction ``[d_model]``, or a list with one per row."""
+TargetLike = TokenLike | tuple | Sequence[Any] | Callable[[Tensor], Tensor]
+"""A token, a ``(correct, incorrect)`` pair, a direction ``[d_model]``, a list with one per row, or (for the methods
+that run the model) a metric ``metric(logits) -> scalar``."""
 
 PromptLike = str | Sequence[str] | Tensor
 """A prompt, a list of prompts (padded as ``model.to_tokens`` pads), or token ids ``[batch, pos]``."""

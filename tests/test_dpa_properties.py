@@ -255,6 +255,29 @@ def test_patterns_recomputed_when_not_cached(side, line):
         torch.testing.assert_close(getattr(b, kind), getattr(a, kind), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("patterns", [True, False])
+def test_attention_in_query_blocks_equals_one_block(family, patterns, line, monkeypatch):
+    """The attention rule processed one query row at a time (linear memory) gives the same numbers,
+    per-key scores and circuit readers included, with patterns cached or recomputed."""
+    from dpa_lens.methods.dpa import attention_blocks
+
+    model, _ = make_tiny(family, line=line, seed=17)
+    if family.startswith("gemma"):
+        patterns = True  # sliding windows: the patterns must be cached
+    _, cache = model.run_with_cache(PROMPTS, padding_side="left",
+                                    names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns))
+    whole = dpa_lens.dpa(model, cache, (" Mary", " John"), head_keys=patterns)
+    whole_edges = dpa_lens.dpa_edges(model, cache, " Mary").to_dataframe()
+    monkeypatch.setattr(attention_blocks, "BLOCK_ELEMENTS", 1)  # one query row per block
+    rows = dpa_lens.dpa(model, cache, (" Mary", " John"), head_keys=patterns)
+    row_edges = dpa_lens.dpa_edges(model, cache, " Mary").to_dataframe()
+    for kind in ("tokens", "heads", "neurons") + (("head_keys",) if patterns else ()):
+        torch.testing.assert_close(getattr(rows, kind), getattr(whole, kind), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(row_edges["score"].values), torch.tensor(whole_edges["score"].values),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_a_wrong_recomputed_pattern_is_refused(line):
     model, _ = make_tiny("llama", line=line, seed=16)
     _, lean = model.run_with_cache(IOI_PROMPT, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))

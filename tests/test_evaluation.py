@@ -151,8 +151,9 @@ def test_a_ranking_by_true_effects_beats_its_reverse(tiny):
             x[0, pos] = 0
             return x
         drops.append(p_clean - _prob(model, [("hook_embed", zero)]))
-    good = dpa_lens.Attribution(method="true", tokens=torch.tensor([drops]), positions=attr.positions, token_ids=attr.token_ids, target=attr.target)
-    bad = dpa_lens.Attribution(method="reverse", tokens=-torch.tensor([drops]), positions=attr.positions, token_ids=attr.token_ids, target=attr.target)
+    meta = dict(positions=attr.positions, token_ids=attr.token_ids, target=attr.target)
+    good = dpa_lens.Attribution(method="true", tokens=torch.tensor([drops]), **meta)
+    bad = dpa_lens.Attribution(method="reverse", tokens=-torch.tensor([drops]), **meta)
     g = faithfulness_curves(model, IOI_PROMPT, good, unit="tokens").auc()
     b = faithfulness_curves(model, IOI_PROMPT, bad, unit="tokens").auc()
     assert g["disruption"] < b["disruption"]

@@ -178,29 +178,34 @@ def final_value_change(
 
 
 def private_input_hooks(
-    fwd: CachedForward, rows: Tensor, heads: dict[int, tuple[Tensor, HeadDeltas]], mlps: dict[int, tuple[Tensor, Tensor]]
+    fwd: CachedForward,
+    rows: Tensor,
+    heads: dict[int, tuple[Tensor, HeadDeltas | Callable[[], HeadDeltas]]],
+    mlps: dict[int, tuple[Tensor, Tensor | Callable[[], Tensor]]],
 ) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
     """Forward hooks that make some readers read private copies of the stream.
 
     ``heads[layer] = (copies, (dq, dk, dv))``: the batch entries ``copies`` of that layer's heads read offsets
     ``[len(copies), pos, head, d_model]`` (see `head_z_change`); ``mlps[layer] = (copies, delta)`` likewise for
     the MLP. The batch entry ``copies[i]`` is a forward of row ``rows[copies[i]]`` of ``fwd``. Changes are
-    computed when the hook runs, so ``fwd`` may be filled by the very forward that is hooked.
+    computed when the hook runs, so ``fwd`` may be filled by the very forward that is hooked; an offset may
+    then be a function of no arguments, called when the hook runs (offsets that depend on what the hooked
+    forward computed upstream: `dpa_lens.evaluation.circuit_faithfulness`).
     """
     out = []
     for layer, (copies, deltas) in heads.items():
-        def z_hook(z: Tensor, hook: Any, layer: int = layer, copies: Tensor = copies, deltas: HeadDeltas = deltas) -> Tensor:
-            change = head_z_change(fwd, layer, rows[copies], deltas)
+        def z_hook(z: Tensor, hook: Any, layer: int = layer, copies: Tensor = copies, deltas: Any = deltas) -> Tensor:
+            change = head_z_change(fwd, layer, rows[copies], deltas() if callable(deltas) else deltas)
             return z.index_add(0, copies.to(z.device), change.to(z))
 
         out.append((hooks.attn(layer, "z"), z_hook))
     for layer, (copies, delta) in mlps.items():
         memo: dict[str, Any] = {}
 
-        def mlp_hook(x: Tensor, hook: Any, layer: int = layer, copies: Tensor = copies, delta: Tensor = delta,
+        def mlp_hook(x: Tensor, hook: Any, layer: int = layer, copies: Tensor = copies, delta: Any = delta,
                      memo: dict = memo, which: int = 0) -> Tensor:
             if "change" not in memo:
-                memo["change"] = mlp_pre_change(fwd, layer, rows[copies], delta)
+                memo["change"] = mlp_pre_change(fwd, layer, rows[copies], delta() if callable(delta) else delta)
             return x.index_add(0, copies.to(x.device), memo["change"][which].to(x))
 
         out.append((hooks.mlp(layer, "pre"), mlp_hook))
@@ -211,14 +216,17 @@ def private_input_hooks(
 
 # ---------------------------------------------------------------------------------------------- writers, edges
 @typechecked
+def all_writer_outputs(fwd: CachedForward) -> Float[Tensor, "batch pos writer d_model"]:
+    """``out_u`` of every writer in the order of `graph`: the stream entering the first block, then each layer's
+    heads and MLP (`dpa_edges.writer_outputs`)."""
+    return torch.cat([fwd.act(hooks.resid_pre(0))[:, :, None]] + [writer_outputs(fwd, l) for l in range(fwd.view.n_layers)], 2)
+
+
+@typechecked
 def writer_deltas(clean: CachedForward, corrupted: CachedForward) -> Float[Tensor, "batch pos writer d_model"]:
     """``out_u(clean) − out_u(corrupted)`` of every writer in the order of `graph` (zero at padding)."""
-
-    def outs(fwd: CachedForward) -> Tensor:
-        return torch.cat([fwd.act(hooks.resid_pre(0))[:, :, None]] + [writer_outputs(fwd, l) for l in range(fwd.view.n_layers)], 2)
-
     real = corrupted.inputs.real.to(corrupted.device)[:, :, None, None]
-    return (outs(clean).to(corrupted.device) - outs(corrupted)) * real
+    return (all_writer_outputs(clean).to(corrupted.device) - all_writer_outputs(corrupted)) * real
 
 
 def resolve_edges(edges: Iterable[Edge] | None, writers: list[str], readers: list[tuple[str, str]], mask: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dpa_lens.attribution import Attribution, Diagnostics
-from dpa_lens.errors import InputError
+from dpa_lens.errors import InputError, UnsupportedModelError
 from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
@@ -475,6 +475,9 @@ def depass(
     """
     view = ModelView(model)
     view.check_supported("DePass")
+    if not view.rules.has_mlp:
+        raise UnsupportedModelError("DePass in dpa_lens needs MLPs (its rules share each neuron's output); this model is "
+                                    "attention-only: use dpa_lens.dpa, whose content paths decompose it exactly")
     _check_options(view, level, start_layer, mlp_rule, temperature, chunk_size, unassigned, by_position, ignore_first)
     fwd = read_forward(model, cache, target, position, method="DePass", hook_names=depass_hook_names(model),
                        filter_hint="dpa_lens.names_filter(model, 'depass')", tokens=tokens, attention_mask=attention_mask, logit=logit)

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.profiler import record_function
 
 from dpa_lens.forward import CachedForward
+from dpa_lens.methods.dpa.attention_blocks import head_paths
 from dpa_lens.methods.dpa.mu import Mu
 from dpa_lens.models import hooks
-from dpa_lens.ops import activation, pull_norm, softcap_ratio, unrotate
+from dpa_lens.ops import activation, pull_norm, unrotate
 from dpa_lens.types import typechecked
 
 
@@ -65,6 +67,10 @@ class Propagator:
     def mlp(self, layer: int, t: Tensor) -> MLPStep:
         """The MLP's update of the target at its input stream, from the target ``t`` at its output
         (nothing, with no neurons, in an attention-only model)."""
+        with record_function("dpa.mlp"):
+            return self._mlp(layer, t)
+
+    def _mlp(self, layer: int, t: Tensor) -> MLPStep:
         if not self.rules.has_mlp:
             return MLPStep(update=torch.zeros_like(t), post=t.new_zeros(self.b, self.n, 0), lam=t.new_zeros(self.b, self.n, 0),
                            bias=t.new_zeros(self.b))
@@ -105,62 +111,46 @@ class Propagator:
         t_out = self.out_norm(t, layer, "ln1_post")
         q_rot, k_rot = fwd.queries_keys(layer)
         rot = fwd.rotary(layer)
-        alpha = fwd.pattern(layer, q_rot, k_rot).view(b, K, G, n, n)
-        v = fwd.act(hooks.attn(layer, "v")).permute(0, 2, 1, 3)  # [b, K, k, dh]
+        v = fwd.act(hooks.attn(layer, "v"))  # [b, k, K, dh]
         z = fwd.act(hooks.attn(layer, "z"))  # [b, q, H, dh]
         if a.b_V is not None:  # heads and keys score the values without their bias, an output bias (see below)
-            v = v - a.b_V[None, :, None, :]
-            z = z - alpha.sum(-1).reshape(b, H, n).transpose(1, 2)[..., None] * a.b_V.repeat_interleave(G, dim=0)
+            v = v - a.b_V
+            z = z - self._pattern_mass(layer)[..., None] * a.b_V.repeat_interleave(G, dim=0)
         lam = (t_out @ a.W_O.reshape(H * dh, -1).T).view(b, n, H, dh)  # W_O t per head
         if head_mask is not None:
             lam = lam * head_mask.to(lam)[None, None, :, None]
         head_score = (z * lam).sum(-1)  # [b, q, H]
         bias = (t_out @ a.b_O).sum(-1) if a.b_O is not None else torch.zeros(b, device=t.device)
-        keys = None
-        lam_g = lam.view(b, n, K, G, dh).permute(0, 2, 3, 1, 4).reshape(b, K, G * n, dh)  # [b, K, (G q), dh]
-        # value path: Σ_i α_ij λ_i, summed over the query heads that share a KV head
-        grad_v = (alpha.reshape(b, K, G * n, n).transpose(-1, -2) @ lam_g).permute(0, 2, 1, 3)  # [b, k, K, dh]
-        if mu.q or mu.k or head_keys:
-            # softmax sensitivity δ_ij = α_ij (v_j − z_i)·λ_i
-            v_lam = (lam_g @ v.transpose(-1, -2)).view(b, K, G, n, n)  # v_j·λ_i
-            if head_keys:
-                keys = (alpha * v_lam).reshape(b, H, n, n)
-            # in place, δ = α ⊙ (v_j·λ_i − z_i·λ_i): the largest tensors of the sweep
-            delta = v_lam.sub_(head_score.permute(0, 2, 1).reshape(b, K, G, n, 1)).mul_(alpha)
-            del v_lam
-            scale = view.attn_scale(layer)
-            q_g = q_rot.view(b, n, K, G, dh).permute(0, 2, 3, 1, 4).reshape(b, K, G * n, dh)
-            k_g = k_rot.permute(0, 2, 1, 3)  # [b, K, k, dh]
-            if self.rules.attn_softcap is not None:  # the soft cap on the scores, by its secant
-                raw = (q_g @ k_g.transpose(-1, -2)).view(b, K, G, n, n) / scale
-                delta.mul_(softcap_ratio(raw, self.rules.attn_softcap))
-                del raw
-            delta_flat = delta.reshape(b, K, G * n, n)
-            grad_q = ((delta_flat @ k_g) / scale).view(b, K, G, n, dh).permute(0, 3, 1, 2, 4).reshape(b, n, H, dh)
-            grad_k = ((delta_flat.transpose(-1, -2) @ q_g) / scale).permute(0, 2, 1, 3)  # [b, k, K, dh]
-            delta_by_head = delta if readers else None
-            del delta, delta_flat
-            if rot is not None:
-                grad_q = unrotate(grad_q, *rot, view.adjacent_pairs)
-                grad_k = unrotate(grad_k, *rot, view.adjacent_pairs)
-            if self.rules.qk_norm:  # through the query and key norms, scales frozen
-                grad_q = pull_norm(grad_q, view.qk_norm_scale(fwd.cache, layer, "q", b, n).to(grad_q).float(),
-                                   view.qk_norm_weight(layer, "q"), center=False)
-                grad_k = pull_norm(grad_k, view.qk_norm_scale(fwd.cache, layer, "k", b, n).to(grad_k).float(),
-                                   view.qk_norm_weight(layer, "k"), center=False)
+        control = bool(mu.q or mu.k)
+        # value path Σ_i α_ij λ_i; query and key paths from δ_ij = α_ij (v_j − z_i)·λ_i; block by block
+        paths = head_paths(fwd, layer, q_rot, k_rot, v, z, lam, control=control, head_keys=head_keys)
+        if control:
+            grad_q = self._pull_qk(paths.query, layer, "q", rot)  # [b, q, H, dh]
+            grad_k_h = paths.key  # [b, k, H, dh], per query head (rotated, normed space)
+            grad_k = self._pull_qk(grad_k_h.view(b, n, K, G, dh).sum(3), layer, "k", rot)
         else:  # content only: the query and key paths carry nothing
             grad_q = torch.zeros(b, n, H, dh, device=t.device)
-            grad_k = torch.zeros(b, n, K, dh, device=t.device)
-            delta_by_head = None
+            grad_k_h, grad_k = None, torch.zeros(b, n, K, dh, device=t.device)
+        grad_v = paths.value.view(b, n, K, G, dh).sum(3)  # [b, k, K, dh]: summed over the query heads sharing it
         # the value bias reaches z unchanged (each query's weights sum to one): an output bias, at full
         # weight, as TransformerLens's fold_value_biases books it on processed models
         for weight, grad_, bias_ in ((mu.q, grad_q, a.b_Q), (mu.k, grad_k, a.b_K), (1.0, grad_v, a.b_V)):
             if bias_ is not None:
                 bias = bias + weight * (grad_ * bias_).sum(dim=(1, 2, 3))
         if readers:
-            split = self._readers(layer, a, alpha, lam, grad_q, q_rot, delta_by_head, rot)
-            return AttentionStep(update=split.sum(dim=(2, 3)), heads=head_score, head_keys=keys, bias=bias, readers=split)
-        paths = torch.cat(
+            with record_function("dpa.attention.readers"):
+                split = self._readers(layer, a, grad_q, grad_k_h, paths.value, rot)
+            return AttentionStep(update=split.sum(dim=(2, 3)), heads=head_score, head_keys=paths.head_keys, bias=bias,
+                                 readers=split)
+        with record_function("dpa.attention.projections"):
+            return self._project(layer, a, grad_q, grad_k, grad_v, head_score, paths.head_keys, bias)
+
+    def _project(self, layer: int, a, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, head_score: Tensor,
+                 head_keys: Tensor | None, bias: Tensor) -> AttentionStep:
+        """The three paths through W_Q, W_K, W_V and the input norm, weighted by ``mu``."""
+        mu, b, n = self.mu, self.b, self.n
+        H, K, dh = self.view.n_heads, self.view.n_kv_heads, self.view.d_head
+        streams = torch.cat(
             [(mu.q * grad_q).reshape(b, n, H * dh), (mu.k * grad_k).reshape(b, n, K * dh), (mu.v * grad_v).reshape(b, n, K * dh)],
             dim=-1,
         )
@@ -168,32 +158,42 @@ class Propagator:
             [a.W_Q.transpose(1, 2).reshape(H * dh, -1), a.W_K.transpose(1, 2).reshape(K * dh, -1), a.W_V.transpose(1, 2).reshape(K * dh, -1)],
             dim=0,
         )
-        return AttentionStep(update=self.in_norm(paths @ W, layer, "ln1"), heads=head_score, head_keys=keys, bias=bias)
+        return AttentionStep(update=self.in_norm(streams @ W, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
 
-    def _readers(self, layer: int, a, alpha: Tensor, lam: Tensor, grad_q: Tensor, q_rot: Tensor, delta: Tensor | None,
+    def _pattern_mass(self, layer: int) -> Float[Tensor, "batch pos head"]:
+        """Σ_j α_ij per query and head: 1 where a query attends anywhere, 0 on padding rows."""
+        name = hooks.attn(layer, "pattern")
+        if name in self.fwd.cache:
+            return self.fwd.act(name).sum(-1).transpose(1, 2)
+        real = self.fwd.inputs.real.to(self.fwd.device)
+        attends = (real.cumsum(-1) > 0).float()  # some real key at or before the query
+        return attends[:, :, None].expand(self.b, self.n, self.view.n_heads)
+
+    def _pull_qk(self, grad: Tensor, layer: int, which: str, rot: tuple[Tensor, Tensor] | None) -> Tensor:
+        """From the rotated, normed query or key back to the projection's output (rotary undone,
+        through the query/key norm with its scale frozen). ``grad [b, pos, heads, d_head]``."""
+        view = self.view
+        if rot is not None:
+            grad = unrotate(grad, *rot, view.adjacent_pairs)
+        if self.rules.qk_norm:
+            scale = view.qk_norm_scale(self.fwd.cache, layer, which, self.b, self.n).to(grad).float()
+            if scale.shape[2] != grad.shape[2]:  # a key norm's scale per key head, read per query head
+                scale = scale.repeat_interleave(grad.shape[2] // scale.shape[2], dim=2)
+            grad = pull_norm(grad, scale, view.qk_norm_weight(layer, which), center=False)
+        return grad
+
+    def _readers(self, layer: int, a, grad_q: Tensor, grad_k_h: Tensor | None, grad_v_h: Tensor,
                  rot: tuple[Tensor, Tensor] | None) -> Tensor:
         """The attention update split by reader, ``[batch, pos, head, (q, k, v), d_model]``: each query
         head's query path, and the key and value paths it pulls through its (shared) key/value head."""
-        view, mu, b, n = self.view, self.mu, self.b, self.n
-        H, K, dh = view.n_heads, view.n_kv_heads, view.d_head
-        G = H // K
-        lam_h = lam.view(b, n, K, G, dh).permute(0, 2, 3, 1, 4)  # [b, K, G, q, dh]
-        grad_v = torch.einsum("bkgqj,bkgqe->bjkge", alpha, lam_h).reshape(b, n, H, dh)
-        if delta is not None:
-            q_h = q_rot.view(b, n, K, G, dh).permute(0, 2, 3, 1, 4)
-            grad_k = torch.einsum("bkgqj,bkgqe->bjkge", delta, q_h).reshape(b, n, H, dh) / view.attn_scale(layer)
-            if rot is not None:
-                grad_k = unrotate(grad_k, *rot, view.adjacent_pairs)
-            if self.rules.qk_norm:
-                scale = view.qk_norm_scale(self.fwd.cache, layer, "k", b, n).to(grad_k).float().repeat_interleave(G, dim=2)
-                grad_k = pull_norm(grad_k, scale, view.qk_norm_weight(layer, "k"), center=False)
-        else:
-            grad_k = torch.zeros_like(grad_v)
+        view, mu = self.view, self.mu
+        G = view.n_heads // view.n_kv_heads
+        grad_k = torch.zeros_like(grad_v_h) if grad_k_h is None else self._pull_qk(grad_k_h, layer, "k", rot)
         expand = lambda W: W.repeat_interleave(G, dim=0)  # noqa: E731  [K, d, dh] -> [H, d, dh]
         split = torch.stack([
             torch.einsum("bnhe,hde->bnhd", mu.q * grad_q, a.W_Q),
             torch.einsum("bnhe,hde->bnhd", mu.k * grad_k, expand(a.W_K)),
-            torch.einsum("bnhe,hde->bnhd", mu.v * grad_v, expand(a.W_V)),
+            torch.einsum("bnhe,hde->bnhd", mu.v * grad_v_h, expand(a.W_V)),
         ], dim=3)  # [b, n, H, 3, d]
         scale = self.view.stream_scale(self.fwd.act(hooks.norm_scale(layer, "ln1")))[:, :, None, None]  # [b, n, 1, 1, 1]
         return pull_norm(split, scale, self.view.norm_weight("ln1", layer), center=self.rules.norm == "ln")

@@ -35,7 +35,12 @@ class RowForward:
         self.n = int(self.idx.numel())
 
     def act(self, name: str) -> Tensor:
-        return self.fwd.cache[name][self.row].to(self.fwd.device, DT)[self.idx]
+        """A cached activation of this row at its real positions, float64 (``ln1``'s per-head copies,
+        cached with split attention inputs, read as the one stream's, as `CachedForward.act` does)."""
+        t = self.fwd.cache[name][self.row]
+        if t.ndim == 3 and name.endswith(("ln1.hook_scale", "ln1.hook_normalized")):
+            t = t[:, 0]
+        return t.to(self.fwd.device, DT)[self.idx]
 
     def local(self, position: int) -> int | None:
         """The index among the real positions of a position of the padded sequence (None at padding)."""

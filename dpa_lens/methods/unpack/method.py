@@ -69,7 +69,8 @@ def _check_model(view: ModelView) -> None:
     rules = view.rules
     problems = [what for what, has in (("sliding-window attention", rules.sliding_window), ("query-key norms", rules.qk_norm),
                                        ("norms after the sublayers", rules.post_norms),
-                                       ("soft caps", rules.attn_softcap is not None or rules.final_softcap is not None)) if has]
+                                       ("soft caps", rules.attn_softcap is not None or rules.final_softcap is not None),
+                                       ("no MLPs (attention only)", not rules.has_mlp)) if has]
     if view.architecture not in UNPACK_ARCHITECTURES or problems:
         what = ", ".join(problems) or f"architecture {view.architecture}"
         raise UnsupportedModelError(f"Unpack in dpa_lens does not support this model ({what}). Supported: "

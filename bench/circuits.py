@@ -1,0 +1,384 @@
+"""Circuit edges on SmolLM2-135M: faithfulness (MIB's CPR and CMD), agreement with exact edge patching, and cost.
+
+    python bench/circuits.py            # the full run (see EXPECTED_MINUTES; deterministic but for the timings)
+    python bench/circuits.py --quick    # one prompt, a small edge set, 32 tokens: for CI
+
+1. Circuit faithfulness on IOI (the authors' prompts that the model answers correctly, whose corrupted partner
+   aligns token by token and whose two names start with different tokens; target: the IO − S logit difference
+   of the names' first tokens). Each method's edges of each prompt are ranked by |score|; the top 0.1 % … 100 %
+   of the 123,211 edges are kept and the rest ablated (`dpa_lens.evaluation.circuit_faithfulness`), with the
+   corrupted prompt's writer outputs (MIB's patching) and with each writer's mean over the prompt's positions.
+   CPR (area under the faithfulness curve; higher is better) and CMD (area under |1 − f|; lower is better),
+   on MIB's linear fraction axis and on a log axis.
+2. Agreement with exact edge patching on IOI: on the union of the top 50 edges by |DPA|, by |contrastive DPA|
+   and by |edge AtP| and 50 random existing head → head edges (seeded), Pearson, Spearman and top-10 overlap of
+   each method's scores against `dpa_lens.edge_patching`, overall and per reader label (q, k, v, mlp, logit).
+3. Cost per prompt of random token ids at 32, 256 and 1024 tokens, each measurement in a fresh process (a
+   warm-up, whose peak memory is recorded, then up to 3 timed runs, fewer once they add up to 20 s; none
+   after a warm-up over a minute; the minimum is reported): every DPA edge (`dpa_edges`, its cache forward
+   included) against node DPA (`dpa`, its cache forward included), edge AtP, and exact edge patching, timed on
+   a sample of edges and extrapolated to all of them (labelled as such).
+
+Writes bench/results/circuits_smollm2.md and .json (``_quick`` with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PeakMemory, machine, run_child, write_results
+
+RESULTS = Path(__file__).parent / "results"
+EXPECTED_MINUTES = 30  # the full run on 2 quiet CPU cores (faithfulness ~15, agreement ~4, cost ~8)
+METHODS = ("DPA", "contrastive DPA", "edge AtP", "random")
+LABELS = ("q", "k", "v", "mlp", "logit")
+COST = {"dpa": "node DPA (cache forward + sweep: tokens, heads, neurons)", "dpa_edges": "DPA edges, all (cache forward + sweep)",
+        "edge_atp": "edge AtP, all (clean forward, corrupted forward + backward)",
+        "edge_patching": "exact edge patching, per edge (sample)"}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- IOI sections
+def ioi_prompts(model, n: int) -> list:
+    """The first ``n`` usable IOI items: answered correctly (the authors' filter, as bench/faithfulness.py), the
+    corrupted partner aligned, the two names' first tokens different (else the logit difference is 0)."""
+    from faithfulness import correct_subset, first_token
+
+    from dpa_lens.datasets import ioi_benchmark
+
+    items = ioi_benchmark()
+
+    def usable(i: int) -> bool:
+        it = items[i]
+        return (model.to_tokens(it.prompt).shape == model.to_tokens(it.corrupted).shape
+                and first_token(model, it.correct) != first_token(model, it.incorrect))
+
+    return [items[i] for i in correct_subset(model, [i.prompt for i in items], [i.correct for i in items], n, usable=usable)]
+
+
+def edge_circuits(model, item, index: int) -> tuple[tuple[int, int], dict]:
+    """The target and each method's circuit for one IOI item (the random baseline seeded by the item's index)."""
+    import torch
+    from faithfulness import first_token
+
+    import dpa_lens
+
+    target = (first_token(model, item.correct), first_token(model, item.incorrect))
+    names = dpa_lens.dpa_names_filter(model, patterns=False)
+    with torch.no_grad():
+        _, clean = model.run_with_cache(item.prompt, names_filter=names)
+        _, corrupted = model.run_with_cache(item.corrupted, names_filter=names)
+    return target, {
+        "DPA": dpa_lens.dpa_edges(model, clean, target),
+        "contrastive DPA": dpa_lens.dpa_edges(model, clean, target, corrupted_cache=corrupted),
+        "edge AtP": dpa_lens.edge_atp(model, item.prompt, item.corrupted, target),
+        "random": dpa_lens.edge_random(model, item.prompt, item.corrupted, target, seed=index),
+    }
+
+
+def agreement_edges(circuits: dict, top: int, n_random: int, seed: int) -> list[tuple[str, str, str]]:
+    """Top ``top`` edges by |score| of DPA, contrastive DPA and edge AtP, and ``n_random`` random head → head edges."""
+    import torch
+
+    first = circuits["DPA"]
+    chosen: dict[tuple[int, int], None] = {}
+    for name in ("DPA", "contrastive DPA", "edge AtP"):
+        flat = circuits[name].scores[0].abs().masked_fill(~first.mask, -1.0).flatten()
+        chosen.update(dict.fromkeys(divmod(int(i), len(first.readers)) for i in flat.argsort(descending=True, stable=True)[:top]))
+    is_head = lambda n: n.startswith("L") and "H" in n  # noqa: E731
+    pool = [(w, r) for w, r in torch.nonzero(first.mask).tolist()
+            if is_head(first.writers[w]) and is_head(first.readers[r][0]) and (w, r) not in chosen]
+    gen = torch.Generator().manual_seed(seed)
+    chosen.update(dict.fromkeys(pool[i] for i in torch.randperm(len(pool), generator=gen)[:n_random].tolist()))
+    return [(first.writers[w], *first.readers[r]) for w, r in chosen]
+
+
+def agreement_rows(circuits: dict, exact, edges: list) -> dict:
+    """Per method: Pearson, Spearman, top-10 overlap over the edge set, and Pearson/Spearman per reader label."""
+    import torch
+
+    from dpa_lens.evaluation import correlation
+
+    truth = torch.tensor([exact.edge(*e) for e in edges], dtype=torch.float64)
+    labels = [p for _, _, p in edges]
+    out = {}
+    for name, c in circuits.items():
+        x = torch.tensor([c.edge(*e) for e in edges], dtype=torch.float64)
+        pearson, spearman = correlation(x, truth)
+        top_x, top_y = set(x.abs().argsort(descending=True)[:10].tolist()), set(truth.abs().argsort(descending=True)[:10].tolist())
+        row = {"pearson": pearson, "spearman": spearman, "top10_overlap": len(top_x & top_y) / 10, "labels": {}}
+        for label in LABELS:
+            keep = torch.tensor([lab == label for lab in labels])
+            if int(keep.sum()) >= 3:
+                p, s = correlation(x[keep], truth[keep])
+                row["labels"][label] = {"pearson": p, "spearman": s, "n": int(keep.sum())}
+        out[name] = row
+    return out
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    """The mean of nested dicts of numbers over prompts (a key missing from some prompts: the mean of those that have it)."""
+    out = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        values = [r[key] for r in rows if key in r]
+        out[key] = mean_rows(values) if isinstance(values[0], dict) else sum(values) / len(values)
+    return out
+
+
+def ioi_sections(args) -> tuple[dict, dict, dict]:
+    import torch
+
+    import dpa_lens
+    from dpa_lens.evaluation.circuit_faithfulness import MIB_FRACTIONS, CircuitCurve, circuit_faithfulness
+
+    model = dpa_lens.load_model("smollm2-135m")
+    items = ioi_prompts(model, max(args.ioi, args.agree))
+    ablations = ("corrupted",) if args.quick else ("corrupted", "mean")
+    curves: dict[str, dict[str, list[CircuitCurve]]] = {a: {m: [] for m in METHODS} for a in ablations}
+    agree, sizes, prompt_seconds = [], [], []
+    for i, item in enumerate(items):
+        start = time.perf_counter()
+        log(f"[IOI {i + 1}/{len(items)}] {item.prompt!r} -> {item.correct!r}")
+        target, circuits = edge_circuits(model, item, i)
+        if i < args.ioi:
+            for ablation in ablations:
+                got = circuit_faithfulness(model, item.prompt, item.corrupted, target, [circuits[m] for m in METHODS],
+                                           ablation=ablation, progress=False)
+                for m, curve in zip(METHODS, got):
+                    curves[ablation][m].append(curve)
+        if i < args.agree:
+            edges = agreement_edges(circuits, args.top, args.top, seed=i)
+            exact = dpa_lens.edge_patching(model, item.prompt, item.corrupted, target, edges=edges, batch_size=16, progress=False)
+            agree.append(agreement_rows(circuits, exact, edges))
+            sizes.append(len(edges))
+        prompt_seconds.append(time.perf_counter() - start)
+        log(f"      {prompt_seconds[-1]:.0f} s")
+    faith = {}
+    for ablation, per_method in curves.items():
+        faith[ablation] = {}
+        for m, cs in per_method.items():
+            joined = CircuitCurve.concat(cs)
+            faith[ablation][m] = {"cpr": joined.cpr(), "cmd": joined.cmd(), "cpr_log": joined.cpr("log"), "cmd_log": joined.cmd("log"),
+                                  "curve": joined.curve().tolist(), "empty_minus_full": float((joined.empty - joined.full).mean())}
+    first = curves["corrupted"]["DPA"][0]
+    grid = {"fractions": list(MIB_FRACTIONS), "n_edges": first.n_edges.tolist(), "n_total": first.n_total,
+            "prompts": min(args.ioi, len(items)), "logit_difference_clean": float(torch.cat([c.full for c in curves["corrupted"]["DPA"]]).mean()),
+            "logit_difference_corrupted": float(torch.cat([c.empty for c in curves["corrupted"]["DPA"]]).mean()),
+            "seconds_per_prompt": sum(prompt_seconds) / len(prompt_seconds)}
+    return faith, grid, {"prompts": len(agree), "edges_per_prompt": sum(sizes) / max(1, len(sizes)), "methods": mean_rows(agree)}
+
+
+# ---------------------------------------------------------------------------------------------- cost
+def random_pair(model, length: int):
+    """Random token ids (BOS first) and a corrupted copy with the middle token changed, seeded by the length."""
+    import torch
+
+    gen = torch.Generator().manual_seed(length)
+    clean = torch.randint(100, model.cfg.d_vocab, (1, length), generator=gen)
+    clean[0, 0] = model.tokenizer.bos_token_id
+    corrupted = clean.clone()
+    corrupted[0, length // 2] = (corrupted[0, length // 2] + 1) % model.cfg.d_vocab
+    return clean, corrupted
+
+
+def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
+    """One cost measurement in this (fresh) process."""
+    import torch
+
+    import dpa_lens
+    from dpa_lens.circuits.result import graph
+
+    model = dpa_lens.load_model("smollm2-135m")
+    clean, corrupted = random_pair(model, length)
+    target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
+    writers, readers, exists = graph(model.cfg.n_layers, model.cfg.n_heads, parallel=False)
+    patched = torch.nonzero(exists[:, :-1]).tolist()  # edges that take a forward (logit edges are free)
+    gen = torch.Generator().manual_seed(length)
+    edges = [(writers[w], *readers[r]) for w, r in (patched[i] for i in torch.randperm(len(patched), generator=gen)[:sample].tolist())]
+    names = dpa_lens.dpa_names_filter(model, patterns=False)
+
+    def once():
+        if measurement == "edge_patching":
+            dpa_lens.edge_patching(model, clean, corrupted, target, edges=edges, batch_size=16, progress=False)
+        elif measurement == "edge_atp":
+            dpa_lens.edge_atp(model, clean, corrupted, target)
+        else:
+            with torch.no_grad():
+                _, cache = model.run_with_cache(clean, names_filter=names)
+                (dpa_lens.dpa if measurement == "dpa" else dpa_lens.dpa_edges)(model, cache, target)
+
+    with PeakMemory("cpu") as mem:
+        start = time.perf_counter()
+        once()
+        first = time.perf_counter() - start
+    times = [first]
+    if first < 60:
+        times = []
+        while len(times) < repeats and (not times or sum(times) < 20):
+            start = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - start)
+    row = {"measurement": measurement, "length": length, "seconds": min(times), "peak_bytes": mem.peak}
+    if measurement == "edge_patching":
+        row.update(sample=len(edges), edges=len(patched) + int(exists[:, -1].sum()), patched_edges=len(patched),
+                   seconds_per_edge=row["seconds"] / len(edges), extrapolated_seconds=row["seconds"] / len(edges) * len(patched))
+    return row
+
+
+def cost_section(args) -> list[dict]:
+    lengths = (32,) if args.quick else (32, 256, 1024)
+    rows = []
+    jobs = [(m, n) for n in lengths for m in COST]
+    for i, (m, n) in enumerate(jobs, 1):
+        sample = 8 if args.quick else (16 if n >= 1024 else 32)
+        log(f"[cost {i}/{len(jobs)}] {m} at {n} tokens ...")
+        row = run_child(__file__, [m, str(n), str(sample), "--repeats", str(args.repeats)])
+        row.update({"measurement": m, "length": n})
+        rows.append(row)
+        log(f"      {row['seconds']:.3g} s, {row['peak_bytes'] / 2**20:,.0f} MiB" if "error" not in row else f"      failed: {row['error'][-160:]}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+def _cost_cell(r: dict | None, base: dict | None = None) -> str:
+    if r is None:
+        return "—"
+    ratio = f" ({r['seconds'] / base['seconds']:.2f}×)" if base is not None else ""
+    return f"{r['seconds']:.3g} s{ratio}, {r['peak_bytes'] / 2**20:,.0f} MiB"
+
+
+def markdown(r: dict) -> str:
+    s, g = r["settings"], r["grid"]
+    quick = " --quick" if s["quick"] else ""
+    lines = [
+        "# Circuit edges on SmolLM2-135M: faithfulness, agreement with exact edge patching, cost",
+        "",
+        f"Produced by `python bench/circuits.py{quick}` in {s['seconds'] / 60:.0f} min on {s['machine']['cpu_count']} CPU cores "
+        f"(torch {s['machine']['torch']}, TransformerLens {s['machine']['transformer_lens']}). Graph: {g['n_total']:,} edges "
+        "(writers: embeddings, 270 heads, 30 MLPs; readers: each head's q, k, v, each MLP, the logit).",
+        "",
+        "## Circuit faithfulness on IOI (MIB's CPR and CMD)",
+        "",
+        f"{g['prompts']} IOI prompts of the authors' benchmark that the model answers correctly (top-1 with p > 0.1), whose "
+        "corrupted partner (the subject's second mention swapped for the indirect object) tokenizes to the same length and "
+        "whose two names start with different tokens. Target m: the IO − S logit difference of the names' first tokens "
+        f"(mean {g['logit_difference_clean']:.2f} clean, {g['logit_difference_corrupted']:.2f} corrupted). Each method's edges of "
+        "each prompt are ranked by |score|; the top ⌊x·N⌋ are kept and every other edge is ablated: its reader reads the "
+        "writer's ablated output instead of its output in the current forward. f = (m(C) − m(∅)) / (m(M) − m(∅)) of the "
+        "prompts' means (MIB). CPR: area under f (higher is better); CMD: area under |1 − f| (lower is better); trapezoids over "
+        "the fraction grid divided by its width. Linear axis: MIB's (its `evaluate_area_under_curve` default), where the "
+        "points at or below 10 % span a tenth of the width; log axis: each decade of the grid weighs the same.",
+        "",
+    ]
+    titles = (("corrupted", "corrupted ablation (MIB's patching)"),
+              ("mean", "mean ablation (each writer's mean over the prompt's positions)"))
+    for ablation, title in titles:
+        if ablation not in r["faithfulness"]:
+            continue
+        rows = r["faithfulness"][ablation]
+        lines += [f"### {title.capitalize()}", "", "| method | CPR (linear) | CMD (linear) | CPR (log) | CMD (log) |", "|---|---:|---:|---:|---:|"]
+        for m, v in sorted(rows.items(), key=lambda kv: -kv[1]["cpr"]):
+            lines.append(f"| {m} | {v['cpr']:.3f} | {v['cmd']:.3f} | {v['cpr_log']:.3f} | {v['cmd_log']:.3f} |")
+        lines += ["", "Faithfulness f at each fraction of edges kept:", "",
+                  "| method | " + " | ".join(f"{100 * x:g} % ({n:,})" for x, n in zip(g["fractions"], g["n_edges"])) + " |",
+                  "|---|" + "---:|" * len(g["fractions"])]
+        for m, v in rows.items():
+            lines.append(f"| {m} | " + " | ".join(f"{y:.2f}" for y in v["curve"]) + " |")
+        lines.append("")
+    a = r["agreement"]
+    lines += ["## Agreement with exact edge patching on IOI", "",
+              f"Mean over {a['prompts']} IOI prompt(s) (the first of the section above) of each method's agreement with "
+              f"`edge_patching` (f(corrupted with the edge patched) − f(corrupted)) on {a['edges_per_prompt']:.0f} edges per prompt: "
+              f"the top {s['agreement_top']} by |DPA|, by |contrastive DPA| and by |edge AtP|, and {s['agreement_top']} random "
+              "head → head edges. DPA explains the clean logit difference, not the patch: only contrastive DPA and AtP "
+              "estimate the same quantity as patching.", "",
+              "| method | Pearson r | Spearman ρ | top-10 overlap |", "|---|---:|---:|---:|"]
+    methods = a["methods"]
+    for m, v in sorted(methods.items(), key=lambda kv: -kv[1]["pearson"]):
+        lines.append(f"| {m} | {v['pearson']:.3f} | {v['spearman']:.3f} | {v['top10_overlap']:.2f} |")
+    counts = {lab: next((v["labels"][lab]["n"] for v in methods.values() if lab in v["labels"]), 0) for lab in LABELS}
+    present = [lab for lab in LABELS if counts[lab]]
+    lines += ["", "Per reader label, Pearson r / Spearman ρ (mean edges per prompt in brackets):", "",
+              "| method | " + " | ".join(f"{lab} ({counts[lab]:.0f})" for lab in present) + " |", "|---|" + "---:|" * len(present)]
+    for m, v in methods.items():
+        cells = [f"{v['labels'][lab]['pearson']:.2f} / {v['labels'][lab]['spearman']:.2f}" if lab in v["labels"] else "—" for lab in present]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    rows = r["cost"]
+    get = lambda m, n: next((x for x in rows if x["measurement"] == m and x["length"] == n and "error" not in x), None)  # noqa: E731
+    lengths = sorted({x["length"] for x in rows})
+    lines += ["", "## Cost per prompt (random token ids)", "",
+              "Each measurement in a fresh process: a warm-up (its peak memory above the loaded model is reported), then up to "
+              f"{s['repeats']} timed runs (fewer once they add up to 20 s, none after a warm-up over a minute); the minimum. "
+              "Ratios to node DPA at the same length. Exact edge patching is timed on a random sample of edges (its clean and "
+              "corrupted forwards included, 16 patched copies per forward) and **extrapolated** to every edge that needs a "
+              "forward (the logit edges are free).", "",
+              "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for m in ("dpa", "dpa_edges", "edge_atp"):
+        lines.append(f"| {COST[m]} | " + " | ".join(_cost_cell(get(m, n), get("dpa", n)) for n in lengths) + " |")
+    cells = []
+    for n in lengths:
+        x = get("edge_patching", n)
+        cells.append("—" if x is None else f"{x['seconds_per_edge']:.3g} s per edge ({x['sample']} edges in {x['seconds']:.3g} s, "
+                                           f"{x['peak_bytes'] / 2**20:,.0f} MiB)")
+    lines.append(f"| {COST['edge_patching']} | " + " | ".join(cells) + " |")
+    cells = []
+    for n in lengths:
+        x, base = get("edge_patching", n), get("dpa", n)
+        cells.append("—" if x is None else f"**extrapolated**: {x['extrapolated_seconds'] / 3600:,.1f} h for {x['patched_edges']:,} edges"
+                     + (f" ({x['extrapolated_seconds'] / base['seconds']:,.0f}×)" if base else ""))
+    lines.append("| exact edge patching, all edges | " + " | ".join(cells) + " |")
+    n = 256 if 256 in lengths else lengths[-1]
+    e, d = get("dpa_edges", n), get("dpa", n)
+    if e and d:
+        ratio = e["seconds"] / d["seconds"]
+        lines += ["", f"DPA edges against node DPA at {n} tokens: **{ratio:.2f}×** the time (goal: at most 3×: "
+                  f"{'met' if ratio <= 3 else 'not met'}), {e['peak_bytes'] / max(1, d['peak_bytes']):.2f}× the peak memory."]
+    failed = [x for x in rows if "error" in x]
+    if failed:
+        lines += ["", "Failed measurements:", ""]
+        lines += [f"- {x['measurement']} at {x['length']} tokens: {x['error'].splitlines()[-1][:160]}" for x in failed]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one prompt, a small edge set, 32 tokens (CI)")
+    parser.add_argument("--ioi", type=int, default=None, help="IOI prompts for faithfulness (default 8, quick 1)")
+    parser.add_argument("--agree", type=int, default=None, help="IOI prompts for agreement (default 3, quick 1)")
+    parser.add_argument("--top", type=int, default=None, help="edges per method in the agreement set (default 50, quick 10)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "SAMPLE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    if args.child:
+        m, n, sample = args.child
+        print(json.dumps(cost_one(m, int(n), int(sample), args.repeats)))
+        return
+    args.ioi = args.ioi if args.ioi is not None else (1 if args.quick else 8)
+    args.agree = args.agree if args.agree is not None else (1 if args.quick else 3)
+    args.top = args.top if args.top is not None else (10 if args.quick else 50)
+    import torch
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    faith, grid, agree = ioi_sections(args)
+    cost = cost_section(args)
+    result = {"settings": {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "quick": args.quick, "agreement_top": args.top,
+                           "repeats": args.repeats, "machine": machine("cpu"), "seconds": round(time.perf_counter() - started)},
+              "grid": grid, "faithfulness": faith, "agreement": agree, "cost": cost}
+    write_results(args.out / f"circuits_smollm2{'_quick' if args.quick else ''}", result, markdown)
+
+
+if __name__ == "__main__":
+    main()
