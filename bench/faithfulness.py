@@ -2,6 +2,7 @@
 
     python bench/faithfulness.py            # ~27 min on 2 CPU cores (bench/speed.py: ~27 min)
     python bench/faithfulness.py --quick    # a few prompts, for CI
+    python bench/faithfulness.py --methods depass unpack --update   # add or redo some methods' rows
 
 1. Token level on Known 1000 and on IOI (the prompts the model answers correctly: top-1 with
    p > 0.1): disruption and recovery curves with token embeddings zeroed, fractions 0.1 … 1.0,
@@ -76,13 +77,15 @@ def attributions(model, prompt: str, target, corrupted: str | None, methods) -> 
             for m in methods}
 
 
-def agreement_with_patching(model, item) -> dict[str, dict[str, float]]:
+def agreement_with_patching(model, item, methods=METHODS) -> dict[str, dict[str, float]]:
     """Each component method against exact patching of whole heads, on the IO − S logit difference
     (empty when both names start with the same token: that difference is 0 whatever the model does)."""
     answer, subject = first_token(model, item.correct), first_token(model, item.incorrect)
     if answer == subject:
         return {}
-    pair = attributions(model, item.prompt, (answer, subject), item.corrupted, component_methods(METHODS))
+    if not component_methods(methods):
+        return {}
+    pair = attributions(model, item.prompt, (answer, subject), item.corrupted, component_methods(methods))
     exact = dpa_lens.run("activation_patching", model, item.prompt, (answer, subject), corrupted=item.corrupted, progress=False)
     return {name: agreement(a, exact, "heads", k=10) for name, a in pair.items()}
 
@@ -100,7 +103,17 @@ def main() -> None:
     parser.add_argument("--known", type=int, default=None, help="Known 1000 prompts (default 60, quick 4)")
     parser.add_argument("--ioi", type=int, default=None, help="IOI prompts (default 24, quick 3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--methods", nargs="+", default=None, help=f"only these methods (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--update", action="store_true",
+                        help="merge the rows of --methods into the existing results (same prompts; the other rows are kept)")
     args = parser.parse_args()
+    methods = tuple(args.methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    stem = args.out / f"faithfulness_smollm2{'_quick' if args.quick else ''}"
+    if args.update and not stem.with_suffix(".json").exists():
+        parser.error(f"--update needs existing results at {stem.with_suffix('.json')}")
     n_known = args.known if args.known is not None else (4 if args.quick else 60)
     n_ioi = args.ioi if args.ioi is not None else (3 if args.quick else 24)
     warnings.simplefilter("ignore")
@@ -123,9 +136,10 @@ def main() -> None:
     for i, k in enumerate(known_idx):
         fact = facts[k]
         log(f"[Known {i + 1}/{len(known_idx)}] {fact.prompt!r} -> {fact.answer!r}")
-        attrs = attributions(model, fact.prompt, first_token(model, fact.answer), None, unpaired(METHODS))
-        gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
-        ig_settings = attrs["integrated_gradients"].settings
+        attrs = attributions(model, fact.prompt, first_token(model, fact.answer), None, unpaired(methods))
+        if "integrated_gradients" in attrs:
+            gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
+            ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
             token_curves["known_1000"].setdefault(name, []).append(faithfulness_curves(model, fact.prompt, a, unit="tokens"))
 
@@ -133,16 +147,18 @@ def main() -> None:
         item = items[k]
         log(f"[IOI {i + 1}/{len(ioi_idx)}] {item.prompt!r} -> {item.correct!r}")
         answer = first_token(model, item.correct)
-        attrs = attributions(model, item.prompt, answer, item.corrupted, METHODS)
-        gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
-        ig_settings = attrs["integrated_gradients"].settings
+        attrs = attributions(model, item.prompt, answer, item.corrupted, methods)
+        if "integrated_gradients" in attrs:
+            gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
+            ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
             token_curves["ioi"].setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="tokens"))
-            if name in component_methods(METHODS):
+            if name in component_methods(methods):
                 comp_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="components"))
-        comp_curves.setdefault("dpa (attention entries + neurons)", []).append(
-            faithfulness_curves(model, item.prompt, attrs["dpa"], unit="attention+neurons"))
-        for name, row in agreement_with_patching(model, item).items():
+        if "dpa" in attrs:
+            comp_curves.setdefault("dpa (attention entries + neurons)", []).append(
+                faithfulness_curves(model, item.prompt, attrs["dpa"], unit="attention+neurons"))
+        for name, row in agreement_with_patching(model, item, methods).items():
             agree.setdefault(name, []).append(row)
 
     results = {"settings": {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "quick": args.quick,
@@ -163,12 +179,31 @@ def main() -> None:
                                     **{f"{k} (log)": v for k, v in joined.auc("log").items()}}
     for m, rows in agree.items():
         results["agreement"][m] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    results["settings"]["agreement_prompts"] = len(agree.get("dpa", []))
-    gap = torch.tensor(gaps).abs()
-    results["settings"]["integrated_gradients_gap"] = {"median": float(gap.median()), "mean": float(gap.mean()), "max": float(gap.max())}
-    results["settings"]["seconds"] = round(time.perf_counter() - started)
+    seconds = round(time.perf_counter() - started)
+    if args.update:  # the other methods' rows and the settings they were measured with stay
+        import json
 
-    write_results(args.out / f"faithfulness_smollm2{'_quick' if args.quick else ''}", results, markdown)
+        old = json.loads(stem.with_suffix(".json").read_text())
+        same = ("known_1000_prompts", "ioi_prompts", "token_fractions", "component_fractions", "ablation")
+        if any(old["settings"][k] != results["settings"][k] for k in same):
+            sys.exit("--update: the existing results were measured on other prompts or settings; run without --update")
+        for section in ("tokens", "components", "agreement"):
+            target = old[section]
+            for task in (("known_1000", "ioi") if section == "tokens" else (None,)):
+                dest, new = (target[task], results[section][task]) if task else (target, results[section])
+                for m in [m for m in dest if m in methods or m.startswith(tuple(f"{x} (" for x in methods))]:
+                    del dest[m]
+                dest.update(new)
+        old["settings"].setdefault("updates", []).append({"methods": list(methods), "seconds": seconds})
+        results = old
+    else:
+        results["settings"]["agreement_prompts"] = len(agree.get("dpa", []))
+        gap = torch.tensor(gaps).abs()
+        results["settings"]["integrated_gradients_gap"] = {"median": float(gap.median()), "mean": float(gap.mean()),
+                                                           "max": float(gap.max())}
+        results["settings"]["seconds"] = seconds
+
+    write_results(stem, results, markdown)
 
 
 def markdown(r: dict) -> str:
@@ -181,7 +216,9 @@ def markdown(r: dict) -> str:
         f"gradients with {s['integrated_gradients']} (completeness gap: median {s['integrated_gradients_gap']['median']:.0%}, "
         f"max {s['integrated_gradients_gap']['max']:.0%}). AUCs are ×100 and divided by the width of the fraction axis: "
         "100 means p(answer) stayed at its clean value. Disruption: lower is better; recovery and total: higher is better. "
-        f"Produced by `python bench/faithfulness.py{' --quick' if s['quick'] else ''}` in {s['seconds'] / 60:.0f} min.",
+        f"Produced by `python bench/faithfulness.py{' --quick' if s['quick'] else ''}` in {s['seconds'] / 60:.0f} min"
+        + "".join(f"; rows of {', '.join(u['methods'])} by `--methods {' '.join(u['methods'])} --update` in {u['seconds'] / 60:.0f} min"
+                  for u in s.get("updates", [])) + ".",
         "",
     ]
     for task, title in (("known_1000", "Known 1000"), ("ioi", "IOI")):

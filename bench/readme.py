@@ -3,11 +3,12 @@
 The README holds blocks between ``<!-- generated: NAME -->`` and ``<!-- /generated -->``; this script
 rewrites each from its result file, so no number in them is typed by hand.
 ``python bench/readme.py --check`` fails when the README differs from what the results say
-(tests/test_readme.py runs it).
+(tests/test_bench.py runs it).
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json), ``speed``
-(bench/results/speed_smollm2.json), ``ioi-heads`` (docs/images/ioi_heads.json, written by
-docs/screenshots.py with the pictures it describes).
+(bench/results/speed_smollm2.json), ``circuits`` (bench/results/circuits_smollm2.json),
+``ioi-heads`` (docs/images/ioi_heads.json, written by docs/screenshots.py with the pictures it
+describes).
 """
 
 from __future__ import annotations
@@ -82,6 +83,36 @@ def speed(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def circuits(r: dict) -> str:
+    s, g, a = r["settings"], r["grid"], r["agreement"]
+    faith = r["faithfulness"]
+    ablations = [x for x in ("corrupted", "mean") if x in faith]
+    lines = [f"Circuit faithfulness on {g['prompts']} IOI prompts of SmolLM2-135M (MIB's protocol: keep the top x % of the "
+             f"{g['n_total']:,} edges by |score|, ablate the rest; CPR higher is better, CMD lower is better, MIB's linear axis) "
+             f"and agreement with exact edge patching ({a['prompts']} prompts, {a['edges_per_prompt']:.0f} edges each), from "
+             "[`bench/results/circuits_smollm2.md`](bench/results/circuits_smollm2.md) (`python bench/circuits.py`, "
+             f"{s['seconds'] / 60:.0f} min on {s['machine']['cpu_count']} CPU cores):",
+             "",
+             "| edges by | " + " | ".join(f"CPR / CMD, {x} ablation" for x in ablations)
+             + " | vs exact edge patching: Pearson / Spearman / top-10 |",
+             "|---|" + "---:|" * len(ablations) + "---:|"]
+    for m in sorted(faith["corrupted"], key=lambda m: -faith["corrupted"][m]["cpr"]):
+        cells = [f"{faith[x][m]['cpr']:.2f} / {faith[x][m]['cmd']:.2f}" for x in ablations]
+        v = a["methods"].get(m)
+        agree = f"{v['pearson']:.2f} / {v['spearman']:.2f} / {v['top10_overlap']:.1f}" if v else ""
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {agree} |")
+    get = lambda m, n: next((x for x in r["cost"] if x["measurement"] == m and x["length"] == n and "error" not in x), None)  # noqa: E731
+    costs = []
+    for n in sorted({x["length"] for x in r["cost"]}):
+        e, d, atp = get("dpa_edges", n), get("dpa", n), get("edge_atp", n)
+        if e and d:
+            costs.append(f"{n} tokens: {e['seconds']:.3g} s ({e['seconds'] / d['seconds']:.2f}× node DPA"
+                         + (f"; edge AtP {atp['seconds']:.3g} s" if atp else "") + ")")
+    if costs:
+        lines += ["", "Every edge with its q/k/v label from one sweep: " + "; ".join(costs) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def ioi_heads(r: dict) -> str:
     a = r["against_exact_patching"]
     return (f"Over these {r['prompts']} prompts AtP tracks exact patching with Pearson r = {a['atp']['pearson']:.2f} "
@@ -92,6 +123,7 @@ SOURCES: dict[str, tuple[Path, Callable[[dict], str]]] = {
     "faithfulness": (RESULTS / "faithfulness_smollm2.json", faithfulness),
     "speed": (RESULTS / "speed_smollm2.json", speed),
     "ioi-heads": (ROOT / "docs" / "images" / "ioi_heads.json", ioi_heads),
+    "circuits": (RESULTS / "circuits_smollm2.json", circuits),
 }
 
 

@@ -154,8 +154,9 @@ def profile_sweep(length: int, device: str) -> dict:
     return {"measurement": "profile", "length": length, "option": "", "seconds": total, "rules": rules, "peak_bytes": 0}
 
 
-def plan(quick: bool) -> list[tuple[str, int, str, str]]:
-    """(measurement, length, option, section) in run order."""
+def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> list[tuple[str, int, str, str]]:
+    """(measurement, length, option, section) in run order (the floor up to ``max_length`` tokens, the
+    other methods up to ``max_method_length``)."""
     if quick:
         rows = [(m, n, "", "floor") for n in (32, 128) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
         rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients", "patching")]
@@ -169,7 +170,7 @@ def plan(quick: bool) -> list[tuple[str, int, str, str]]:
     rows += [("dpa", 256, o, "scaling") for o in ("tokens", "tokens+heads", "head_keys")]
     rows += [("patching", 256, o, "scaling") for o in ("9", "90")]
     rows += [("profile", 1024, "", "profile")]
-    return rows
+    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile") else max_method_length)]
 
 
 def _get(rows, m, n, o=""):
@@ -192,7 +193,7 @@ def markdown(result: dict) -> str:
         f"Device: {mach['device']} ({where}); torch {mach['torch']}, TransformerLens {mach['transformer_lens']}, "
         f"{result['dtype']}. Minimum of up to {result['repeats']} runs after a warm-up (the warm-up alone when it takes over a "
         "minute); peak memory above the loaded model, per example (one prompt of random tokens: the cost does not depend "
-        f"on the text). Produced by `python bench/speed.py{' --quick' if result['quick'] else ''}`.",
+        f"on the text). Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`.",
         "",
         "## DPA against the model's own forward and backward",
         "",
@@ -253,6 +254,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--max-length", type=int, default=8192, help="longest input of the floor section (default 8192)")
+    parser.add_argument("--max-method-length", type=int, default=1024,
+                        help="longest input for the other methods (default 1024)")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "OPTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -261,7 +265,7 @@ def main() -> None:
                                                                                  o if o != "-" else "", args.dtype)
         print(json.dumps(row))
         return
-    jobs = plan(args.quick)
+    jobs = plan(args.quick, args.max_length, args.max_method_length)
     rows = []
     for i, (m, n, o, section) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {m} {o} at {n} tokens ...", file=sys.stderr, flush=True)
@@ -271,7 +275,8 @@ def main() -> None:
         print(f"      {row.get('seconds', float('nan')):.3g} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row
               else f"      failed: {row['error'].splitlines()[-1][:160]}", file=sys.stderr, flush=True)
     result = {"model": "SmolLM2-135M-Instruct (bundled GGUF)", "machine": machine(args.device), "repeats": args.repeats,
-              "quick": args.quick, "dtype": args.dtype, "rows": rows}
+              "quick": args.quick, "dtype": args.dtype, "rows": rows,
+              "command": " ".join(["python bench/speed.py"] + sys.argv[1:])}
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     write_results(args.out / f"speed_smollm2{suffix}{'_quick' if args.quick else ''}", result, markdown)
 

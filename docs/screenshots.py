@@ -1,8 +1,8 @@
 """Renders the README's pictures with headless Chromium: ``python docs/screenshots.py``.
 
 The report of ``dpa-lens demo`` and the main figures of the notebooks (IOI heads by method, scatter
-against exact patching, tokens by method, information flow), each drawn by the browser from the
-same HTML that users open.
+against exact patching, tokens by method, information flow, the IOI and induction circuits), each
+drawn by the browser from the same HTML that users open. ``--only circuits`` redraws the circuits.
 """
 
 from __future__ import annotations
@@ -43,10 +43,35 @@ def figure(fig, name: str) -> None:
     shoot(fig.to_html(include_plotlyjs=True, full_html=True, config={"displayModeBar": False}), name, w + 20, h + 20)
 
 
+def circuits(model) -> None:
+    """DPA's edges of the classic IOI prompt (SmolLM2), and of the trained induction model (16 repeats)."""
+    from dpa_lens.datasets.induction import induction_model, repeated_tokens
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    _, cache = model.run_with_cache(prompt)
+    circ = dpa_lens.dpa_edges(model, cache, (" Mary", " John"))
+    fig = plot.circuit(circ, top_n=30, title="DPA edges of SmolLM2-135M, IOI: the 30 strongest (IO − S logit difference)")
+    fig.update_layout(width=1100, height=620)
+    figure(fig, "circuit_ioi.png")
+    toy = induction_model()
+    data = repeated_tokens(toy, n_prompts=16, segment=8, seq_len=24, seed=0)
+    rows, later, _ = data.pairs(predictable=True)
+    middle = torch.stack([torch.nonzero(rows == r)[len(torch.nonzero(rows == r)) // 2, 0] for r in range(16)])
+    position = later[middle]
+    _, toy_cache = toy.run_with_cache(data.tokens)
+    induction = dpa_lens.dpa_edges(toy, toy_cache, data.tokens[torch.arange(16), position + 1].tolist(), position=position)
+    fig = plot.circuit(induction, top_n=12, title="DPA edges of the 2-layer induction model (one repeated sequence)")
+    fig.update_layout(width=700, height=480)
+    figure(fig, "circuit_induction.png")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
     model = dpa_lens.load_model("smollm2-135m")
+    circuits(model)
+    if sys.argv[1:] == ["--only", "circuits"]:
+        return
     prompt = "When Mary and John went to the store, John gave a drink to"
     corrupted = "When Mary and John went to the store, Mary gave a drink to"
     report = build_report(model, prompt, (" Mary", " John"), corrupted=corrupted, methods=DEFAULT_METHODS, model_name="smollm2-135m")

@@ -58,3 +58,9 @@ def test_bench_quick_run(script, tmp_path):
         assert "## DPA against the model's own forward and backward" in text and "| 128 |" in text
         profile = next(r for r in rows if r["measurement"] == "profile")
         assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])
+
+
+def test_readme_numbers_are_rendered_from_the_committed_results():
+    """Every generated block of the README is what bench/readme.py renders from the committed result files."""
+    out = subprocess.run([sys.executable, str(BENCH / "readme.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]

@@ -11,7 +11,7 @@ import pytest
 pytestmark = [pytest.mark.smollm2, pytest.mark.tl4_only, pytest.mark.slow]
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
-NAMES = ["01_quickstart.ipynb", "02_ioi_circuit.ipynb", "03_heatmaps.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_ioi_circuit.ipynb", "03_heatmaps.ipynb", "04_circuits.ipynb"]
 
 
 def test_committed_notebooks_are_what_the_builder_writes(tmp_path):
