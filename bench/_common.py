@@ -65,7 +65,13 @@ class PeakMemory:
 
 def run_child(script: str, args: list[str], timeout: float | None = None) -> dict:
     """Run ``script --child ARGS`` in a fresh process and return the JSON it prints last."""
-    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s (the --timeout of one measurement)"}
+    if out.returncode < 0:  # a signal: the kernel's out-of-memory killer, most often
+        why = " (SIGKILL: out of memory)" if out.returncode == -9 else ""
+        return {"error": f"killed by signal {-out.returncode}{why}"}
     if out.returncode != 0:
         tail = "\n".join(out.stderr.strip().splitlines()[-5:])
         return {"error": tail or f"exit {out.returncode}"}

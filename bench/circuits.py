@@ -237,7 +237,7 @@ def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
 def cost_section(args) -> list[dict]:
     lengths = (32,) if args.quick else (32, 256, 1024)
     rows = []
-    jobs = [(m, n) for n in lengths for m in COST]
+    jobs = [(m, n) for n in lengths for m in COST if not args.measurements or m in args.measurements]
     for i, (m, n) in enumerate(jobs, 1):
         sample = 8 if args.quick else (16 if n >= 1024 else 32)
         log(f"[cost {i}/{len(jobs)}] {m} at {n} tokens ...")
@@ -320,7 +320,9 @@ def markdown(r: dict) -> str:
               f"{s['repeats']} timed runs (fewer once they add up to 20 s, none after a warm-up over a minute); the minimum. "
               "Ratios to node DPA at the same length. Exact edge patching is timed on a random sample of edges (its clean and "
               "corrupted forwards included, 16 patched copies per forward) and **extrapolated** to every edge that needs a "
-              "forward (the logit edges are free).", "",
+              "forward (the logit edges are free)."
+              + (f" This section was re-measured alone on a quiet machine (`--cost-only`, {s['cost_seconds'] / 60:.0f} min)."
+                 if "cost_seconds" in s else ""), "",
               "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m in ("dpa", "dpa_edges", "edge_atp"):
         lines.append(f"| {COST[m]} | " + " | ".join(_cost_cell(get(m, n), get("dpa", n)) for n in lengths) + " |")
@@ -358,6 +360,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=None, help="edges per method in the agreement set (default 50, quick 10)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cost-only", action="store_true",
+                        help="re-measure only the cost section, into the existing results (timings want a quiet machine)")
+    parser.add_argument("--measurements", nargs="+", choices=list(COST), default=None,
+                        help="with --cost-only: re-measure only these (the other rows are kept)")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "SAMPLE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -372,12 +378,21 @@ def main() -> None:
 
     torch.manual_seed(0)
     started = time.perf_counter()
+    stem = args.out / f"circuits_smollm2{'_quick' if args.quick else ''}"
+    if args.cost_only:
+        result = json.loads(stem.with_suffix(".json").read_text())
+        new = cost_section(args)
+        redone = {(x["measurement"], x["length"]) for x in new}
+        result["cost"] = [x for x in result["cost"] if (x["measurement"], x["length"]) not in redone] + new
+        result["settings"]["cost_seconds"] = round(time.perf_counter() - started)
+        write_results(stem, result, markdown)
+        return
     faith, grid, agree = ioi_sections(args)
     cost = cost_section(args)
     result = {"settings": {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "quick": args.quick, "agreement_top": args.top,
                            "repeats": args.repeats, "machine": machine("cpu"), "seconds": round(time.perf_counter() - started)},
               "grid": grid, "faithfulness": faith, "agreement": agree, "cost": cost}
-    write_results(args.out / f"circuits_smollm2{'_quick' if args.quick else ''}", result, markdown)
+    write_results(stem, result, markdown)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     floor = ("hf_forward", "hf_forward_backward", "tl_forward_backward", "cache_forward", "dpa_sweep", "dpa")
     rows = [(m, n, "", "floor") for n in (32, 256, 1024, 4096) for m in floor]
     rows += [(m, 8192, "", "floor") for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
-    rows += [(m, n, "", "methods") for n in (32, 256, 1024) for m in ("dpa_edges", "depass", "unpack", "atp")]
+    rows += [(m, n, "", "methods") for n in (32, 256, 1024) for m in ("dpa_edges", "depass", "atp")]
+    rows += [("unpack", n, "", "methods") for n in (32, 256)]  # float64 components × positions × d_mlp per layer: not at 1024
     rows += [(m, n, "", "methods") for n in (32, 256) for m in ("integrated_gradients", "patching")]
     rows += [("dpa", 256, o, "scaling") for o in ("tokens", "tokens+heads", "head_keys")]
     rows += [("patching", 256, o, "scaling") for o in ("9", "90")]
@@ -257,6 +258,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=8192, help="longest input of the floor section (default 8192)")
     parser.add_argument("--max-method-length", type=int, default=1024,
                         help="longest input for the other methods (default 1024)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to one measurement (default 900)")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "OPTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -269,7 +271,8 @@ def main() -> None:
     rows = []
     for i, (m, n, o, section) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {m} {o} at {n} tokens ...", file=sys.stderr, flush=True)
-        row = run_child(__file__, [m, str(n), o or "-", "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype])
+        row = run_child(__file__, [m, str(n), o or "-", "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype],
+                        timeout=args.timeout)
         row.update({"measurement": m, "length": n, "option": o, "section": section})
         rows.append(row)
         print(f"      {row.get('seconds', float('nan')):.3g} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row

@@ -134,7 +134,7 @@ def heads(
         fig.update_xaxes(title_text="head", row=r, col=c)
         if c == 1:
             fig.update_yaxes(title_text="layer", row=r, col=c)
-    n_layers = attrs[0].scores("heads").shape[1]
+    n_layers = grids[0].shape[0]
     fig.update_layout(
         coloraxis=dict(colorscale=COLORSCALE, cmin=-zmax, cmax=zmax, cmid=0.0, colorbar=dict(title="relative" if normalize else "score")),
         title=title or f"Head scores ({notes[0]}){' — normalised per method' if normalize else ''}",

@@ -2,8 +2,8 @@
 
 Keeping the notebooks as code here makes them reviewable; the .ipynb files are committed too (Colab
 and GitHub show those), with their outputs: ``python notebooks/build.py --execute [NAME ...]`` runs
-them top to bottom offline, as the tests do, and saves the outputs. ``DPA_LENS_SMALL=1`` shrinks the
-work (CI does that; the committed outputs are from full runs).
+them top to bottom offline and saves the outputs. ``DPA_LENS_SMALL=1`` shrinks the work; the tests
+and the committed outputs use it (``DPA_LENS_SMALL=1 python notebooks/build.py --execute``).
 """
 
 from __future__ import annotations

@@ -60,6 +60,19 @@ def test_head_facets_are_normalised_per_method(attrs):
     assert [a.text for a in fig.layout.annotations] == ["dpa", "atp", "dla"]
 
 
+def test_heads_of_whole_head_results(attrs):
+    """Means over different prompts and whole-head patching keep only each head's total: plotted as such."""
+    model, _ = make_tiny("llama", seed=21)
+    with torch.no_grad():
+        _, cache = model.run_with_cache("The Eiffel Tower is in the city of")
+    other = dpa_lens.dpa(model, cache, PAIR)
+    mean = dpa_lens.Attribution.concat([attrs["dpa"], other]).mean()
+    assert mean.heads is None and mean.head_totals is not None
+    fig = plot.heads([mean, attrs["dla"]], normalize=False)
+    np.testing.assert_allclose(fig.data[0].z, mean.totals("heads")[0].numpy(), rtol=1e-6)
+    assert fig.layout.height > 0
+
+
 def test_token_heatmap(attrs):
     a = attrs["dpa"]
     fig = plot.tokens(a, width=6)

@@ -159,12 +159,17 @@ def dpa_edges(
             for l in neuron_layers:
                 post_diff[l] = _post(fwd, l) - _post(base, l)
 
+        # writer-major, so that the writers before a reader are a contiguous prefix: one matrix product per layer
+        outs_w = outs.permute(0, 2, 1, 3).contiguous()  # [b, writer, n, d]
+        del outs
+        flat = outs_w.reshape(b, outs_w.shape[1], -1)
+
         def add(writer_slice: slice, reader_slice: slice, U: Tensor) -> None:
-            """Edges of the writers ``writer_slice`` into readers whose updates are ``U [b, n, r, d]``."""
-            o = outs[:, :, writer_slice]
-            scores[:, writer_slice, reader_slice] = torch.einsum("bnwd,bnrd->bwr", o, U)
+            """Edges of the writers ``writer_slice`` (a prefix) into readers whose updates are ``U [b, n, r, d]``."""
+            Ur = U.permute(0, 2, 1, 3).reshape(b, U.shape[2], -1)  # [b, r, n·d]
+            scores[:, writer_slice, reader_slice] = torch.bmm(flat[:, writer_slice], Ur.transpose(1, 2))
             if per_pos is not None:
-                per_pos[:, :, writer_slice, reader_slice] = torch.einsum("bnwd,bnrd->bnwr", o, U)
+                per_pos[:, :, writer_slice, reader_slice] = torch.einsum("bwnd,bnrd->bnwr", outs_w[:, writer_slice], U)
 
         def add_neurons(before_layer: int, reader_slice: slice, U: Tensor) -> None:
             for k, l in enumerate(neuron_layers):
@@ -177,9 +182,10 @@ def dpa_edges(
             r0 = layer * (3 * H + 1)
             heads = slice(r0, r0 + 3 * H)
             U = attn.readers.reshape(b, n, 3 * H, -1)
-            add(slice(0, 1 + layer * (H + 1)), heads, U)  # the embeddings and earlier layers
-            mlp_writers = 1 + layer * (H + 1) + (0 if view.rules.parallel else H)  # a sequential MLP also reads its own layer's heads
-            add(slice(0, mlp_writers), slice(r0 + 3 * H, r0 + 3 * H + 1), mlp.update[:, :, None])
+            # heads read the embeddings and earlier layers; a sequential MLP also reads its own layer's heads
+            # (one product for both: the same-layer head → head entries are outside the graph, zeroed by ``mask``)
+            mlp_writers = 1 + layer * (H + 1) + (0 if view.rules.parallel else H)
+            add(slice(0, mlp_writers), slice(r0, r0 + 3 * H + 1), torch.cat([U, mlp.update[:, :, None]], dim=2))
             add_neurons(layer, heads, U)
             add_neurons(layer, slice(r0 + 3 * H, r0 + 3 * H + 1), mlp.update[:, :, None])
 
