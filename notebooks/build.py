@@ -49,7 +49,12 @@ def notebook(name: str, title: str, intro: str, cells: list[tuple[str, str]]) ->
     nb.cells = [nbf.v4.new_markdown_cell(f"# {title}\n\n{badge(name)}\n\n{intro}"), nbf.v4.new_code_cell(SETUP), nbf.v4.new_code_cell(MODEL)]
     for kind, source in cells:
         nb.cells.append(nbf.v4.new_markdown_cell(source) if kind == "md" else nbf.v4.new_code_cell(source))
-    nbf.write(nb, HERE / name)
+    path = HERE / name
+    if path.exists():  # unchanged cells: keep the committed outputs
+        old = nbf.read(path, as_version=4)
+        if [(c.cell_type, c.source) for c in old.cells] == [(c.cell_type, c.source) for c in nb.cells]:
+            return
+    nbf.write(nb, path)
 
 
 notebook(
