@@ -7,8 +7,7 @@ rewrites each from its result file, so no number in them is typed by hand.
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json), ``speed``
 (bench/results/speed_smollm2.json), ``circuits`` (bench/results/circuits_smollm2.json),
-``ioi-heads`` (docs/images/ioi_heads.json, written by docs/screenshots.py with the pictures it
-describes).
+``ioi-heads`` (the agreement section of bench/results/faithfulness_smollm2.json).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def _load(path: Path) -> dict:
 def faithfulness(r: dict) -> str:
     s = r["settings"]
     known, ioi, comp, agree = r["tokens"]["known_1000"], r["tokens"]["ioi"], r["components"], r["agreement"]
-    methods = sorted(set(known) | set(ioi) | set(comp), key=lambda m: -known.get(m, ioi.get(m, {})).get("total", -1e9))
+    methods = sorted(set(known) | set(ioi) | set(comp), key=lambda m: (-known.get(m, ioi.get(m, {})).get("total", -1e9), m))
     f = lambda d, m, k: f"{d[m][k]:.1f}" if m in d else ""  # noqa: E731
     lines = [
         f"Every method on the authors' benchmarks with SmolLM2-135M, on {s['known_1000_prompts']} Known 1000 and "
@@ -114,15 +113,16 @@ def circuits(r: dict) -> str:
 
 
 def ioi_heads(r: dict) -> str:
-    a = r["against_exact_patching"]
-    return (f"Over these {r['prompts']} prompts AtP tracks exact patching with Pearson r = {a['atp']['pearson']:.2f} "
-            f"(Spearman {a['atp']['spearman']:.2f}) and DPA with r = {a['dpa']['pearson']:.2f} (Spearman {a['dpa']['spearman']:.2f}).\n")
+    a, n = r["agreement"], r["settings"]["agreement_prompts"]
+    return (f"Over the {n} IOI prompts of the faithfulness benchmark, AtP tracks exact patching of whole heads with Pearson "
+            f"r = {a['atp']['pearson']:.2f} (Spearman {a['atp']['spearman']:.2f}) and DPA with r = {a['dpa']['pearson']:.2f} "
+            f"(Spearman {a['dpa']['spearman']:.2f}).\n")
 
 
 SOURCES: dict[str, tuple[Path, Callable[[dict], str]]] = {
     "faithfulness": (RESULTS / "faithfulness_smollm2.json", faithfulness),
     "speed": (RESULTS / "speed_smollm2.json", speed),
-    "ioi-heads": (ROOT / "docs" / "images" / "ioi_heads.json", ioi_heads),
+    "ioi-heads": (RESULTS / "faithfulness_smollm2.json", ioi_heads),
     "circuits": (RESULTS / "circuits_smollm2.json", circuits),
 }
 
