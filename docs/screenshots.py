@@ -93,7 +93,7 @@ def main() -> None:
         fig = plot.scatter(mean[m], mean["activation_patching"])
         figure(fig, f"scatter_{m}.png")
         agreement[m] = {"pearson": round(fig.layout.meta["pearson"], 4), "spearman": round(fig.layout.meta["spearman"], 4)}
-    # the README quotes these numbers (tests/test_readme.py checks them against this file)
+    # the pictures' own numbers (the README's agreement sentence comes from the faithfulness results)
     (OUT / "ioi_heads.json").write_text(json.dumps({"prompts": len(prompts), "against_exact_patching": agreement}, indent=2) + "\n")
 
 

@@ -47,8 +47,8 @@ def _top_writers(df, reader_heads, path, k):
 
 @pytest.mark.slow
 def test_gpt2_ioi_circuit(gpt2):
-    torch.set_grad_enabled(False)
-    df = _mean_edges(gpt2)
+    with torch.no_grad():
+        df = _mean_edges(gpt2)
     to_logit = df[(df.reader == "logit") & df.writer.str.match(r"L\d+H\d+")]
     top_logit = set(to_logit.sort_values("score", ascending=False).head(10).writer)
     assert len(top_logit & NAME_MOVERS) >= 2, top_logit  # name movers write the IO logit
