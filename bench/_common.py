@@ -15,6 +15,9 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+# the bundled models a benchmark can run on: name -> (file stem, how the results name it)
+MODELS = {"smollm2-135m": ("smollm2", "SmolLM2-135M-Instruct"), "gemma3-270m": ("gemma3", "Gemma 3 270M")}
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:

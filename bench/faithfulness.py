@@ -1,8 +1,10 @@
-"""Faithfulness of every method on SmolLM2-135M, on the authors' benchmarks.
+"""Faithfulness of every method on a bundled model (SmolLM2-135M by default), on the authors' benchmarks.
 
-    python bench/faithfulness.py            # ~27 min on 2 CPU cores (bench/speed.py: ~27 min)
+    python bench/faithfulness.py            # ~31 min on 2 CPU cores
     python bench/faithfulness.py --quick    # a few prompts, for CI
     python bench/faithfulness.py --methods depass unpack --update   # add or redo some methods' rows
+    python bench/faithfulness.py --sections heads agreement --update   # add or redo some sections
+    python bench/faithfulness.py --model gemma3-270m --known 30 --ioi 12   # the second model
 
 1. Token level on Known 1000 and on IOI (the prompts the model answers correctly: top-1 with
    p > 0.1): disruption and recovery curves with token embeddings zeroed, fractions 0.1 … 1.0,
@@ -11,10 +13,14 @@
    fractions on the authors' log grid from 4e-8 to 0.45, AUC on a linear axis (theirs) and on a
    log axis (where the curves live). DPA is also scored on the authors' exact component units,
    attention probabilities and neurons (only DPA has per-key head scores to rank them).
-3. Agreement with exact patching of whole heads on IOI (target: the IO − S logit difference):
-   Pearson, Spearman and top-10 overlap of heads summed over positions.
+3. Heads × positions alone on IOI, the same way: every method with per-position head scores,
+   DePass and Unpack included (DePass's neurons × positions cost one run of the rest of the
+   network per layer with positions × d_mlp parts, hours per prompt on a CPU: it is not in 2.).
+4. Agreement with exact patching of whole heads on IOI (target: the IO − S logit difference):
+   Pearson, Spearman and top-10 overlap of heads summed over positions (DePass: its head level).
 
-Writes bench/results/faithfulness_smollm2.md and .json (``_quick`` with --quick).
+Methods that do not support the model (Unpack on Gemma 3) are listed as such in the results.
+Writes bench/results/faithfulness_{smollm2,gemma3}.md and .json (``_quick`` with --quick).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_results
+from _common import MODELS, write_results
 
 import dpa_lens
 from dpa_lens.datasets import answered_correctly, ioi_benchmark, known_1000
@@ -39,11 +45,20 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = tuple(m for m in dpa_lens.available_methods() if not dpa_lens.get_method(m).reference)
 # each method's options here: DPA's per-key head scores rank the authors' attention-entry units
 OPTIONS = {"dpa": {"head_keys": True}, "integrated_gradients": {"warn_gap": float("inf")}}
+# methods whose head scores come from another call than their token scores: heads × positions, heads
+HEAD_OPTIONS = {"depass": {"level": "heads", "by_position": True}}
+AGREEMENT_OPTIONS = {"depass": {"level": "heads"}}
+SECTIONS = ("tokens", "components", "heads", "agreement")
 
 
 def unpaired(methods) -> list[str]:
     """The methods that need no corrupted prompt (Known 1000 has none)."""
     return [m for m in methods if dpa_lens.get_method(m).input != "pair"]
+
+
+def head_methods(methods) -> list[str]:
+    """The methods that score heads (per position, or whole heads with `HEAD_OPTIONS`)."""
+    return [m for m in methods if "heads" in dpa_lens.get_method(m).scores or m in HEAD_OPTIONS]
 
 
 def component_methods(methods) -> list[str]:
@@ -70,11 +85,24 @@ def first_token(model, answer: str) -> int:
     return model.tokenizer.encode(answer, add_special_tokens=False)[0]
 
 
-def attributions(model, prompt: str, target, corrupted: str | None, methods) -> dict[str, dpa_lens.Attribution]:
+UNSUPPORTED: dict[str, str] = {}  # method -> why it does not run on this benchmark's model
+
+
+def attributions(model, prompt: str, target, corrupted: str | None, methods, options=None) -> dict[str, dpa_lens.Attribution]:
+    """Each method's attribution of one prompt (``options``: per-method options that replace `OPTIONS`)."""
+    options = {**OPTIONS, **(options or {})}
     with torch.no_grad():
         _, cache = model.run_with_cache(prompt)
-    return {m: dpa_lens.run(m, model, prompt, target, corrupted=corrupted, cache=cache, progress=False, **OPTIONS.get(m, {}))
-            for m in methods}
+    out = {}
+    for m in methods:
+        if m in UNSUPPORTED:
+            continue
+        try:
+            out[m] = dpa_lens.run(m, model, prompt, target, corrupted=corrupted, cache=cache, progress=False, **options.get(m, {}))
+        except dpa_lens.UnsupportedModelError as e:
+            UNSUPPORTED[m] = str(e).split(". ")[0]
+            log(f"{m} does not support this model: {UNSUPPORTED[m]}")
+    return out
 
 
 def agreement_with_patching(model, item, methods=METHODS) -> dict[str, dict[str, float]]:
@@ -83,9 +111,9 @@ def agreement_with_patching(model, item, methods=METHODS) -> dict[str, dict[str,
     answer, subject = first_token(model, item.correct), first_token(model, item.incorrect)
     if answer == subject:
         return {}
-    if not component_methods(methods):
+    if not head_methods(methods):
         return {}
-    pair = attributions(model, item.prompt, (answer, subject), item.corrupted, component_methods(methods))
+    pair = attributions(model, item.prompt, (answer, subject), item.corrupted, head_methods(methods), AGREEMENT_OPTIONS)
     exact = dpa_lens.run("activation_patching", model, item.prompt, (answer, subject), corrupted=item.corrupted, progress=False)
     return {name: agreement(a, exact, "heads", k=10) for name, a in pair.items()}
 
@@ -99,11 +127,14 @@ def table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the bundled model (default smollm2-135m)")
     parser.add_argument("--quick", action="store_true", help="a few prompts (CI)")
     parser.add_argument("--known", type=int, default=None, help="Known 1000 prompts (default 60, quick 4)")
     parser.add_argument("--ioi", type=int, default=None, help="IOI prompts (default 24, quick 3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--methods", nargs="+", default=None, help=f"only these methods (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="only these sections (default: all); with --update the others are kept")
     parser.add_argument("--update", action="store_true",
                         help="merge the rows of --methods into the existing results (same prompts; the other rows are kept)")
     args = parser.parse_args()
@@ -111,7 +142,8 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    stem = args.out / f"faithfulness_smollm2{'_quick' if args.quick else ''}"
+    slug, label = MODELS[args.model]
+    stem = args.out / f"faithfulness_{slug}{'_quick' if args.quick else ''}"
     if args.update and not stem.with_suffix(".json").exists():
         parser.error(f"--update needs existing results at {stem.with_suffix('.json')}")
     n_known = args.known if args.known is not None else (4 if args.quick else 60)
@@ -119,7 +151,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = dpa_lens.load_model("smollm2-135m")
+    model = dpa_lens.load_model(args.model)
 
     facts = known_1000()
     known_idx = correct_subset(model, [f.prompt for f in facts], [f.answer for f in facts], n_known)
@@ -130,10 +162,12 @@ def main() -> None:
 
     token_curves: dict[str, dict[str, list[Curves]]] = {"known_1000": {}, "ioi": {}}
     comp_curves: dict[str, list[Curves]] = {}
+    head_curves: dict[str, list[Curves]] = {}
     agree: dict[str, list[dict[str, float]]] = {}
     gaps, ig_settings = [], {}
 
-    for i, k in enumerate(known_idx):
+    sections = set(args.sections)
+    for i, k in enumerate(known_idx if "tokens" in sections else []):
         fact = facts[k]
         log(f"[Known {i + 1}/{len(known_idx)}] {fact.prompt!r} -> {fact.answer!r}")
         attrs = attributions(model, fact.prompt, first_token(model, fact.answer), None, unpaired(methods))
@@ -147,21 +181,30 @@ def main() -> None:
         item = items[k]
         log(f"[IOI {i + 1}/{len(ioi_idx)}] {item.prompt!r} -> {item.correct!r}")
         answer = first_token(model, item.correct)
-        attrs = attributions(model, item.prompt, answer, item.corrupted, methods)
+        attrs = attributions(model, item.prompt, answer, item.corrupted, methods) if sections & {"tokens", "components"} else {}
         if "integrated_gradients" in attrs:
             gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
             ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
-            token_curves["ioi"].setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="tokens"))
-            if name in component_methods(methods):
+            if "tokens" in sections:
+                token_curves["ioi"].setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="tokens"))
+            if "components" in sections and name in component_methods(methods):
                 comp_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="components"))
-        if "dpa" in attrs:
+        if "dpa" in attrs and "components" in sections:
             comp_curves.setdefault("dpa (attention entries + neurons)", []).append(
                 faithfulness_curves(model, item.prompt, attrs["dpa"], unit="attention+neurons"))
-        for name, row in agreement_with_patching(model, item, methods).items():
-            agree.setdefault(name, []).append(row)
+        if "heads" in sections:
+            again = [m for m in head_methods(methods) if m not in attrs or m in HEAD_OPTIONS]
+            by_head = {**attrs, **attributions(model, item.prompt, answer, item.corrupted, again, HEAD_OPTIONS)}
+            for name in head_methods(methods):
+                if name in by_head:
+                    head_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, by_head[name], unit="heads"))
+        if "agreement" in sections:
+            for name, row in agreement_with_patching(model, item, methods).items():
+                agree.setdefault(name, []).append(row)
 
-    results = {"settings": {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "quick": args.quick,
+    command = " ".join(["python bench/faithfulness.py"] + sys.argv[1:])
+    results = {"settings": {"model": f"{label} (bundled GGUF, float32)", "quick": args.quick, "command": command,
                             "known_1000_prompts": len(known_idx), "ioi_prompts": len(ioi_idx),
                             "filter": "answer's first token is the top-1 prediction with p > 0.1 (IOI: and the corrupted "
                                       "partner has as many tokens)",
@@ -169,14 +212,15 @@ def main() -> None:
                             "token_fractions": list(TOKEN_FRACTIONS), "component_fractions": list(COMPONENT_FRACTIONS),
                             "ablation": "zero", "dpa_mu": dpa_lens.Mu.paper_default().as_dict(),
                             "integrated_gradients": ", ".join(f"{k} {v}" for k, v in ig_settings.items() if k != "completeness_gap"),
-                            "seconds": None},
-               "tokens": {}, "components": {}, "agreement": {}}
+                            "seconds": None, "unsupported": dict(UNSUPPORTED)},
+               "tokens": {"known_1000": {}, "ioi": {}}, "components": {}, "heads": {}, "agreement": {}}
     for task, per_method in token_curves.items():
         results["tokens"][task] = {m: Curves.concat(c).auc("linear") for m, c in per_method.items()}
-    for m, c in comp_curves.items():
-        joined = Curves.concat(c)
-        results["components"][m] = {**{f"{k} (linear)": v for k, v in joined.auc("linear").items()},
-                                    **{f"{k} (log)": v for k, v in joined.auc("log").items()}}
+    for section, curves in (("components", comp_curves), ("heads", head_curves)):
+        for m, c in curves.items():
+            joined = Curves.concat(c)
+            results[section][m] = {**{f"{k} (linear)": v for k, v in joined.auc("linear").items()},
+                                   **{f"{k} (log)": v for k, v in joined.auc("log").items()}}
     for m, rows in agree.items():
         results["agreement"][m] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     seconds = round(time.perf_counter() - started)
@@ -187,20 +231,22 @@ def main() -> None:
         same = ("known_1000_prompts", "ioi_prompts", "token_fractions", "component_fractions", "ablation")
         if any(old["settings"][k] != results["settings"][k] for k in same):
             sys.exit("--update: the existing results were measured on other prompts or settings; run without --update")
-        for section in ("tokens", "components", "agreement"):
-            target = old[section]
+        for section in sections:
+            target = old.setdefault(section, {})
             for task in (("known_1000", "ioi") if section == "tokens" else (None,)):
                 dest, new = (target[task], results[section][task]) if task else (target, results[section])
                 for m in [m for m in dest if m in methods or m.startswith(tuple(f"{x} (" for x in methods))]:
                     del dest[m]
                 dest.update(new)
-        old["settings"].setdefault("updates", []).append({"methods": list(methods), "seconds": seconds})
+        old["settings"].setdefault("updates", []).append({"methods": list(methods), "sections": sorted(sections), "seconds": seconds})
+        old["settings"].setdefault("unsupported", {}).update(UNSUPPORTED)
         results = old
     else:
         results["settings"]["agreement_prompts"] = len(agree.get("dpa", []))
-        gap = torch.tensor(gaps).abs()
-        results["settings"]["integrated_gradients_gap"] = {"median": float(gap.median()), "mean": float(gap.mean()),
-                                                           "max": float(gap.max())}
+        if gaps:
+            gap = torch.tensor(gaps).abs()
+            results["settings"]["integrated_gradients_gap"] = {"median": float(gap.median()), "mean": float(gap.mean()),
+                                                               "max": float(gap.max())}
         results["settings"]["seconds"] = seconds
 
     write_results(stem, results, markdown)
@@ -208,19 +254,24 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     s = r["settings"]
+    model, gap = s["model"].split(" (")[0], s.get("integrated_gradients_gap")
+    command = s.get("command", "python bench/faithfulness.py" + (" --quick" if s["quick"] else ""))
     lines = [
-        "# Faithfulness of attribution methods on SmolLM2-135M",
+        f"# Faithfulness of attribution methods on {model}",
         "",
         f"{s['known_1000_prompts']} Known 1000 prompts and {s['ioi_prompts']} IOI prompts of the authors' benchmarks that the "
-        f"model answers correctly ({s['filter']}). Ablation: {s['ablation']}. DPA with the paper's default mu; integrated "
-        f"gradients with {s['integrated_gradients']} (completeness gap: median {s['integrated_gradients_gap']['median']:.0%}, "
-        f"max {s['integrated_gradients_gap']['max']:.0%}). AUCs are ×100 and divided by the width of the fraction axis: "
+        f"model answers correctly ({s['filter']}). Ablation: {s['ablation']}. DPA with the paper's default mu"
+        + (f"; integrated gradients with {s['integrated_gradients']} (completeness gap: median {gap['median']:.0%}, max {gap['max']:.0%})"
+           if gap else "") + ". AUCs are ×100 and divided by the width of the fraction axis: "
         "100 means p(answer) stayed at its clean value. Disruption: lower is better; recovery and total: higher is better. "
-        f"Produced by `python bench/faithfulness.py{' --quick' if s['quick'] else ''}` in {s['seconds'] / 60:.0f} min"
-        + "".join(f"; rows of {', '.join(u['methods'])} by `--methods {' '.join(u['methods'])} --update` in {u['seconds'] / 60:.0f} min"
-                  for u in s.get("updates", [])) + ".",
+        f"Produced by `{command}` in {s['seconds'] / 60:.0f} min"
+        + "".join(f"; rows of {', '.join(u['methods'])} by `--methods {' '.join(u['methods'])}"
+                  + (f" --sections {' '.join(u['sections'])}" if "sections" in u and len(u["sections"]) < len(SECTIONS) else "")
+                  + f" --update` in {u['seconds'] / 60:.0f} min" for u in s.get("updates", [])) + ".",
         "",
     ]
+    for m, why in s.get("unsupported", {}).items():
+        lines += [f"Not run: {m} ({why}).", ""]
     for task, title in (("known_1000", "Known 1000"), ("ioi", "IOI")):
         lines += [f"## Tokens: {title}", ""] + table(r["tokens"][task], ["disruption", "recovery", "total"]) + [""]
     lines += ["## Components: IOI (heads × positions and neurons × positions)", "",
@@ -228,6 +279,12 @@ def markdown(r: dict) -> str:
               "logarithmic); the log-axis AUC weighs every decade of the grid equally.", ""]
     lines += table(r["components"], ["disruption (linear)", "recovery (linear)", "total (linear)",
                                      "disruption (log)", "recovery (log)", "total (log)"])
+    if r.get("heads"):
+        lines += ["", "## Heads × positions alone: IOI", "",
+                  "Every method with head scores per position, ranking heads × positions only (neurons are not ablated). "
+                  "DePass's are its head level with one part per head and position (`level=\"heads\", by_position=True`).", ""]
+        lines += table(r["heads"], ["disruption (linear)", "recovery (linear)", "total (linear)",
+                                    "disruption (log)", "recovery (log)", "total (log)"])
     lines += ["", "## Agreement with exact patching of whole heads: IOI, logit difference", "",
               f"Mean over the {s['agreement_prompts']} IOI prompts whose two names start with different tokens "
               "(the logit difference of the others is 0 whatever the model does).", "",

@@ -5,9 +5,10 @@ rewrites each from its result file, so no number in them is typed by hand.
 ``python bench/readme.py --check`` fails when the README differs from what the results say
 (tests/test_bench.py runs it).
 
-Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json), ``speed``
-(bench/results/speed_smollm2.json), ``circuits`` (bench/results/circuits_smollm2.json),
-``ioi-heads`` (the agreement section of bench/results/faithfulness_smollm2.json).
+Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
+faithfulness_gemma3.json), ``speed`` and ``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
+``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
+bench/results/faithfulness_smollm2.json).
 """
 
 from __future__ import annotations
@@ -28,11 +29,22 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def faithfulness(r: dict) -> str:
+def faithfulness(r: dict, gemma: dict | None = None) -> str:
     s = r["settings"]
     known, ioi, comp, agree = r["tokens"]["known_1000"], r["tokens"]["ioi"], r["components"], r["agreement"]
-    methods = sorted(set(known) | set(ioi) | set(comp), key=lambda m: (-known.get(m, ioi.get(m, {})).get("total", -1e9), m))
+    heads = r.get("heads", {})
+    methods = sorted(set(known) | set(ioi) | set(comp) | set(heads), key=lambda m: (-known.get(m, ioi.get(m, {})).get("total", -1e9), m))
     f = lambda d, m, k: f"{d[m][k]:.1f}" if m in d else ""  # noqa: E731
+    g_known, g_ioi = (gemma["tokens"]["known_1000"], gemma["tokens"]["ioi"]) if gemma else ({}, {})
+    g_head = " Gemma 3 270M, tokens: Known 1000 / IOI total |" if gemma else ""
+
+    def g_cell(m: str) -> str:
+        if not gemma:
+            return ""
+        if m not in g_known and m not in g_ioi:
+            return " |"
+        return f" {f(g_known, m, 'total') or '—'} / {f(g_ioi, m, 'total') or '—'} |"
+
     lines = [
         f"Every method on the authors' benchmarks with SmolLM2-135M, on {s['known_1000_prompts']} Known 1000 and "
         f"{s['ioi_prompts']} IOI prompts that the model answers correctly "
@@ -42,19 +54,24 @@ def faithfulness(r: dict) -> str:
         f"patching of each head, on the IO − S logit difference ({s['agreement_prompts']} prompts).",
         "",
         "| method | tokens, Known 1000: total | tokens, IOI: total | components, IOI: total (linear / log axis) "
-        "| heads vs exact patching: Pearson / Spearman |",
-        "|---|---:|---:|---:|---:|",
+        + ("| heads × positions, IOI: total (linear / log axis) " if heads else "")
+        + "| heads vs exact patching: Pearson / Spearman |" + g_head,
+        "|---|---:|---:|---:|---:|" + ("---:|" if heads else "") + ("---:|" if gemma else ""),
     ]
     for m in methods:
         c = f"{comp[m]['total (linear)']:.1f} / {comp[m]['total (log)']:.1f}" if m in comp else ""
+        h = (f" {heads[m]['total (linear)']:.1f} / {heads[m]['total (log)']:.1f} |" if m in heads else " |") if heads else ""
         a = f"{agree[m]['pearson']:.2f} / {agree[m]['spearman']:.2f}" if m in agree else ""
-        lines.append(f"| {m} | {f(known, m, 'total')} | {f(ioi, m, 'total')} | {c} | {a} |")
-    extra = [m for m in comp if m not in methods]
-    for m in extra:
-        lines.append(f"| {m} | | | {comp[m]['total (linear)']:.1f} / {comp[m]['total (log)']:.1f} | |")
+        lines.append(f"| {m} | {f(known, m, 'total')} | {f(ioi, m, 'total')} | {c} |{h} {a} |" + g_cell(m))
     gap = s["integrated_gradients_gap"]
     lines += ["", f"Integrated gradients ({s['integrated_gradients'].split(',')[0]}) were complete within "
                   f"{gap['median']:.1%} at the median ({gap['max']:.0%} at worst)."]
+    if gemma:
+        gs = gemma["settings"]
+        lines += ["", f"Gemma 3 270M's column: {gs['known_1000_prompts']} Known 1000 and {gs['ioi_prompts']} IOI prompts "
+                      "([`bench/results/faithfulness_gemma3.md`](bench/results/faithfulness_gemma3.md), "
+                      f"`{gs['command']}`, {gs['seconds'] / 60:.0f} min)"
+                      + "".join(f"; {m} does not run on it ({why})" for m, why in gs.get("unsupported", {}).items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -119,12 +136,15 @@ def ioi_heads(r: dict) -> str:
             f"(Spearman {a['dpa']['spearman']:.2f}).\n")
 
 
-SOURCES: dict[str, tuple[Path, Callable[[dict], str]]] = {
-    "faithfulness": (RESULTS / "faithfulness_smollm2.json", faithfulness),
-    "speed": (RESULTS / "speed_smollm2.json", speed),
-    "ioi-heads": (RESULTS / "faithfulness_smollm2.json", ioi_heads),
-    "circuits": (RESULTS / "circuits_smollm2.json", circuits),
+# block -> (its result files, the renderer that takes them in that order; a missing optional file is None)
+SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
+    "faithfulness": ((RESULTS / "faithfulness_smollm2.json", RESULTS / "faithfulness_gemma3.json"), faithfulness),
+    "speed": ((RESULTS / "speed_smollm2.json",), speed),
+    "speed-gemma3": ((RESULTS / "speed_gemma3.json",), speed),
+    "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
+    "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
 }
+OPTIONAL = {RESULTS / "faithfulness_gemma3.json"}
 
 
 def render(text: str) -> str:
@@ -134,8 +154,8 @@ def render(text: str) -> str:
         name = m.group("name")
         if name not in SOURCES:
             raise SystemExit(f"README has an unknown generated block {name!r}")
-        path, fn = SOURCES[name]
-        return m.group(1) + fn(_load(path)) + m.group(4)
+        paths, fn = SOURCES[name]
+        return m.group(1) + fn(*(_load(p) if p.exists() or p not in OPTIONAL else None for p in paths)) + m.group(4)
 
     return BLOCK.sub(block, text)
 

@@ -1,8 +1,10 @@
-"""Seconds and peak memory per example of dpa_lens's methods on SmolLM2-135M, against the honest floor.
+"""Seconds and peak memory per example of dpa_lens's methods on a bundled model, against the honest floor.
 
     python bench/speed.py               # the full run (~45 min on 2 CPU cores)
     python bench/speed.py --quick       # a few points, for CI
     python bench/speed.py --device cuda # a GPU section (float32 and bfloat16)
+    python bench/speed.py --model gemma3-270m --max-length 1024 --max-method-length 256   # the second model
+    python bench/speed.py --rows depass:1024 atp:1024 --update   # add or redo some rows of the committed results
 
 The floor is the same model in ``transformers`` with SDPA attention: one forward, and one forward and
 backward to the input embeddings with the parameters frozen. Against it:
@@ -20,7 +22,7 @@ backward to the input embeddings with the parameters frozen. Against it:
 
 Each measurement runs in a fresh process: a warm-up (whose peak memory is recorded: the peak above
 the loaded model), then up to ``--repeats`` timed runs (fewer once they add up to 20 s; none after a
-warm-up over a minute); the table gives the minimum. Writes bench/results/speed_smollm2[_cuda].md and .json.
+warm-up over a minute); the table gives the minimum. Writes bench/results/speed_{smollm2,gemma3}[_cuda].md and .json.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, run_child, write_results
+from _common import MODELS, PeakMemory, machine, run_child, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # measurement -> (what it is, how the table names it)
@@ -57,7 +59,7 @@ def _inputs(model, length: int, device: str):
     return clean.to(device), corrupted.to(device)
 
 
-def run_one(measurement: str, length: int, repeats: int, device: str, option: str, dtype: str) -> dict:
+def run_one(name: str, measurement: str, length: int, repeats: int, device: str, option: str, dtype: str) -> dict:
     import torch
 
     import dpa_lens
@@ -65,12 +67,12 @@ def run_one(measurement: str, length: int, repeats: int, device: str, option: st
     from dpa_lens.models.bundled import load_bundled_hf
 
     torch_dtype = getattr(torch, dtype)
-    model = dpa_lens.load_model("smollm2-135m", device=device, dtype=torch_dtype)
+    model = dpa_lens.load_model(name, device=device, dtype=torch_dtype)
     clean, corrupted = _inputs(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
     hf = None
     if measurement.startswith("hf_"):
-        hf, _ = load_bundled_hf(dtype=torch_dtype)
+        hf, _ = load_bundled_hf(name, dtype=torch_dtype)
         hf.set_attn_implementation("sdpa")
         hf = hf.to(device)
         for p in hf.parameters():
@@ -133,14 +135,14 @@ def run_one(measurement: str, length: int, repeats: int, device: str, option: st
             "median_seconds": sorted(times)[len(times) // 2], "peak_bytes": mem.peak}
 
 
-def profile_sweep(length: int, device: str) -> dict:
+def profile_sweep(name: str, length: int, device: str) -> dict:
     """Seconds of the sweep per rule (the ``record_function`` labels of the DPA rules), one run."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import dpa_lens
 
-    model = dpa_lens.load_model("smollm2-135m", device=device)
+    model = dpa_lens.load_model(name, device=device)
     clean, _ = _inputs(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
     with torch.no_grad():
@@ -152,6 +154,16 @@ def profile_sweep(length: int, device: str) -> dict:
             total = time.perf_counter() - start
     rules = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("dpa.")}
     return {"measurement": "profile", "length": length, "option": "", "seconds": total, "rules": rules, "peak_bytes": 0}
+
+
+def units(name: str) -> dict:
+    """How many heads and neurons the model has (the scaling table's labels)."""
+    from dpa_lens.models.bundled import load_bundled_hf
+
+    cfg = load_bundled_hf(name)[0].config
+    cfg = getattr(cfg, "text_config", cfg)
+    return {"heads": cfg.num_hidden_layers * cfg.num_attention_heads, "heads_per_layer": cfg.num_attention_heads,
+            "neurons": cfg.num_hidden_layers * cfg.intermediate_size}
 
 
 def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> list[tuple[str, int, str, str]]:
@@ -189,12 +201,13 @@ def markdown(result: dict) -> str:
     rows, mach = result["rows"], result["machine"]
     where = mach.get("gpu") or f"{mach['cpu_count']} CPU cores"
     lines = [
-        "# Speed and memory of dpa_lens's methods on SmolLM2-135M",
+        f"# Speed and memory of dpa_lens's methods on {result['model'].split(' (')[0]}",
         "",
         f"Device: {mach['device']} ({where}); torch {mach['torch']}, TransformerLens {mach['transformer_lens']}, "
         f"{result['dtype']}. Minimum of up to {result['repeats']} runs after a warm-up (the warm-up alone when it takes over a "
         "minute); peak memory above the loaded model, per example (one prompt of random tokens: the cost does not depend "
-        f"on the text). Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`.",
+        f"on the text). Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`"
+        + "".join(f"; rows added by `{u}`" for u in result.get("updates", [])) + ".",
         "",
         "## DPA against the model's own forward and backward",
         "",
@@ -223,11 +236,13 @@ def markdown(result: dict) -> str:
     scaling = [r for r in rows if r.get("section") == "scaling"]
     if scaling:
         n = scaling[0]["length"]
-        order = [("dpa", "tokens", "DPA: tokens"), ("dpa", "tokens+heads", "DPA: tokens + 270 heads × positions"),
-                 ("dpa", "", "DPA: tokens + heads × positions + 46,080 neurons × positions"),
+        u = result.get("units", {"heads": 270, "neurons": 46080, "heads_per_layer": 9})
+        order = [("dpa", "tokens", "DPA: tokens"), ("dpa", "tokens+heads", f"DPA: tokens + {u['heads']} heads × positions"),
+                 ("dpa", "", f"DPA: tokens + heads × positions + {u['neurons']:,} neurons × positions"),
                  ("dpa", "head_keys", "DPA: … + heads × query × key positions (patterns cached)"),
-                 ("patching", "9", "exact patching: 9 heads"), ("patching", "90", "exact patching: 90 heads"),
-                 ("patching", "", "exact patching: 270 heads")]
+                 ("patching", "9", f"exact patching: {u['heads_per_layer']} heads (layer 0)"),
+                 ("patching", "90", f"exact patching: {10 * u['heads_per_layer']} heads (layers 0-9)"),
+                 ("patching", "", f"exact patching: {u['heads']} heads")]
         lines += ["", f"## Scaling in the number of units scored ({n} tokens)", "", "| method and units | seconds | peak memory |",
                   "|---|---:|---:|"]
         for m, o, label in order:
@@ -250,6 +265,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the bundled model (default smollm2-135m)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -259,29 +275,50 @@ def main() -> None:
     parser.add_argument("--max-method-length", type=int, default=1024,
                         help="longest input for the other methods (default 1024)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to one measurement (default 900)")
+    parser.add_argument("--rows", nargs="+", metavar="MEASUREMENT[/OPTION]:LENGTH",
+                        help="only these rows of the full plan (with --update: merged into the existing results)")
+    parser.add_argument("--update", action="store_true", help="merge the measured rows into the existing results")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "OPTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         m, n, o = args.child
-        row = profile_sweep(int(n), args.device) if m == "profile" else run_one(m, int(n), args.repeats, args.device,
-                                                                                 o if o != "-" else "", args.dtype)
+        row = (profile_sweep(args.model, int(n), args.device) if m == "profile"
+               else run_one(args.model, m, int(n), args.repeats, args.device, o if o != "-" else "", args.dtype))
         print(json.dumps(row))
         return
+    slug, label = MODELS[args.model]
+    suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
+    stem = args.out / f"speed_{slug}{suffix}{'_quick' if args.quick else ''}"
     jobs = plan(args.quick, args.max_length, args.max_method_length)
+    if args.rows:
+        wanted = {(r.rsplit(":", 1)[0].split("/")[0], int(r.rsplit(":", 1)[1]), r.rsplit(":", 1)[0].partition("/")[2]) for r in args.rows}
+        jobs = [j for j in plan(args.quick, 8192, 8192) if j[:3] in wanted]
+        missing = wanted - {j[:3] for j in jobs}
+        if missing:
+            parser.error(f"--rows: not in the plan: {sorted(missing)}")
+    if args.update and not stem.with_suffix(".json").exists():
+        parser.error(f"--update needs existing results at {stem.with_suffix('.json')}")
     rows = []
     for i, (m, n, o, section) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {m} {o} at {n} tokens ...", file=sys.stderr, flush=True)
-        row = run_child(__file__, [m, str(n), o or "-", "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype],
-                        timeout=args.timeout)
+        row = run_child(__file__, [m, str(n), o or "-", "--model", args.model, "--repeats", str(args.repeats), "--device", args.device,
+                                   "--dtype", args.dtype], timeout=args.timeout)
         row.update({"measurement": m, "length": n, "option": o, "section": section})
         rows.append(row)
         print(f"      {row.get('seconds', float('nan')):.3g} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row
               else f"      failed: {row['error'].splitlines()[-1][:160]}", file=sys.stderr, flush=True)
-    result = {"model": "SmolLM2-135M-Instruct (bundled GGUF)", "machine": machine(args.device), "repeats": args.repeats,
+    command = " ".join(["python bench/speed.py"] + sys.argv[1:])
+    if args.update:  # the other rows, and the command and machine they were measured with, stay
+        result = json.loads(stem.with_suffix(".json").read_text())
+        new = {(r["measurement"], r["length"], r["option"]) for r in rows}
+        result["rows"] = [r for r in result["rows"] if (r["measurement"], r["length"], r["option"]) not in new] + rows
+        result.setdefault("updates", []).append(command)
+        write_results(stem, result, markdown)
+        return
+    result = {"model": f"{label} (bundled GGUF)", "machine": machine(args.device), "repeats": args.repeats, "units": units(args.model),
               "quick": args.quick, "dtype": args.dtype, "rows": rows,
-              "command": " ".join(["python bench/speed.py"] + sys.argv[1:])}
-    suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
-    write_results(args.out / f"speed_smollm2{suffix}{'_quick' if args.quick else ''}", result, markdown)
+              "command": command}
+    write_results(stem, result, markdown)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,12 @@ class CachedForward:
     def seq_len(self) -> int:
         return self.inputs.seq_len
 
+    def result_fields(self) -> dict:
+        """The fields every `Attribution` made from this forward shares: answer positions, the input's
+        token ids and strings, the real-token mask and the model's name."""
+        return {"positions": self.positions, "token_ids": self.inputs.tokens, "str_tokens": self.inputs.str_tokens,
+                "mask": self.inputs.real, "model_name": self.view.name}
+
     def act(self, name: str) -> Tensor:
         """A cached activation, float32, on this forward's device. With ``use_split_qkv_input`` or
         ``use_attn_in``, HookedTransformer normalises one (equal) copy of the stream per head and caches

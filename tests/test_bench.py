@@ -25,7 +25,7 @@ def _module(name: str):
         sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("stem", ["faithfulness_smollm2", "speed_smollm2"])
+@pytest.mark.parametrize("stem", ["faithfulness_smollm2", "speed_smollm2", "faithfulness_gemma3", "speed_gemma3"])
 def test_committed_tables_are_rendered_from_the_committed_results(stem):
     results = BENCH / "results"
     data = json.loads((results / f"{stem}.json").read_text())
@@ -58,6 +58,21 @@ def test_bench_quick_run(script, tmp_path):
         assert "## DPA against the model's own forward and backward" in text and "| 128 |" in text
         profile = next(r for r in rows if r["measurement"] == "profile")
         assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])
+
+
+@pytest.mark.gemma3
+@pytest.mark.tl4_only
+def test_faithfulness_bench_on_the_second_model(tmp_path):
+    """--model gemma3-270m writes its own results; a method that does not support the model is listed, not fatal."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, str(BENCH / "faithfulness.py"), "--model", "gemma3-270m", "--known", "1", "--ioi", "1",
+                          "--methods", "dpa", "unpack", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "faithfulness_gemma3.json").read_text())
+    assert data["settings"]["model"].startswith("Gemma 3 270M") and data["settings"]["command"].endswith("--out " + str(tmp_path))
+    assert set(data["tokens"]["known_1000"]) == {"dpa"} and "unpack" in data["settings"]["unsupported"]
+    text = (tmp_path / "faithfulness_gemma3.md").read_text()
+    assert text.startswith("# Faithfulness of attribution methods on Gemma 3 270M") and "Not run: unpack" in text
 
 
 def test_readme_numbers_are_rendered_from_the_committed_results():

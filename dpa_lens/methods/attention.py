@@ -48,12 +48,8 @@ def _result(fwd: CachedForward, method: str, **scores: Tensor) -> Attribution:
     return Attribution(
         method=method,
         **scores,
-        positions=fwd.positions,
-        token_ids=fwd.inputs.tokens,
-        str_tokens=fwd.inputs.str_tokens,
-        mask=fwd.inputs.real,
+        **fwd.result_fields(),
         target={} if fwd.target is None else fwd.target.describe(),
-        model_name=fwd.view.name,
     )
 
 

@@ -103,10 +103,6 @@ def dla(
         neurons=neurons_out,
         bias=bias,
         target_value=value,
-        positions=fwd.positions,
-        token_ids=fwd.inputs.tokens,
-        str_tokens=fwd.inputs.str_tokens,
-        mask=fwd.inputs.real,
+        **fwd.result_fields(),
         target=fwd.target.describe(),
-        model_name=view.name,
     )

@@ -212,11 +212,7 @@ def dpa(
         effective_targets=scores.targets,
         flow=scores.flow,
         target_value=value,
-        positions=fwd.positions,
-        token_ids=fwd.inputs.tokens,
-        str_tokens=fwd.inputs.str_tokens,
-        mask=fwd.inputs.real,
+        **fwd.result_fields(),
         target=fwd.target.describe() if rooted is None else rooted.describe(fwd),
         settings={"mu": mu.as_dict(), "neuron_target": neuron_target, **({} if root is None else {"root": root})},
-        model_name=view.name,
     )

@@ -276,17 +276,13 @@ def unpack(
         tokens=token_scores.float(),
         heads=head_scores.float(),
         target_value=value.float(),
-        positions=fwd.positions,
-        token_ids=fwd.inputs.tokens,
-        str_tokens=fwd.inputs.str_tokens,
-        mask=fwd.inputs.real,
+        **fwd.result_fields(),
         paths=paths,
         target={"labels": labels, "token_ids": [[t, -1 if d is None else d] for t, d in zip(targets, others)], "logit": kinds},
         diagnostics=Diagnostics(mlp_flow=torch.tensor(mlp_flow, dtype=torch.float32).reshape(b, -1),
                                 suppress_ratio=torch.tensor(suppress, dtype=torch.float32), paths_found=torch.tensor(found)),
         settings={"preset": name, "quirks": quirks, "units": units, "root": root, "top_paths": top_paths, "min_frac": min_frac,
                   "max_depth": max_depth, "beta": P.beta},
-        model_name=view.name,
     )
 
 
