@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -97,6 +98,16 @@ def machine(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def short_error(text: str, limit: int = 200) -> str:
+    """The last line of a failure, without the exception's module path, cut at a sentence when long."""
+    line = text.strip().splitlines()[-1] if text.strip() else "unknown error"
+    line = re.sub(r"^(?:\w+\.)+(\w+(?:Error|Exception|Exit)):", r"\1:", line)
+    if len(line) > limit:
+        cut = line.find(". ", 0, limit)
+        line = line[: cut + 1] if cut > 0 else line[:limit] + "…"
+    return line
 
 
 def write_results(stem: Path, result: dict, markdown: Callable[[dict], str]) -> None:

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, run_child, write_results
+from _common import PeakMemory, machine, run_child, short_error, write_results
 
 RESULTS = Path(__file__).parent / "results"
 EXPECTED_MINUTES = 30  # the full run on 2 quiet CPU cores (faithfulness ~15, agreement ~4, cost ~8)
@@ -244,7 +244,8 @@ def cost_section(args) -> list[dict]:
         row = run_child(__file__, [m, str(n), str(sample), "--repeats", str(args.repeats)])
         row.update({"measurement": m, "length": n})
         rows.append(row)
-        log(f"      {row['seconds']:.3g} s, {row['peak_bytes'] / 2**20:,.0f} MiB" if "error" not in row else f"      failed: {row['error'][-160:]}")
+        log(f"      {row['seconds']:.3g} s, {row['peak_bytes'] / 2**20:,.0f} MiB" if "error" not in row
+            else f"      failed: {short_error(row['error'])}")
     return rows
 
 
@@ -347,7 +348,7 @@ def markdown(r: dict) -> str:
     failed = [x for x in rows if "error" in x]
     if failed:
         lines += ["", "Failed measurements:", ""]
-        lines += [f"- {x['measurement']} at {x['length']} tokens: {x['error'].splitlines()[-1][:160]}" for x in failed]
+        lines += [f"- {x['measurement']} at {x['length']} tokens: {short_error(x['error'])}" for x in failed]
     lines.append("")
     return "\n".join(lines)
 

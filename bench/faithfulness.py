@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--ioi", type=int, default=None, help="IOI prompts (default 24, quick 3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--methods", nargs="+", default=None, help=f"only these methods (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--note", default=None, help="a sentence the results print (e.g. what else ran on the machine)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="only these sections (default: all); with --update the others are kept")
     parser.add_argument("--update", action="store_true",
@@ -203,8 +204,11 @@ def main() -> None:
             for name, row in agreement_with_patching(model, item, methods).items():
                 agree.setdefault(name, []).append(row)
 
-    command = " ".join(["python bench/faithfulness.py"] + sys.argv[1:])
-    results = {"settings": {"model": f"{label} (bundled GGUF, float32)", "quick": args.quick, "command": command,
+    argv = sys.argv[1:]
+    if "--note" in argv:  # the command that reproduces the numbers; the note is printed apart
+        del argv[argv.index("--note"):argv.index("--note") + 2]
+    command = " ".join(["python bench/faithfulness.py"] + argv)
+    results = {"settings": {"model": f"{label} (bundled GGUF, float32)", "quick": args.quick, "command": command, "note": args.note,
                             "known_1000_prompts": len(known_idx), "ioi_prompts": len(ioi_idx),
                             "filter": "answer's first token is the top-1 prediction with p > 0.1 (IOI: and the corrupted "
                                       "partner has as many tokens)",
@@ -263,15 +267,18 @@ def markdown(r: dict) -> str:
         f"model answers correctly ({s['filter']}). Ablation: {s['ablation']}. DPA with the paper's default mu"
         + (f"; integrated gradients with {s['integrated_gradients']} (completeness gap: median {gap['median']:.0%}, max {gap['max']:.0%})"
            if gap else "") + ". AUCs are ×100 and divided by the width of the fraction axis: "
-        "100 means p(answer) stayed at its clean value. Disruption: lower is better; recovery and total: higher is better. "
+        "100 means p(answer) stayed at its clean value (above 100: the kept units alone raise it). "
+        "Disruption: lower is better; recovery and total: higher is better. "
         f"Produced by `{command}` in {s['seconds'] / 60:.0f} min"
         + "".join(f"; rows of {', '.join(u['methods'])} by `--methods {' '.join(u['methods'])}"
                   + (f" --sections {' '.join(u['sections'])}" if "sections" in u and len(u["sections"]) < len(SECTIONS) else "")
                   + f" --update` in {u['seconds'] / 60:.0f} min" for u in s.get("updates", [])) + ".",
         "",
     ]
+    if s.get("note"):
+        lines += [s["note"], ""]
     for m, why in s.get("unsupported", {}).items():
-        lines += [f"Not run: {m} ({why}).", ""]
+        lines += [f"Not run: {m}. {why}.", ""]
     for task, title in (("known_1000", "Known 1000"), ("ioi", "IOI")):
         lines += [f"## Tokens: {title}", ""] + table(r["tokens"][task], ["disruption", "recovery", "total"]) + [""]
     lines += ["## Components: IOI (heads × positions and neurons × positions)", "",

@@ -42,7 +42,7 @@ def faithfulness(r: dict, gemma: dict | None = None) -> str:
         if not gemma:
             return ""
         if m not in g_known and m not in g_ioi:
-            return " |"
+            return "  |"
         return f" {f(g_known, m, 'total') or '—'} / {f(g_ioi, m, 'total') or '—'} |"
 
     lines = [
@@ -60,7 +60,7 @@ def faithfulness(r: dict, gemma: dict | None = None) -> str:
     ]
     for m in methods:
         c = f"{comp[m]['total (linear)']:.1f} / {comp[m]['total (log)']:.1f}" if m in comp else ""
-        h = (f" {heads[m]['total (linear)']:.1f} / {heads[m]['total (log)']:.1f} |" if m in heads else " |") if heads else ""
+        h = (f" {heads[m]['total (linear)']:.1f} / {heads[m]['total (log)']:.1f} |" if m in heads else "  |") if heads else ""
         a = f"{agree[m]['pearson']:.2f} / {agree[m]['spearman']:.2f}" if m in agree else ""
         lines.append(f"| {m} | {f(known, m, 'total')} | {f(ioi, m, 'total')} | {c} |{h} {a} |" + g_cell(m))
     gap = s["integrated_gradients_gap"]
@@ -70,8 +70,8 @@ def faithfulness(r: dict, gemma: dict | None = None) -> str:
         gs = gemma["settings"]
         lines += ["", f"Gemma 3 270M's column: {gs['known_1000_prompts']} Known 1000 and {gs['ioi_prompts']} IOI prompts "
                       "([`bench/results/faithfulness_gemma3.md`](bench/results/faithfulness_gemma3.md), "
-                      f"`{gs['command']}`, {gs['seconds'] / 60:.0f} min)"
-                      + "".join(f"; {m} does not run on it ({why})" for m, why in gs.get("unsupported", {}).items()) + "."]
+                      f"`{gs['command']}`" + ("" if gs.get("note") else f", {gs['seconds'] / 60:.0f} min") + ")"
+                      + "".join(f"; {why}" for why in gs.get("unsupported", {}).values()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -86,16 +86,25 @@ def speed(r: dict) -> str:
             return ""
         return f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base:.2f}×)" if base else "")
 
+    def method(m: str, n: int) -> str:
+        """A method's seconds, or why a measurement has none: over the time limit, unsupported, out of memory."""
+        if (x := get(m, n)) is not None:
+            return secs(x)
+        err = next((x["error"] for x in rows if x["measurement"] == m and x["length"] == n and "error" in x), "")
+        if limit := re.search(r"stopped after (\d+) s", err):
+            return f"> {limit[1]} s"
+        return "unsupported" if "UnsupportedModelError" in err else "out of memory" if "out of memory" in err else ""
+
     lines = ["| tokens | model forward + backward (SDPA) | DPA total (× that) | DPA peak memory | cache forward (× model forward) "
              "| sweep (× model backward) | DPA edges | AtP | DePass | Unpack |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in sorted({x["length"] for x in rows if x.get("section") == "floor"}):
+    for n in sorted({x["length"] for x in rows if x.get("section") == "floor" and "error" not in x}):
         f, fb, d = get("hf_forward", n), get("hf_forward_backward", n), get("dpa", n)
         back = fb["seconds"] - f["seconds"] if f and fb else None
         mem = f"{d['peak_bytes'] / 2**20:,.0f} MiB" if d else ""
         lines.append(f"| {n} | {secs(fb)} | {secs(d, fb and fb['seconds'])} | {mem} | "
                      f"{secs(get('cache_forward', n), f and f['seconds'])} | {secs(get('dpa_sweep', n), back)} | "
-                     f"{secs(get('dpa_edges', n))} | {secs(get('atp', n))} | {secs(get('depass', n))} | {secs(get('unpack', n))} |")
+                     f"{method('dpa_edges', n)} | {method('atp', n)} | {method('depass', n)} | {method('unpack', n)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODELS, PeakMemory, machine, run_child, write_results
+from _common import MODELS, PeakMemory, machine, run_child, short_error, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # measurement -> (what it is, how the table names it)
@@ -257,8 +257,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {k} | {v:.3g} |")
     failed = [r for r in rows if "error" in r]
     if failed:
-        lines += ["", "## Failed measurements", ""] + [f"- {r['measurement']} {r['option']} at {r['length']} tokens: "
-                                                        f"{r['error'].splitlines()[-1][:160]}" for r in failed]
+        lines += ["", "## Failed measurements", ""] + [f"- {' '.join(filter(None, (r['measurement'], r['option'])))} at {r['length']} tokens: "
+                                                        f"{short_error(r['error'])}" for r in failed]
     lines.append("")
     return "\n".join(lines)
 
@@ -306,7 +306,7 @@ def main() -> None:
         row.update({"measurement": m, "length": n, "option": o, "section": section})
         rows.append(row)
         print(f"      {row.get('seconds', float('nan')):.3g} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row
-              else f"      failed: {row['error'].splitlines()[-1][:160]}", file=sys.stderr, flush=True)
+              else f"      failed: {short_error(row['error'])}", file=sys.stderr, flush=True)
     command = " ".join(["python bench/speed.py"] + sys.argv[1:])
     if args.update:  # the other rows, and the command and machine they were measured with, stay
         result = json.loads(stem.with_suffix(".json").read_text())

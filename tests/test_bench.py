@@ -34,6 +34,22 @@ def test_committed_tables_are_rendered_from_the_committed_results(stem):
     assert (results / f"{stem}.md").read_text() == markdown(data)
 
 
+def test_failures_are_reported_by_their_first_sentence_and_readme_cells_say_why():
+    short_error = _module("_common").short_error
+    trace = "Traceback ...\ndpa_lens.errors.UnsupportedModelError: Unpack does not support this model (x, y). " + "More. " * 60
+    assert short_error(trace) == "UnsupportedModelError: Unpack does not support this model (x, y)."
+    assert short_error("stopped after 600 s (the --timeout of one measurement)").startswith("stopped after 600 s")
+    rows = [{"measurement": m, "length": 32, "option": "", "section": "floor", "seconds": 1.0, "peak_bytes": 2**20}
+            for m in ("hf_forward", "hf_forward_backward", "dpa", "cache_forward", "dpa_sweep", "atp")]
+    rows += [{"measurement": "depass", "length": 32, "option": "", "section": "methods", "error": "stopped after 600 s (limit)"},
+             {"measurement": "unpack", "length": 32, "option": "", "section": "methods", "error": trace},
+             {"measurement": "dpa", "length": 64, "option": "", "section": "floor", "error": "stopped by hand"}]
+    table = _module("readme").speed({"rows": rows})
+    cells = [c.strip() for c in table.splitlines()[-1].strip("|").split("|")]
+    assert cells[0] == "32" and cells[-4:] == ["", "1 s", "> 600 s", "unsupported"]
+    assert "| 64 |" not in table  # a length with no floor measurement has no row
+
+
 @pytest.mark.smollm2
 @pytest.mark.tl4_only
 @pytest.mark.parametrize("script", ["faithfulness", "speed"])
