@@ -18,6 +18,9 @@
    network per layer with positions × d_mlp parts, hours per prompt on a CPU: it is not in 2.).
 4. Agreement with exact patching of whole heads on IOI (target: the IO − S logit difference):
    Pearson, Spearman and top-10 overlap of heads summed over positions (DePass: its head level).
+5. ``bos`` (models that prepend a BOS): 1. again with the BOS never ranked or ablated
+   (``keep_bos=True``), the answer's probability with the BOS embedding alone zeroed, and where
+   each method ranks the BOS among the prompt's tokens.
 
 Methods that do not support the model (Unpack on Gemma 3) are listed as such in the results.
 Writes bench/results/faithfulness_{smollm2,gemma3}.md and .json (``_quick`` with --quick).
@@ -39,6 +42,7 @@ from _common import MODELS, write_results
 import dpa_lens
 from dpa_lens.datasets import answered_correctly, ioi_benchmark, known_1000
 from dpa_lens.evaluation import COMPONENT_FRACTIONS, TOKEN_FRACTIONS, Curves, agreement, faithfulness_curves
+from dpa_lens.inputs import leading_bos
 
 RESULTS = Path(__file__).parent / "results"
 # every registered approximation (exact patching is the reference of the agreement table)
@@ -48,7 +52,7 @@ OPTIONS = {"dpa": {"head_keys": True}, "integrated_gradients": {"warn_gap": floa
 # methods whose head scores come from another call than their token scores: heads × positions, heads
 HEAD_OPTIONS = {"depass": {"level": "heads", "by_position": True}}
 AGREEMENT_OPTIONS = {"depass": {"level": "heads"}}
-SECTIONS = ("tokens", "components", "heads", "agreement")
+SECTIONS = ("tokens", "components", "heads", "agreement", "bos")
 
 
 def unpaired(methods) -> list[str]:
@@ -118,10 +122,45 @@ def agreement_with_patching(model, item, methods=METHODS) -> dict[str, dict[str,
     return {name: agreement(a, exact, "heads", k=10) for name, a in pair.items()}
 
 
-def table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
-    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, values in sorted(rows.items(), key=lambda kv: -kv[1].get(columns[-1], float("-inf"))):
-        lines.append(f"| {name} | " + " | ".join(f"{values[c]:.1f}" if c in values else "" for c in columns) + " |")
+def bos_facts(model, prompt: str, answer: int, attrs: dict[str, dpa_lens.Attribution]) -> dict | None:
+    """p(answer) with the BOS embedding alone zeroed (relative to clean), and each method's rank of
+    the BOS among the prompt's tokens (0: first, 1: last); None without a leading BOS."""
+    tokens = model.to_tokens(prompt)
+    if not bool(leading_bos(model, tokens, torch.ones_like(tokens, dtype=torch.bool))[0, 0]):
+        return None
+
+    def zero_bos(x, hook):
+        x = x.clone()
+        x[:, 0] = 0
+        return x
+
+    with torch.no_grad():
+        clean = model(tokens)[0, -1].float().softmax(-1)[answer]
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", zero_bos)])[0, -1].float().softmax(-1)[answer]
+    ranks = {}
+    for name, a in attrs.items():
+        t = a.scores("tokens")[0, : int(a.positions[0]) + 1].float()
+        ranks[name] = float((t > t[0]).sum()) / max(1, len(t) - 1)
+    return {"p_ratio_bos_zeroed": float(zeroed / clean), "bos_rank": ranks}
+
+
+def bos_section(model, prompt: str, answer: int, attrs: dict, curves: dict[str, list[Curves]], rows: list[dict]) -> None:
+    """Section 5 for one prompt: token curves with the BOS kept, and `bos_facts` (nothing without a BOS)."""
+    facts = bos_facts(model, prompt, answer, attrs)
+    if facts is None:
+        return
+    rows.append(facts)
+    for name, a in attrs.items():
+        curves.setdefault(name, []).append(faithfulness_curves(model, prompt, a, unit="tokens", keep_bos=True))
+
+
+def table(rows: dict[str, dict[str, float]], columns: list[str], sort_by: str | None = None,
+          formats: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> list[str]:
+    """A markdown table of ``rows`` (method -> column -> value), best ``sort_by`` (default: last column) first."""
+    key, formats = sort_by or columns[-1], formats or {}
+    lines = ["| method | " + " | ".join((headers or {}).get(c, c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, values in sorted(rows.items(), key=lambda kv: -kv[1].get(key, float("-inf"))):
+        lines.append(f"| {name} | " + " | ".join(format(values[c], formats.get(c, ".1f")) if c in values else "" for c in columns) + " |")
     return lines
 
 
@@ -162,13 +201,15 @@ def main() -> None:
     log(f"Known 1000: {len(known_idx)} prompts answered correctly; IOI: {len(ioi_idx)}")
 
     token_curves: dict[str, dict[str, list[Curves]]] = {"known_1000": {}, "ioi": {}}
+    bos_curves: dict[str, dict[str, list[Curves]]] = {"known_1000": {}, "ioi": {}}
+    bos_rows: dict[str, list[dict]] = {"known_1000": [], "ioi": []}
     comp_curves: dict[str, list[Curves]] = {}
     head_curves: dict[str, list[Curves]] = {}
     agree: dict[str, list[dict[str, float]]] = {}
     gaps, ig_settings = [], {}
 
     sections = set(args.sections)
-    for i, k in enumerate(known_idx if "tokens" in sections else []):
+    for i, k in enumerate(known_idx if sections & {"tokens", "bos"} else []):
         fact = facts[k]
         log(f"[Known {i + 1}/{len(known_idx)}] {fact.prompt!r} -> {fact.answer!r}")
         attrs = attributions(model, fact.prompt, first_token(model, fact.answer), None, unpaired(methods))
@@ -176,13 +217,16 @@ def main() -> None:
             gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
             ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
-            token_curves["known_1000"].setdefault(name, []).append(faithfulness_curves(model, fact.prompt, a, unit="tokens"))
+            if "tokens" in sections:
+                token_curves["known_1000"].setdefault(name, []).append(faithfulness_curves(model, fact.prompt, a, unit="tokens"))
+        if "bos" in sections:
+            bos_section(model, fact.prompt, first_token(model, fact.answer), attrs, bos_curves["known_1000"], bos_rows["known_1000"])
 
     for i, k in enumerate(ioi_idx):
         item = items[k]
         log(f"[IOI {i + 1}/{len(ioi_idx)}] {item.prompt!r} -> {item.correct!r}")
         answer = first_token(model, item.correct)
-        attrs = attributions(model, item.prompt, answer, item.corrupted, methods) if sections & {"tokens", "components"} else {}
+        attrs = attributions(model, item.prompt, answer, item.corrupted, methods) if sections & {"tokens", "components", "bos"} else {}
         if "integrated_gradients" in attrs:
             gaps += attrs["integrated_gradients"].diagnostics.completeness_gap.tolist()
             ig_settings = attrs["integrated_gradients"].settings
@@ -191,6 +235,8 @@ def main() -> None:
                 token_curves["ioi"].setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="tokens"))
             if "components" in sections and name in component_methods(methods):
                 comp_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="components"))
+        if "bos" in sections:
+            bos_section(model, item.prompt, answer, attrs, bos_curves["ioi"], bos_rows["ioi"])
         if "dpa" in attrs and "components" in sections:
             comp_curves.setdefault("dpa (attention entries + neurons)", []).append(
                 faithfulness_curves(model, item.prompt, attrs["dpa"], unit="attention+neurons"))
@@ -217,7 +263,7 @@ def main() -> None:
                             "ablation": "zero", "dpa_mu": dpa_lens.Mu.paper_default().as_dict(),
                             "integrated_gradients": ", ".join(f"{k} {v}" for k, v in ig_settings.items() if k != "completeness_gap"),
                             "seconds": None, "unsupported": dict(UNSUPPORTED)},
-               "tokens": {"known_1000": {}, "ioi": {}}, "components": {}, "heads": {}, "agreement": {}}
+               "tokens": {"known_1000": {}, "ioi": {}}, "components": {}, "heads": {}, "agreement": {}, "bos": {}}
     for task, per_method in token_curves.items():
         results["tokens"][task] = {m: Curves.concat(c).auc("linear") for m, c in per_method.items()}
     for section, curves in (("components", comp_curves), ("heads", head_curves)):
@@ -225,6 +271,15 @@ def main() -> None:
             joined = Curves.concat(c)
             results[section][m] = {**{f"{k} (linear)": v for k, v in joined.auc("linear").items()},
                                    **{f"{k} (log)": v for k, v in joined.auc("log").items()}}
+    for task, rows in bos_rows.items():
+        if rows:  # the prompts with a leading BOS
+            ratios = torch.tensor([r["p_ratio_bos_zeroed"] for r in rows])
+            results["bos"][task] = {"prompts": len(rows), "p_ratio_bos_zeroed_median": float(ratios.median()),
+                                    "p_ratio_bos_zeroed_below_0.1": int((ratios < 0.1).sum()),
+                                    "methods": {m: {**Curves.concat(c).auc("linear"),
+                                                    "bos_rank": sum(r["bos_rank"][m] for r in rows if m in r["bos_rank"])
+                                                    / sum(m in r["bos_rank"] for r in rows)}
+                                                for m, c in bos_curves[task].items()}}
     for m, rows in agree.items():
         results["agreement"][m] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     seconds = round(time.perf_counter() - started)
@@ -237,6 +292,9 @@ def main() -> None:
             sys.exit("--update: the existing results were measured on other prompts or settings; run without --update")
         for section in sections:
             target = old.setdefault(section, {})
+            if section == "bos":  # per task, whole: its prompt-level facts belong to the methods run with it
+                target.update(results["bos"])
+                continue
             for task in (("known_1000", "ioi") if section == "tokens" else (None,)):
                 dest, new = (target[task], results[section][task]) if task else (target, results[section])
                 for m in [m for m in dest if m in methods or m.startswith(tuple(f"{x} (" for x in methods))]:
@@ -256,6 +314,17 @@ def main() -> None:
     write_results(stem, results, markdown)
 
 
+def update_line(u: dict) -> str:
+    """How an ``--update`` added rows: its methods (all when none are named) and sections."""
+    every = set(u["methods"]) >= set(METHODS)
+    sections = u.get("sections", list(SECTIONS))
+    what = (f"the {', '.join(sections)} section{'s' * (len(sections) > 1)}" if every
+            else f"rows of {', '.join(u['methods'])}")
+    flags = ("" if every else f" --methods {' '.join(u['methods'])}") + (
+        f" --sections {' '.join(sections)}" if len(sections) < len(SECTIONS) else "")
+    return f"; {what} by `{(flags + ' --update').strip()}` in {u['seconds'] / 60:.0f} min"
+
+
 def markdown(r: dict) -> str:
     s = r["settings"]
     model, gap = s["model"].split(" (")[0], s.get("integrated_gradients_gap")
@@ -270,9 +339,7 @@ def markdown(r: dict) -> str:
         "100 means p(answer) stayed at its clean value (above 100: the kept units alone raise it). "
         "Disruption: lower is better; recovery and total: higher is better. "
         f"Produced by `{command}` in {s['seconds'] / 60:.0f} min"
-        + "".join(f"; rows of {', '.join(u['methods'])} by `--methods {' '.join(u['methods'])}"
-                  + (f" --sections {' '.join(u['sections'])}" if "sections" in u and len(u["sections"]) < len(SECTIONS) else "")
-                  + f" --update` in {u['seconds'] / 60:.0f} min" for u in s.get("updates", [])) + ".",
+        + "".join(update_line(u) for u in s.get("updates", [])) + ".",
         "",
     ]
     if s.get("note"):
@@ -292,6 +359,18 @@ def markdown(r: dict) -> str:
                   "DePass's are its head level with one part per head and position (`level=\"heads\", by_position=True`).", ""]
         lines += table(r["heads"], ["disruption (linear)", "recovery (linear)", "total (linear)",
                                     "disruption (log)", "recovery (log)", "total (log)"])
+    for task, title in (("known_1000", "Known 1000"), ("ioi", "IOI")):
+        b = r.get("bos", {}).get(task)
+        if not b:
+            continue
+        lines += ["", f"## Tokens with the BOS kept: {title}", "",
+                  f"The same curves with the leading BOS never ranked or ablated (`keep_bos=True`), on the {b['prompts']} "
+                  f"prompts that have one. Zeroing the BOS embedding alone leaves p(answer) at {b['p_ratio_bos_zeroed_median']:.3f} "
+                  f"of its clean value at the median (below 0.1 on {b['p_ratio_bos_zeroed_below_0.1']} of {b['prompts']} prompts). "
+                  "BOS rank: where the method ranks the BOS among the prompt's tokens under the authors' protocol (the tokens sections above), "
+                  "0 first, 1 last (mean over prompts).", ""]
+        lines += table(b["methods"], ["disruption", "recovery", "total", "bos_rank"], sort_by="total",
+                       formats={"bos_rank": ".2f"}, headers={"bos_rank": "BOS rank"})
     lines += ["", "## Agreement with exact patching of whole heads: IOI, logit difference", "",
               f"Mean over the {s['agreement_prompts']} IOI prompts whose two names start with different tokens "
               "(the logit difference of the others is 0 whatever the model does).", "",

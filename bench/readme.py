@@ -6,7 +6,7 @@ rewrites each from its result file, so no number in them is typed by hand.
 (tests/test_bench.py runs it).
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
-faithfulness_gemma3.json), ``speed`` and ``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
+faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed`` and ``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
 bench/results/faithfulness_smollm2.json).
 """
@@ -145,9 +145,37 @@ def ioi_heads(r: dict) -> str:
             f"(Spearman {a['dpa']['spearman']:.2f}).\n")
 
 
+def faithfulness_bos(*results: dict | None) -> str:
+    """Token totals with the BOS kept, beside the authors' protocol, per model; and where DPA ranks the BOS."""
+    runs = [(r["settings"]["model"].split(" (")[0], r) for r in results if r and r.get("bos")]
+    lines = ["Token totals with the leading BOS never ranked or ablated (`keep_bos=True`); in parentheses the authors' "
+             "protocol of the table above, where the BOS is zeroed like any token:", "",
+             "| method | " + " | ".join(f"{name}: Known 1000 / IOI" for name, _ in runs) + " |", "|---|" + "---:|" * len(runs)]
+    methods = sorted({m for _, r in runs for t in r["bos"].values() for m in t["methods"]},
+                     key=lambda m: (-runs[0][1]["bos"]["known_1000"]["methods"].get(m, {}).get("total", -1e9), m))
+    for m in methods:
+        cells = []
+        for _, r in runs:
+            kept = [r["bos"].get(t, {}).get("methods", {}).get(m) for t in ("known_1000", "ioi")]
+            plain = [r["tokens"][t].get(m) for t in ("known_1000", "ioi")]
+            cells.append(" / ".join(f"{k['total']:.1f}" if k else "—" for k in kept)
+                         + " (" + " / ".join(f"{p['total']:.1f}" if p else "—" for p in plain) + ")" if any(kept) else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    facts = []
+    for name, r in runs:
+        k, i = r["bos"]["known_1000"], r["bos"]["ioi"]
+        rank = [t["methods"]["dpa"]["bos_rank"] for t in (k, i) if "dpa" in t["methods"]]
+        facts.append(f"on {name}, zeroing the BOS embedding alone leaves p(answer) at {k['p_ratio_bos_zeroed_median']:.2f} / "
+                     f"{i['p_ratio_bos_zeroed_median']:.2f} of its clean value (median, Known 1000 / IOI), and DPA ranks the BOS "
+                     + " / ".join(f"{x:.2f}" for x in rank) + " of the way down the prompt's tokens (0 first, 1 last)")
+    text = "; ".join(facts)
+    return "\n".join(lines) + "\n\n" + text[:1].upper() + text[1:] + ".\n"
+
+
 # block -> (its result files, the renderer that takes them in that order; a missing optional file is None)
 SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "faithfulness": ((RESULTS / "faithfulness_smollm2.json", RESULTS / "faithfulness_gemma3.json"), faithfulness),
+    "faithfulness-bos": ((RESULTS / "faithfulness_smollm2.json", RESULTS / "faithfulness_gemma3.json"), faithfulness_bos),
     "speed": ((RESULTS / "speed_smollm2.json",), speed),
     "speed-gemma3": ((RESULTS / "speed_gemma3.json",), speed),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),

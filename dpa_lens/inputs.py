@@ -95,6 +95,19 @@ def _real_mask(view: ModelView, tokens: Tensor) -> Tensor:
     return real
 
 
+@typechecked
+def leading_bos(model: Any, tokens: Int[Tensor, "batch pos"], real: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """True at each row's first real token when it is the tokenizer's BOS (all False without one)."""
+    out = torch.zeros(tokens.shape, dtype=torch.bool)
+    bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+    if bos is None:
+        return out
+    first = real.long().cpu().argmax(-1)
+    rows = torch.arange(tokens.shape[0])
+    out[rows, first] = (tokens.cpu()[rows, first] == bos) & real.cpu()[rows, first]
+    return out
+
+
 def read_inputs(
     view: ModelView,
     cache: Any,

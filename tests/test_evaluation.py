@@ -54,6 +54,31 @@ def test_token_curves_equal_ablations_by_hand(tiny):
     assert curves.n_units == [n]
 
 
+def test_keep_bos_never_ranks_or_ablates_the_leading_bos(tiny):
+    model, cache = tiny
+    tokens = model.to_tokens(IOI_PROMPT)
+    assert int(tokens[0, 0]) == model.tokenizer.bos_token_id  # the tiny models prepend a BOS
+    attr = dpa_lens.dpa(model, cache, PAIR)
+    curves = faithfulness_curves(model, IOI_PROMPT, attr, unit="tokens", fractions=[0.25], keep_bos=True)
+    n = tokens.shape[1]
+    assert curves.n_units == [n - 1]
+    order = attr.tokens[0, 1:].argsort(descending=True) + 1  # ranked without the BOS
+    k = int(np.ceil(0.25 * (n - 1)))
+    top, rest = order[:k], order[k:]
+
+    def zero(x, pos):
+        x[0, pos] = 0
+        return x
+
+    p_clean = _prob(model, [])
+    assert float(curves.disruption[0, 0]) == pytest.approx(_prob(model, [("hook_embed", lambda x: zero(x, top))]) / p_clean, rel=1e-4)
+    assert float(curves.recovery[0, 0]) == pytest.approx(_prob(model, [("hook_embed", lambda x: zero(x, rest))]) / p_clean, rel=1e-4)
+    heads = faithfulness_curves(model, IOI_PROMPT, attr, unit="heads", fractions=[1.0], keep_bos=True)
+    assert heads.n_units == [(n - 1) * model.cfg.n_layers * model.cfg.n_heads]
+    without = faithfulness_curves(model, IOI_PROMPT, attr, unit="tokens", fractions=[0.25])
+    assert without.n_units == [n]  # the authors' protocol ranks the BOS like any token
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_curves_measure_the_answer_position_on_every_family(family, line):
     """The curves unembed only the answer position: equal to full forwards by hand on every

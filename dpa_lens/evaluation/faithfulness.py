@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from dpa_lens.attribution import Attribution
-from dpa_lens.inputs import prepare_tokens
+from dpa_lens.inputs import leading_bos, prepare_tokens
 from dpa_lens.models import hooks
 from dpa_lens.validation import require_eval
 
@@ -111,10 +111,11 @@ class _Units:
         return out
 
 
-def _units(attr: Attribution, row: int, unit: str, answer: int, real: Tensor) -> _Units:
+def _units(attr: Attribution, row: int, unit: str, answer: int, real: Tensor, kept: Tensor) -> _Units:
+    """The units of one row that are ranked and ablated: real positions up to the answer, not ``kept``."""
     kinds, coords, scores = [], [], []
     causal = torch.arange(len(real)) <= answer
-    usable = real & causal
+    usable = real & causal & ~kept
 
     def add(kind: str, c: Tensor, s: Tensor) -> None:
         kinds.append(torch.full((len(s),), KIND_CODES[kind]))
@@ -171,6 +172,7 @@ def faithfulness_curves(
     ablation: Ablation = "zero",
     corrupted_tokens: Any = None,
     absolute: bool = False,
+    keep_bos: bool = False,
     batch_size: int = 32,
 ) -> Curves:
     """Disruption and recovery curves of ``attr`` on the prompts it explains.
@@ -184,6 +186,10 @@ def faithfulness_curves(
             positions) or ``"resample"`` (its value on ``corrupted_tokens``). Attention entries
             are always zeroed.
         absolute: rank by absolute score instead of signed score (highest first).
+        keep_bos: never rank or ablate a leading BOS token (its embedding, and its position's heads,
+            neurons and attention entries). The authors' protocol ablates it like any token; a model
+            that uses the BOS as an attention sink (Gemma 3) loses the answer when its embedding
+            alone is zeroed, so recovery then measures whether a method ranks the BOS first.
         batch_size: ablated copies per forward pass.
 
     The answer token is the target's correct token (for a pair, the first one); the position is
@@ -211,6 +217,7 @@ def faithfulness_curves(
         if other_tok.shape != tok.shape:
             raise ValueError("corrupted_tokens must have the same shape as tokens")
     real_all = torch.ones_like(tok, dtype=torch.bool).cpu() if mask is None else mask.bool().cpu()
+    kept = leading_bos(model, tok, real_all) if keep_bos else torch.zeros_like(real_all)
     kwargs = {} if mask is None else {"attention_mask": mask}
     names = sorted({_hook_name(k, l) for k in ("tokens", "heads", "neurons") for l in range(n_layers)})
     with torch.no_grad():
@@ -223,7 +230,7 @@ def faithfulness_curves(
         answer = int(attr.positions[b])
         y = int(ids[b][0])
         p_clean = float(logits[b, answer].float().softmax(-1)[y])
-        units = _units(attr, b, unit, answer, real_all[b])
+        units = _units(attr, b, unit, answer, real_all[b], kept[b])
         order = units.scores.abs().argsort(descending=True, stable=True) if absolute else units.scores.argsort(descending=True, stable=True)
         N = len(order)
         ks = [min(N, max(1, math.ceil(float(f) * N))) for f in fr]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from dpa_lens.attribution import Attribution, Diagnostics
 from dpa_lens.errors import InputError
-from dpa_lens.inputs import RunInputs
+from dpa_lens.inputs import RunInputs, leading_bos
 from dpa_lens.methods._autograd import forward_with_grads, prepare_run
 from dpa_lens.methods.quadrature import QUADRATURES, Quadrature, adaptive_rule, fixed_rule, quadrature_rule
 from dpa_lens.methods.registry import MethodSpec, register
@@ -40,11 +40,8 @@ def _baseline(model: TLModel, baseline: str | Tensor, inputs: RunInputs, shape: 
             base = model.W_E[pad].detach().float().to(device).expand(shape).clone()
         else:
             raise InputError(f"baseline must be 'zero', 'pad' or a tensor, got {baseline!r}")
-        bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
-        if keep_bos and bos is not None:  # the first real token, when it is the BOS, stays as it is
-            first = inputs.real.long().argmax(-1)
-            rows = torch.nonzero(inputs.tokens.cpu()[torch.arange(shape[0]), first] == bos).flatten()
-            keep[rows.to(device), first[rows].to(device)] = True
+        if keep_bos:  # the first real token, when it is the BOS, stays as it is
+            keep |= leading_bos(model, inputs.tokens, inputs.real).to(device)
         return base, keep
     base = torch.as_tensor(baseline).detach().float().to(device)
     if not bool(torch.isfinite(base).all()):
