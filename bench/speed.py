@@ -10,7 +10,7 @@ The floor is the same model in ``transformers`` with SDPA attention: one forward
 backward to the input embeddings with the parameters frozen. Against it:
 
 1. DPA, per example: the cache forward DPA needs (``run_with_cache`` with ``dpa_names_filter(model,
-   patterns=False)``, under ``torch.no_grad``), the sweep (tokens, heads and neurons), and their
+   patterns=False)``, under ``torch.no_grad`` and `dpa_lens.fused_attention`), the sweep (tokens, heads and neurons), and their
    total, at 32 … 8192 tokens; the old baseline (TransformerLens's forward and a backward that also
    computes every parameter's gradient) is kept, labelled for what it is;
 2. the other methods at 32 and 256 tokens (1024 where feasible): DPA edges, DePass, Unpack, AtP,
@@ -42,7 +42,7 @@ LABELS = {
     "hf_forward": "transformers forward (SDPA)",
     "hf_forward_backward": "transformers forward + backward to the inputs (SDPA)",
     "tl_forward_backward": "TransformerLens forward + backward with parameter gradients (the old baseline)",
-    "cache_forward": "TransformerLens cache forward for DPA (no patterns, no_grad)",
+    "cache_forward": "TransformerLens cache forward for DPA (no patterns, no_grad, fused attention)",
     "dpa_sweep": "DPA sweep (tokens, heads, neurons)",
     "dpa": "DPA total (cache forward + sweep)",
 }
@@ -57,6 +57,16 @@ def _inputs(model, length: int, device: str):
     corrupted = clean.clone()
     corrupted[0, length // 2] = (corrupted[0, length // 2] + 1) % model.cfg.d_vocab
     return clean.to(device), corrupted.to(device)
+
+
+def dpa_cache(model, tokens, patterns: bool = False):
+    """The cache forward DPA needs, as a user runs it: lean names filter, no grad, fused attention."""
+    import torch
+
+    import dpa_lens
+
+    with torch.no_grad(), dpa_lens.fused_attention(model):
+        return model.run_with_cache(tokens, names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns))
 
 
 def run_one(name: str, measurement: str, length: int, repeats: int, device: str, option: str, dtype: str) -> dict:
@@ -81,7 +91,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     cache_holder = {}
     if measurement == "dpa_sweep":
         with torch.no_grad():
-            _, cache_holder["cache"] = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+            _, cache_holder["cache"] = dpa_cache(model, clean)
 
     def once():
         if measurement == "hf_forward":
@@ -97,17 +107,17 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
             model.zero_grad(set_to_none=True)
         elif measurement == "cache_forward":
             with torch.no_grad():
-                model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+                dpa_cache(model, clean)
         elif measurement == "dpa_sweep":
             dpa_lens.dpa(model, cache_holder["cache"], target)
         elif measurement == "dpa":
             kinds = {"tokens": ("tokens",), "tokens+heads": ("tokens", "heads")}.get(option, ("tokens", "heads", "neurons"))
             with torch.no_grad():
-                _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=option == "head_keys"))
+                _, cache = dpa_cache(model, clean, patterns=option == "head_keys")
                 dpa_lens.dpa(model, cache, target, kinds=kinds, head_keys=option == "head_keys")
         elif measurement == "dpa_edges":
             with torch.no_grad():
-                _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+                _, cache = dpa_cache(model, clean)
                 dpa_edges(model, cache, target)
         elif measurement == "patching":
             layers = {"9": [0], "90": list(range(10))}.get(option)
@@ -146,7 +156,7 @@ def profile_sweep(name: str, length: int, device: str) -> dict:
     clean, _ = _inputs(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
     with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
+        _, cache = dpa_cache(model, clean)
         dpa_lens.dpa(model, cache, target)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()

@@ -38,6 +38,7 @@ from dpa_lens.methods.integrated_gradients import integrated_gradients
 from dpa_lens.methods.patching import activation_patching
 from dpa_lens.methods.registry import MethodSpec, attribute, available_methods, get_method, method_table, names_filter, run
 from dpa_lens.methods.unpack import unpack, unpack_validate
+from dpa_lens.models.fast_attention import fused_attention
 from dpa_lens.models.load import load_model
 from dpa_lens.models.view import SUPPORTED_ARCHITECTURES
 from dpa_lens.types import TLModel
@@ -84,6 +85,7 @@ __all__ = [
     "edge_atp",
     "edge_patching",
     "edge_random",
+    "fused_attention",
     "evaluation",
     "get_method",
     "gradient",

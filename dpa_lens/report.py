@@ -21,6 +21,7 @@ from dpa_lens import plot
 from dpa_lens.attribution import KINDS, Attribution
 from dpa_lens.methods.registry import get_method, names_filter, run
 from dpa_lens.models import hooks
+from dpa_lens.models.fast_attention import fused_attention
 from dpa_lens.types import TargetLike, TLModel
 
 DEFAULT_METHODS = ("dpa", "dla", "input_x_gradient", "attention_rollout", "atp", "atp*", "activation_patching")
@@ -74,7 +75,7 @@ def build_report(
     start = time.perf_counter()
     cached = [s.name for s in specs if s.input == "cache"]
     wanted = names_filter(model, *cached) if cached else (lambda name: False)
-    with torch.no_grad():
+    with torch.no_grad(), fused_attention(model):  # layers whose pattern is cached stay eager
         logits, cache = model.run_with_cache(prompt, names_filter=lambda n: wanted(n) or n == hooks.EMBED)
     report = Report(
         model_name=model_name or getattr(model.cfg, "model_name", ""),

@@ -168,6 +168,7 @@ def run(
         options: the method's own options (see its docstring).
     """
     from dpa_lens.inputs import prepare_tokens
+    from dpa_lens.models.fast_attention import fused_attention
 
     spec = get_method(method)
     kwargs = _options(spec, options)
@@ -180,7 +181,7 @@ def run(
     if spec.input == "cache":
         tokens, mask = prepare_tokens(model, prompt)
         if cache is None:
-            with torch.no_grad():
+            with torch.no_grad(), fused_attention(model):
                 _, cache = model.run_with_cache(tokens, names_filter=spec.names_filter(model),
                                                 **({} if mask is None else {"attention_mask": mask}))
         if mask is not None:

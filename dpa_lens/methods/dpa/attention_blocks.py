@@ -67,8 +67,10 @@ def head_paths(
     name = hooks.attn(layer, "pattern")
     cached = name in fwd.cache
     real = fwd.inputs.real.to(lam.device)
+    padded = not bool(real.all())  # only then can a query row have no key to attend to
     split = lambda t: t.view(b, n, K, G, -1).permute(0, 2, 3, 1, 4)  # noqa: E731  [b, n, H, e] -> [b, K, G, n, e]
     qg, lg, zg = split(q), split(lam), split(z)
+    q_scaled = qg / scale  # the scores' scale, applied once per layer instead of once per block of scores
     hs = (zg * lg).sum(-1)  # [b, K, G, n]: z_i·λ_i
     kk, vv = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [b, K, n, dh]
     value = torch.zeros_like(lg)
@@ -86,10 +88,14 @@ def head_paths(
             if cached:
                 alpha = fwd.cache[name][:, :, i0:i1, :i1].to(lam.device).float().reshape(b, K, G, i1 - i0, i1)
             else:
-                raw = torch.einsum("bkgqe,bkje->bkgqj", qb, kb) / scale
+                raw = torch.einsum("bkgqe,bkje->bkgqj", q_scaled[:, :, :, i0:i1], kb)
                 s = raw if cap is None else cap * torch.tanh(raw / cap)
-                allowed = torch.ones(i1 - i0, i1, dtype=torch.bool, device=lam.device).tril(i0)[None, None, None] & real[:, None, None, None, :i1]
-                alpha = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+                allowed = torch.ones(i1 - i0, i1, dtype=torch.bool, device=lam.device).tril(i0)[None, None, None]
+                if padded:
+                    allowed = allowed & real[:, None, None, None, :i1]
+                alpha = s.masked_fill_(~allowed, float("-inf")).softmax(-1)  # raw is not read again without a cap
+                if padded:
+                    alpha = alpha.nan_to_num_(0.0)
                 del s
                 z_hat = torch.einsum("bkgqj,bkje->bkgqe", alpha, vb)
                 rows = real[:, i0:i1][:, None, None, :, None]
@@ -105,7 +111,7 @@ def head_paths(
                     keys[:, :, :, i0:i1, :i1] = alpha * v_lam
                 delta = v_lam.sub_(hs[:, :, :, i0:i1, None]).mul_(alpha)  # α (v_j − z_i)·λ_i, in place
                 if cap is not None:  # the soft cap on the scores, by its secant
-                    raw = torch.einsum("bkgqe,bkje->bkgqj", qb, kb) / scale if raw is None else raw
+                    raw = torch.einsum("bkgqe,bkje->bkgqj", q_scaled[:, :, :, i0:i1], kb) if raw is None else raw
                     delta.mul_(softcap_ratio(raw, cap))
             if control:
                 with record_function("dpa.attention.query_key"):
