@@ -67,6 +67,14 @@ class PeakMemory:
             self.peak = max(self.peak, _rss() - self.base)
 
 
+def cost_cell(r: dict | None, base: dict | None = None) -> str:
+    """A measurement as a table cell: "seconds (ratio to base), peak MiB", or "—" when there is none."""
+    if r is None:
+        return "—"
+    ratio = f" ({r['seconds'] / base['seconds']:.2f}×)" if base is not None else ""
+    return f"{r['seconds']:.3g} s{ratio}, {r['peak_bytes'] / 2**20:,.0f} MiB"
+
+
 def run_child(script: str, args: list[str], timeout: float | None = None) -> dict:
     """Run ``script --child ARGS`` in a fresh process and return the JSON it prints last."""
     try:

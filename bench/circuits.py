@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, run_child, short_error, write_results
+from _common import PeakMemory, cost_cell, machine, run_child, short_error, write_results
 
 RESULTS = Path(__file__).parent / "results"
 EXPECTED_MINUTES = 30  # the full run on 2 quiet CPU cores (faithfulness ~15, agreement ~4, cost ~8)
@@ -250,13 +250,6 @@ def cost_section(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def _cost_cell(r: dict | None, base: dict | None = None) -> str:
-    if r is None:
-        return "—"
-    ratio = f" ({r['seconds'] / base['seconds']:.2f}×)" if base is not None else ""
-    return f"{r['seconds']:.3g} s{ratio}, {r['peak_bytes'] / 2**20:,.0f} MiB"
-
-
 def markdown(r: dict) -> str:
     s, g = r["settings"], r["grid"]
     quick = " --quick" if s["quick"] else ""
@@ -326,7 +319,7 @@ def markdown(r: dict) -> str:
                  if "cost_seconds" in s else ""), "",
               "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for m in ("dpa", "dpa_edges", "edge_atp"):
-        lines.append(f"| {COST[m]} | " + " | ".join(_cost_cell(get(m, n), get("dpa", n)) for n in lengths) + " |")
+        lines.append(f"| {COST[m]} | " + " | ".join(cost_cell(get(m, n), get("dpa", n)) for n in lengths) + " |")
     cells = []
     for n in lengths:
         x = get("edge_patching", n)

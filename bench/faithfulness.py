@@ -168,8 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the bundled model (default smollm2-135m)")
     parser.add_argument("--quick", action="store_true", help="a few prompts (CI)")
-    parser.add_argument("--known", type=int, default=None, help="Known 1000 prompts (default 60, quick 4)")
-    parser.add_argument("--ioi", type=int, default=None, help="IOI prompts (default 24, quick 3)")
+    parser.add_argument("--known", type=int, default=None, help="Known 1000 prompts (default 60, quick 2)")
+    parser.add_argument("--ioi", type=int, default=None, help="IOI prompts (default 24, quick 2)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--methods", nargs="+", default=None, help=f"only these methods (default: all of {', '.join(METHODS)})")
     parser.add_argument("--note", default=None, help="a sentence the results print (e.g. what else ran on the machine)")
@@ -191,8 +191,8 @@ def main() -> None:
     stem = args.out / f"faithfulness_{slug}{'_quick' if args.quick else ''}"
     if args.update and not stem.with_suffix(".json").exists():
         parser.error(f"--update needs existing results at {stem.with_suffix('.json')}")
-    n_known = args.known if args.known is not None else (4 if args.quick else 60)
-    n_ioi = args.ioi if args.ioi is not None else (3 if args.quick else 24)
+    n_known = args.known if args.known is not None else (2 if args.quick else 60)
+    n_ioi = args.ioi if args.ioi is not None else (2 if args.quick else 24)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     started = time.perf_counter()

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODELS, PeakMemory, machine, run_child, short_error, write_results
+from _common import MODELS, PeakMemory, cost_cell, machine, run_child, short_error, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # measurement -> (what it is, how the table names it)
@@ -90,8 +90,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
         hf_ids = clean.clone()
     cache_holder = {}
     if measurement == "dpa_sweep":
-        with torch.no_grad():
-            _, cache_holder["cache"] = dpa_cache(model, clean)
+        _, cache_holder["cache"] = dpa_cache(model, clean)
 
     def once():
         if measurement == "hf_forward":
@@ -106,8 +105,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
             (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
             model.zero_grad(set_to_none=True)
         elif measurement == "cache_forward":
-            with torch.no_grad():
-                dpa_cache(model, clean)
+            dpa_cache(model, clean)
         elif measurement == "dpa_sweep":
             dpa_lens.dpa(model, cache_holder["cache"], target)
         elif measurement == "dpa":
@@ -200,13 +198,6 @@ def _get(rows, m, n, o=""):
     return next((r for r in rows if r["measurement"] == m and r["length"] == n and r["option"] == o and "error" not in r), None)
 
 
-def _cell(r: dict | None, base: dict | None = None) -> str:
-    if r is None:
-        return "—"
-    ratio = f" ({r['seconds'] / base['seconds']:.2f}×)" if base is not None else ""
-    return f"{r['seconds']:.3g} s{ratio}, {r['peak_bytes'] / 2**20:,.0f} MiB"
-
-
 def markdown(result: dict) -> str:
     rows, mach = result["rows"], result["machine"]
     where = mach.get("gpu") or f"{mach['cpu_count']} CPU cores"
@@ -232,9 +223,9 @@ def markdown(result: dict) -> str:
     for n in sorted({r["length"] for r in rows if r.get("section") == "floor"}):
         fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
         back = None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
-        lines.append(f"| {n} | {_cell(f)} | {_cell(fb)} | {_cell(_get(rows, 'cache_forward', n), f)} | "
-                     f"{_cell(_get(rows, 'dpa_sweep', n), back)} | {_cell(_get(rows, 'dpa', n), fb)} | "
-                     f"{_cell(_get(rows, 'tl_forward_backward', n))} |")
+        lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n), f)} | "
+                     f"{cost_cell(_get(rows, 'dpa_sweep', n), back)} | {cost_cell(_get(rows, 'dpa', n), fb)} | "
+                     f"{cost_cell(_get(rows, 'tl_forward_backward', n))} |")
     methods = [r for r in rows if r.get("section") == "methods"]
     if methods:
         names = list(dict.fromkeys(r["measurement"] for r in methods))
@@ -242,7 +233,7 @@ def markdown(result: dict) -> str:
         lines += ["", "## Other methods, per example", "", "Ratios to DPA total at the same length.", "",
                   "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         for m in names:
-            lines.append(f"| {m} | " + " | ".join(_cell(_get(rows, m, n), _get(rows, "dpa", n)) for n in lengths) + " |")
+            lines.append(f"| {m} | " + " | ".join(cost_cell(_get(rows, m, n), _get(rows, "dpa", n)) for n in lengths) + " |")
     scaling = [r for r in rows if r.get("section") == "scaling"]
     if scaling:
         n = scaling[0]["length"]
@@ -277,7 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the bundled model (default smollm2-135m)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="runs after the warm-up (default 3; --quick: 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -296,6 +287,8 @@ def main() -> None:
                else run_one(args.model, m, int(n), args.repeats, args.device, o if o != "-" else "", args.dtype))
         print(json.dumps(row))
         return
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     slug, label = MODELS[args.model]
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     stem = args.out / f"speed_{slug}{suffix}{'_quick' if args.quick else ''}"

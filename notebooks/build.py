@@ -245,11 +245,40 @@ table.sort_values("exact", key=abs, ascending=False).head(12).round(3)'''),
                "explains the clean logit difference itself, not what changes when the corrupted run replaces a writer's output. "
                "`bench/results/circuits_smollm2.md` measures this over more prompts, with MIB's circuit faithfulness."),
         ("md", "## Unpack's paths beside DPA's\nUnpack (arXiv 2605.23393) names paths with the same hop labels, by a backward recursion with "
-               "heuristic splits. Both use the same `Path` type."),
-        ("code", '''unpacked = dpa_lens.unpack(model, cache, p.target, top_paths=10)
+               "heuristic splits; both use the same `Path` type. `quirks=False` seeds Unpack on the target minus the distractor, so both "
+               "methods explain the same IO − S logit difference, and `units=\"logit\"` puts its scores in DPA's units (its default "
+               "is % of the positive token mass)."),
+        ("code", '''unpacked = dpa_lens.unpack(model, cache, p.target, top_paths=10, quirks=False, units="logit", progress=False)
 pd.DataFrame({"DPA path": [str(x) for x in paths[:8]], "DPA score": [round(x.score, 3) for x in paths[:8]],
               "Unpack path": [str(x) for x in unpacked.paths[0][:8]],
               "Unpack score": [round(x.score, 3) for x in unpacked.paths[0][:8]]})'''),
+        ("md", "The same comparison on more IOI prompts: which heads each method credits (Spearman over all heads, and how many of each "
+               "method's 10 strongest heads the other has among its 10), and which heads their 10 strongest paths pass through."),
+        ("code", '''import re
+
+def heads_on(paths):
+    return {unit for path in paths for unit in re.findall(r"L\\d+H\\d+", str(path))}
+
+rows = []
+for q in ioi_dataset(model, n=3 if SMALL else 8, seed=0, corruption="flip"):
+    _, c = model.run_with_cache(q.clean)
+    d_heads = dpa_lens.dpa(model, c, q.target, kinds=("heads",)).totals("heads")[0].flatten()
+    u = dpa_lens.unpack(model, c, q.target, top_paths=10, quirks=False, units="logit", progress=False)
+    u_heads = u.totals("heads")[0].flatten()
+    top_d, top_u = set(d_heads.abs().topk(10).indices.tolist()), set(u_heads.abs().topk(10).indices.tolist())
+    on_d, on_u = heads_on(dpa_lens.dpa_paths(model, c, q.target, k=10)[0]), heads_on(u.paths[0])
+    rows.append({"prompt": q.clean, "heads: Spearman": pd.Series(d_heads.tolist()).rank().corr(pd.Series(u_heads.tolist()).rank()),
+                 "top-10 heads shared": len(top_d & top_u), "heads on DPA's paths": " ".join(sorted(on_d)),
+                 "on Unpack's": " ".join(sorted(on_u)), "on both": len(on_d & on_u)})
+pd.DataFrame(rows).round(2)'''),
+        ("md", "How to read it: the two agree on **which heads** carry the answer: the late heads that write the name to the final "
+               "position lead both rankings, and most of each method's 10 strongest heads are among the other's. They differ in what "
+               "their **paths** say. A DPA path may start at any component, so DPA's strongest paths are mostly short (a late head or "
+               "MLP writing straight to the logit), each with its exact score: the paths out of a component add up to its node score. "
+               "Unpack hands all credit down to the token embeddings, so every one of its paths starts at a token, and most pass "
+               "through the first layer's MLP, the first unit above each token, on their way to a late head's value input. Where "
+               "DPA's paths do reach a token they tend to take the same route (embed → L0 MLP → a late head's value; the first table "
+               "has some), so the two meet there; Unpack's path scores come from its splitting rules and have no exactness to check."),
         ("md", "## A circuit with known wiring: induction\nA 2-layer attention-only model shipped with dpa_lens, trained on repeated random "
                "sequences: head L0H3 attends to the previous token, head L1H2 is an induction head that finds the earlier occurrence of "
                "the current token through its **key** (K-composition) and copies the token after it. The roles come from the attention "
@@ -270,14 +299,21 @@ induction = dpa_lens.dpa_edges(toy, toy_cache, target, position=position)
 df = induction.to_dataframe()
 head_to_head = df[df.writer.str.contains("H") & df.reader.str.contains("H")]
 head_to_head.groupby(["writer", "reader", "path"]).score.mean().sort_values(key=abs, ascending=False).head(8).round(3)'''),
+        ("code", '''control = head_to_head[head_to_head.path.isin(["q", "k"])]
+mean = control.groupby(["writer", "reader", "path"]).score.mean()
+mean = mean[mean.abs().sort_values(ascending=False).index]
+print(mean.head(4).round(3))
+print(f"the largest control edge is {abs(mean.iloc[0] / mean.iloc[1]):.1f} times the next")
+# how saturated the induction head is: its attention weight on the key it reads (the token after the earlier copy)
+alpha = toy_cache["blocks.1.attn.hook_pattern"][torch.arange(16), 2, position, earlier[middle] + 1]
+print(f"L1H2's attention on that key: mean {alpha.mean():.3f}, min {alpha.min():.3f}")
+plot.circuit(induction, top_n=12)'''),
         ("md", "What this shows, plainly: with the default μ the largest head → head edges are **value** edges into the induction head "
                "(the layer-0 heads mix the current token into their output, and the induction head copies it: content that DPA counts in "
-               "full). The K-composition edge L0H3 → L1H2 [k] is the largest **control** edge (q and k), five times the next, but small: "
-               "the induction head's softmax is saturated (about 0.995 on the key it reads), and DPA's key path is "
-               "α (v − z)·λ, which vanishes as α → 1. Edge AtP, which measures the change against a corrupted prompt, ranks it first."),
-        ("code", '''control = head_to_head[head_to_head.path.isin(["q", "k"])]
-print(control.groupby(["writer", "reader", "path"]).score.mean().sort_values(key=abs, ascending=False).head(4).round(3))
-plot.circuit(induction, top_n=12)'''),
+               "full). The K-composition edge L0H3 → L1H2 [k] is the largest **control** edge (q and k), several times the next (printed "
+               "above), but small: the induction head's softmax is saturated (its attention on the key it reads, printed above, is close "
+               "to 1), and DPA's key path is α (v − z)·λ, which vanishes as α → 1. Edge AtP, which measures the change against a "
+               "corrupted prompt, ranks it first."),
     ],
 )
 

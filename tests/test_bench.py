@@ -63,7 +63,7 @@ def test_bench_quick_run(script, tmp_path):
     text = stem.with_suffix(".md").read_text()
     assert text == _module(script).markdown(data)
     if script == "faithfulness":
-        assert data["settings"]["known_1000_prompts"] == 4 and data["settings"]["ioi_prompts"] == 3
+        assert data["settings"]["known_1000_prompts"] == 2 and data["settings"]["ioi_prompts"] == 2
         methods = set(data["tokens"]["ioi"])
         assert {"dpa", "dla", "atp", "atp*", "gradient", "input_x_gradient", "integrated_gradients", "random"} <= methods
         assert all(0 <= v["recovery"] for v in data["tokens"]["known_1000"].values())

@@ -76,7 +76,7 @@ def test_tokens_equal_the_reference_for_every_rule(family, line):
         _compare(family, line, mlp_rule=rule)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "neox"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("level", ["heads", "neurons"])
 def test_units_equal_the_reference_for_every_rule(family, level, line):
     for rule in RULES:
@@ -198,6 +198,42 @@ def test_a_padded_batch_equals_each_row_alone(side, line):
             else:
                 torch.testing.assert_close(row.head_totals, alone.head_totals, rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(row.diagnostics.remainder, alone.diagnostics.remainder, rtol=1e-4, atol=1e-5)
+
+
+def test_every_target_form(line):
+    """A token, a pair, a direction and per-row targets: each split exactly (tokens + remainder =
+    target value). A pair is the difference of its tokens' runs, a token's unembedding column as a
+    direction is that token's centred logit, and each row of a per-row target is that row's own run."""
+    model, _, tokens, _ = _setup("gpt2", line)
+    rows = torch.cat([tokens, tokens])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows)
+    mary, john = (model.to_single_token(t) for t in PAIR)
+    run = functools.partial(depass, model, cache, progress=False)
+    by_token = {t: run(t) for t in (mary, john)}
+    pair = run((mary, john))
+    direction = model.W_U[:, mary].detach()
+    by_direction = run(direction)
+    per_row = run([(mary, john), (john, mary)])
+    per_row_direction = run(torch.stack([direction, -direction]))
+    for attr in (*by_token.values(), pair, by_direction, per_row, per_row_direction):
+        torch.testing.assert_close(attr.tokens.sum(-1) + attr.bias, attr.target_value, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pair.tokens, by_token[mary].tokens - by_token[john].tokens, rtol=1e-4, atol=1e-5)
+    centred = run(mary, logit="centered")  # the unembedding's column as the model holds it
+    torch.testing.assert_close(by_direction.tokens, centred.tokens, rtol=1e-4, atol=1e-5)
+    assert by_direction.target["logit"] == ["direction", "direction"]
+    torch.testing.assert_close(per_row.tokens[0], pair.tokens[0])
+    torch.testing.assert_close(per_row.tokens[1], -pair.tokens[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(per_row_direction.tokens[1], -by_direction.tokens[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_progress_bar_over_the_layers(line, capsys):
+    model, _, _, cache = _setup("llama", line)
+    depass(model, cache, PAIR, progress=True)
+    shown = capsys.readouterr().err
+    assert "DePass tokens" in shown and f"/{model.cfg.n_layers} [" in shown  # a bar over the layers
+    depass(model, cache, PAIR, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("family", ["gemma2", "neox"])

@@ -153,3 +153,20 @@ def test_an_unwritable_model_cache_only_costs_speed(tmp_path):
     load_module._keep_copy(hf, tok, tmp_path / "cache" / "copy")
     assert (tmp_path / "cache" / "copy" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["copy"]
+
+
+def test_the_dequantised_copy_is_keyed_by_content(tmp_path):
+    """The same bytes anywhere (another environment, another modification time) have one key; one
+    changed byte, at the same size, has another."""
+    import os
+
+    data = bytes(range(256)) * 4096
+    a, b, c = tmp_path / "a.gguf", tmp_path / "elsewhere" / "b.gguf", tmp_path / "c.gguf"
+    b.parent.mkdir()
+    a.write_bytes(data)
+    b.write_bytes(data)
+    os.utime(b, (1, 1))
+    c.write_bytes(data[:-1] + b"\x00")
+    key = load_module._content_key(a)
+    assert key == load_module._content_key(b) and key.startswith(f"{len(data)}-")
+    assert load_module._content_key(c) != key

@@ -119,7 +119,7 @@ def test_unprocessed_dpa_equals_the_oracle(family, line, build):
     torch.testing.assert_close(attr.tokens.sum(-1) + attr.bias, attr.target_value, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("line, build", [(l, b) for l, b in MATRIX if b != "processed"])
 def test_every_method_gives_the_processed_models_numbers(family, line, build):
     """Processing changes the parametrisation, not the network: every method gives the same numbers
@@ -337,8 +337,16 @@ def test_a_centred_logit_warns_how_to_keep_the_raw_one(line):
     """A model built by hand with TransformerLens's default processing explains the centred logit of a
     token; the warning names the switch that keeps the raw one, and with it the logit is raw."""
     family = "llama"
-    centred, _ = built("processed", family, line)
-    centred = copy.deepcopy(centred)
+    loaded, ref = built("processed", family, line)  # as load_model builds it: the raw logit, and the repr says so
+    _, cache = loaded.run_with_cache(IOI_PROMPT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attr = dpa_lens.dpa(loaded, cache, " Mary")
+    assert attr.target["logit"] == ["raw"] and "(raw logit) = " in repr(attr)
+    with torch.no_grad():
+        logit = ref(loaded.to_tokens(IOI_PROMPT).cpu()).logits[0, -1, loaded.to_single_token(" Mary")]
+    assert float(attr.target_value[0]) == pytest.approx(float(logit), abs=1e-4)
+    centred = copy.deepcopy(loaded)
     delattr(centred, "_dpa_lens_unembed_offset")  # as TransformerLens alone builds it
     _, cache = centred.run_with_cache(IOI_PROMPT)
     switch = "enable_compatibility_mode(center_unembed=False)" if tl.is_bridge(centred) else "center_unembed=False"
