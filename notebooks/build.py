@@ -254,10 +254,8 @@ pd.DataFrame({"DPA path": [str(x) for x in paths[:8]], "DPA score": [round(x.sco
               "Unpack score": [round(x.score, 3) for x in unpacked.paths[0][:8]]})'''),
         ("md", "The same comparison on more IOI prompts: which heads each method credits (Spearman over all heads, and how many of each "
                "method's 10 strongest heads the other has among its 10), and which heads their 10 strongest paths pass through."),
-        ("code", '''import re
-
-def heads_on(paths):
-    return {unit for path in paths for unit in re.findall(r"L\\d+H\\d+", str(path))}
+        ("code", '''def heads_on(paths):
+    return {hop.node for path in paths for hop in path.hops if "H" in hop.node}  # L{l}H{h}; not embed, L{l}.mlp, logit
 
 rows = []
 for q in ioi_dataset(model, n=3 if SMALL else 8, seed=0, corruption="flip"):

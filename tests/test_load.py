@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -158,8 +159,6 @@ def test_an_unwritable_model_cache_only_costs_speed(tmp_path):
 def test_the_dequantised_copy_is_keyed_by_content(tmp_path):
     """The same bytes anywhere (another environment, another modification time) have one key; one
     changed byte, at the same size, has another."""
-    import os
-
     data = bytes(range(256)) * 4096
     a, b, c = tmp_path / "a.gguf", tmp_path / "elsewhere" / "b.gguf", tmp_path / "c.gguf"
     b.parent.mkdir()

@@ -332,20 +332,27 @@ def _assert_rows_alone(model, tokens, cache, mask):
 # ------------------------------------------------------------------------------ which logit
 
 
-@pytest.mark.parametrize("line", LINES)
-def test_a_centred_logit_warns_how_to_keep_the_raw_one(line):
-    """A model built by hand with TransformerLens's default processing explains the centred logit of a
-    token; the warning names the switch that keeps the raw one, and with it the logit is raw."""
-    family = "llama"
-    loaded, ref = built("processed", family, line)  # as load_model builds it: the raw logit, and the repr says so
-    _, cache = loaded.run_with_cache(IOI_PROMPT)
+def _explains_the_raw_logit(model, ref):
+    """DPA of " Mary" on ``model``, with no warning: the raw logit, equal to the untouched
+    transformers model's, and said so in the result's repr."""
+    _, cache = model.run_with_cache(IOI_PROMPT)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attr = dpa_lens.dpa(loaded, cache, " Mary")
+        attr = dpa_lens.dpa(model, cache, " Mary")
     assert attr.target["logit"] == ["raw"] and "(raw logit) = " in repr(attr)
     with torch.no_grad():
-        logit = ref(loaded.to_tokens(IOI_PROMPT).cpu()).logits[0, -1, loaded.to_single_token(" Mary")]
+        logit = ref(model.to_tokens(IOI_PROMPT).cpu()).logits[0, -1, model.to_single_token(" Mary")]
     assert float(attr.target_value[0]) == pytest.approx(float(logit), abs=1e-4)
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_a_centred_logit_warns_how_to_keep_the_raw_one(line):
+    """As load_model builds a model, a token's raw logit is explained and the repr says so. Built by
+    hand with TransformerLens's default processing, the model explains the centred logit; the warning
+    names the switch that keeps the raw one, and with it the logit is raw."""
+    family = "llama"
+    loaded, ref = built("processed", family, line)
+    _explains_the_raw_logit(loaded, ref)
     centred = copy.deepcopy(loaded)
     delattr(centred, "_dpa_lens_unembed_offset")  # as TransformerLens alone builds it
     _, cache = centred.run_with_cache(IOI_PROMPT)
@@ -357,14 +364,7 @@ def test_a_centred_logit_warns_how_to_keep_the_raw_one(line):
     ref = copy.deepcopy(hf)
     raw = wrap(hf, tiny_tokenizer(), "tiny", line=line, device=None, dtype=torch.float32, processing={"center_unembed": False})
     del raw._dpa_lens_unembed_offset  # nothing recorded: the raw logit is read off the uncentred W_U itself
-    _, cache = raw.run_with_cache(IOI_PROMPT)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        attr = dpa_lens.dpa(raw, cache, " Mary")
-    assert attr.target["logit"] == ["raw"]
-    with torch.no_grad():
-        logit = ref(raw.to_tokens(IOI_PROMPT).cpu()).logits[0, -1, raw.to_single_token(" Mary")]
-    assert float(attr.target_value[0]) == pytest.approx(float(logit), abs=1e-4)
+    _explains_the_raw_logit(raw, ref)
 
 
 # ------------------------------------------------------------------------------ vocabulary sizes
