@@ -6,7 +6,8 @@ rewrites each from its result file, so no number in them is typed by hand.
 (tests/test_bench.py runs it).
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
-faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed`` and ``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
+faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-checkpoint`` and
+``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
 bench/results/faithfulness_smollm2.json).
 """
@@ -108,6 +109,28 @@ def speed(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_checkpoint(r: dict) -> str:
+    """DPA with the streams cached only (each layer recomputed in the sweep) beside DPA with the full cache."""
+    rows = r["rows"]
+
+    def get(m: str, n: int, o: str = "") -> dict | None:
+        return next((x for x in rows if x["measurement"] == m and x["length"] == n and x["option"] == o and "error" not in x), None)
+
+    def cell(x: dict | None, base: dict | None) -> str:
+        return "" if x is None else f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base['seconds']:.2f}×)" if base else "")
+
+    def mem(x: dict | None) -> str:
+        return "" if x is None else f"{x['peak_bytes'] / 2**30:.2f} GiB"
+
+    lines = ["| tokens | DPA total, streams cached (× model forward + backward) | its peak memory | "
+             "DPA total, full cache | its peak memory | cache forward, streams only (× model forward) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({x["length"] for x in rows if x.get("section") == "checkpoint" and "error" not in x}):
+        fb, f, c, d = get("hf_forward_backward", n), get("hf_forward", n), get("dpa", n, "checkpoint"), get("dpa", n)
+        lines.append(f"| {n} | {cell(c, fb)} | {mem(c)} | {cell(d, fb)} | {mem(d)} | {cell(get('cache_forward', n, 'checkpoint'), f)} |")
+    return "\n".join(lines) + "\n"
+
+
 def circuits(r: dict) -> str:
     s, g, a = r["settings"], r["grid"], r["agreement"]
     faith = r["faithfulness"]
@@ -178,6 +201,7 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "faithfulness-bos": ((RESULTS / "faithfulness_smollm2.json", RESULTS / "faithfulness_gemma3.json"), faithfulness_bos),
     "speed": ((RESULTS / "speed_smollm2.json",), speed),
     "speed-gemma3": ((RESULTS / "speed_gemma3.json",), speed),
+    "speed-checkpoint": ((RESULTS / "speed_smollm2.json",), speed_checkpoint),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
 }

@@ -18,7 +18,10 @@ backward to the input embeddings with the parameters frozen. Against it:
 3. scaling in the number of units scored, at 256 tokens: DPA scoring only tokens, adding heads,
    neurons and per-key scores, against exact patching of 9, 90 and 270 heads;
 4. where the sweep spends its time, per rule (``torch.profiler`` on the labels of
-   `dpa_lens.methods.dpa.rules`), at 1024 tokens.
+   `dpa_lens.methods.dpa.rules`), at 1024 tokens;
+5. activation checkpointing (option ``checkpoint``): the cache forward with
+   ``dpa_names_filter(model, checkpoint=True)`` (the residual streams only), the sweep that recomputes
+   each layer, and their total, at 256 … 8192 tokens.
 
 Each measurement runs in a fresh process: a warm-up (whose peak memory is recorded: the peak above
 the loaded model), then up to ``--repeats`` timed runs (fewer once they add up to 20 s; none after a
@@ -59,14 +62,17 @@ def _inputs(model, length: int, device: str):
     return clean.to(device), corrupted.to(device)
 
 
-def dpa_cache(model, tokens, patterns: bool = False):
-    """The cache forward DPA needs, as a user runs it: lean names filter, no grad, fused attention."""
+def dpa_cache(model, tokens, patterns: bool = False, checkpoint: bool = False):
+    """The cache forward DPA needs, as a user runs it: lean names filter, no grad, fused attention
+    (``checkpoint``: the residual streams only, each layer recomputed by the sweep). Returns
+    ``(logits, cache)``; the measurements keep the cache only (the ``[pos, vocab]`` logits, 1.5 GiB at
+    8192 tokens on SmolLM2, are not DPA's)."""
     import torch
 
     import dpa_lens
 
     with torch.no_grad(), dpa_lens.fused_attention(model):
-        return model.run_with_cache(tokens, names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns))
+        return model.run_with_cache(tokens, names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns, checkpoint=checkpoint))
 
 
 def run_one(name: str, measurement: str, length: int, repeats: int, device: str, option: str, dtype: str) -> dict:
@@ -89,8 +95,9 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
             p.requires_grad_(False)
         hf_ids = clean.clone()
     cache_holder = {}
+    checkpoint = option == "checkpoint"
     if measurement == "dpa_sweep":
-        _, cache_holder["cache"] = dpa_cache(model, clean)
+        cache_holder["cache"] = dpa_cache(model, clean, checkpoint=checkpoint)[1]
 
     def once():
         if measurement == "hf_forward":
@@ -105,17 +112,17 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
             (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
             model.zero_grad(set_to_none=True)
         elif measurement == "cache_forward":
-            dpa_cache(model, clean)
+            dpa_cache(model, clean, checkpoint=checkpoint)
         elif measurement == "dpa_sweep":
             dpa_lens.dpa(model, cache_holder["cache"], target)
         elif measurement == "dpa":
             kinds = {"tokens": ("tokens",), "tokens+heads": ("tokens", "heads")}.get(option, ("tokens", "heads", "neurons"))
             with torch.no_grad():
-                _, cache = dpa_cache(model, clean, patterns=option == "head_keys")
+                cache = dpa_cache(model, clean, patterns=option == "head_keys", checkpoint=checkpoint)[1]
                 dpa_lens.dpa(model, cache, target, kinds=kinds, head_keys=option == "head_keys")
         elif measurement == "dpa_edges":
             with torch.no_grad():
-                _, cache = dpa_cache(model, clean)
+                cache = dpa_cache(model, clean)[1]
                 dpa_edges(model, cache, target)
         elif measurement == "patching":
             layers = {"9": [0], "90": list(range(10))}.get(option)
@@ -181,6 +188,7 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
         rows = [(m, n, "", "floor") for n in (32, 128) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
         rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients", "patching")]
         rows += [("dpa", 128, "tokens", "scaling"), ("profile", 128, "", "profile")]
+        rows += [(m, 128, "checkpoint", "checkpoint") for m in ("cache_forward", "dpa")]
         return rows
     floor = ("hf_forward", "hf_forward_backward", "tl_forward_backward", "cache_forward", "dpa_sweep", "dpa")
     rows = [(m, n, "", "floor") for n in (32, 256, 1024, 4096) for m in floor]
@@ -191,7 +199,8 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     rows += [("dpa", 256, o, "scaling") for o in ("tokens", "tokens+heads", "head_keys")]
     rows += [("patching", 256, o, "scaling") for o in ("9", "90")]
     rows += [("profile", 1024, "", "profile")]
-    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile") else max_method_length)]
+    rows += [(m, n, "checkpoint", "checkpoint") for n in (256, 1024, 4096, 8192) for m in ("cache_forward", "dpa_sweep", "dpa")]
+    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile", "checkpoint") else max_method_length)]
 
 
 def _get(rows, m, n, o=""):
@@ -207,7 +216,8 @@ def markdown(result: dict) -> str:
         f"Device: {mach['device']} ({where}); torch {mach['torch']}, TransformerLens {mach['transformer_lens']}, "
         f"{result['dtype']}. Minimum of up to {result['repeats']} runs after a warm-up (the warm-up alone when it takes over a "
         "minute); peak memory above the loaded model, per example (one prompt of random tokens: the cost does not depend "
-        f"on the text). Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`"
+        "on the text; DPA's rows hold the cache and the scores, not the forward's logits). "
+        f"Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`"
         + "".join(f"; rows added by `{u}`" for u in result.get("updates", [])) + ".",
         "",
         "## DPA against the model's own forward and backward",
@@ -226,6 +236,20 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n), f)} | "
                      f"{cost_cell(_get(rows, 'dpa_sweep', n), back)} | {cost_cell(_get(rows, 'dpa', n), fb)} | "
                      f"{cost_cell(_get(rows, 'tl_forward_backward', n))} |")
+    checkpointed = sorted({r["length"] for r in rows if r.get("section") == "checkpoint"})
+    if checkpointed:
+        lines += ["", "## Activation checkpointing: the streams cached, each layer recomputed in the sweep", "",
+                  "`dpa_names_filter(model, checkpoint=True)` caches only the residual streams; the sweep recomputes each layer "
+                  "from its input stream (about one more forward) and checks it against the next. Same scores, same floor; the "
+                  "last column is the peak of DPA total with the full cache (above).", "",
+                  "| tokens | cache forward (streams only) | DPA sweep (with the recomputation) | DPA total | DPA total, full cache |",
+                  "|---:|---|---|---|---|"]
+        for n in checkpointed:
+            fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
+            back = None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
+            lines.append(f"| {n} | {cost_cell(_get(rows, 'cache_forward', n, 'checkpoint'), f)} | "
+                         f"{cost_cell(_get(rows, 'dpa_sweep', n, 'checkpoint'), back)} | {cost_cell(_get(rows, 'dpa', n, 'checkpoint'), fb)} | "
+                         f"{cost_cell(_get(rows, 'dpa', n), fb)} |")
     methods = [r for r in rows if r.get("section") == "methods"]
     if methods:
         names = list(dict.fromkeys(r["measurement"] for r in methods))

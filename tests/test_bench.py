@@ -72,6 +72,8 @@ def test_bench_quick_run(script, tmp_path):
         rows = [r for r in data["rows"] if "error" not in r]
         assert len(rows) == len(data["rows"]) and all(r["seconds"] > 0 for r in rows)
         assert "## DPA against the model's own forward and backward" in text and "| 128 |" in text
+        assert "## Activation checkpointing" in text and {r["measurement"] for r in rows if r["option"] == "checkpoint"} == {
+            "cache_forward", "dpa"}
         profile = next(r for r in rows if r["measurement"] == "profile")
         assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])
 

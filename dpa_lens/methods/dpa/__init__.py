@@ -27,7 +27,8 @@ this implementation against such an autograd oracle. The sweep costs about one b
 never loops over heads, neurons or tokens.
 
 Modules: `mu` (path weights), `hooks` (what DPA reads from the cache), `rules` (one block's
-propagation), `method` (the sweep and `dpa`).
+propagation), `attention_blocks` (the attention rule in query blocks), `root` (rerooting),
+`checkpoint` (layers recomputed from a cache of the streams alone), `method` (the sweep and `dpa`).
 """
 
 from dpa_lens.methods.dpa.hooks import dpa_hook_names, dpa_names_filter

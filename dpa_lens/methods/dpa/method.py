@@ -12,7 +12,8 @@ from torch import Tensor
 from dpa_lens.attribution import KINDS, Attribution, Kind
 from dpa_lens.errors import InputError
 from dpa_lens.forward import CachedForward, read_forward
-from dpa_lens.methods.dpa.hooks import dpa_hook_names, required_hooks
+from dpa_lens.methods.dpa.checkpoint import is_checkpointed, recomputed
+from dpa_lens.methods.dpa.hooks import checkpoint_hook_names, dpa_hook_names, required_hooks
 from dpa_lens.methods.dpa.mu import Mu
 from dpa_lens.methods.dpa.root import parse_root
 from dpa_lens.methods.dpa.rules import AttentionStep, MLPStep, Propagator
@@ -21,6 +22,7 @@ from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import pull_norm
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
+from dpa_lens.validation import check_cache_object
 
 
 @dataclass
@@ -145,7 +147,8 @@ def dpa(
     Args:
         model: the TransformerLens model that made the cache (``dpa_lens.load_model``).
         cache: ``ActivationCache`` from ``model.run_with_cache(tokens)`` (all hooks, or
-            ``names_filter=dpa_lens.dpa_names_filter(model)``).
+            ``names_filter=dpa_lens.dpa_names_filter(model)``; with ``dpa_names_filter(model,
+            checkpoint=True)`` only the residual streams, each layer recomputed during the sweep).
         target: token id, single-token string, ``(correct, incorrect)`` pair, direction
             ``[d_model]``, or a list of these per row (see `dpa_lens.targets`).
         position: answer position; negative counts back from each row's last real token
@@ -191,12 +194,18 @@ def dpa(
     needed = required_hooks(view, flow)
     if not view.rules.has_mlp:  # an attention-only model has no ln2 and no MLP hooks
         needed = [name for name in needed if ".mlp." not in name and ".ln2." not in name]
+    check_cache_object(cache, "DPA")
+    checkpointed = is_checkpointed(view, cache)
+    if checkpointed:  # only the streams are cached: each layer is recomputed from its input as the sweep reaches it
+        needed = checkpoint_hook_names(view)
     fwd = read_forward(
         model, cache, target, position, method="DPA" + (" with flow=True" if flow else ""),
         hook_names=needed + ([] if rooted is None else rooted.hooks),
         filter_hint=f"dpa_lens.dpa_names_filter(model{', flow=True' if flow else ''})" if rooted is None else rooted.filter_hint,
-        tokens=tokens, attention_mask=attention_mask, logit=logit,
+        tokens=tokens, attention_mask=attention_mask, logit=logit, check_model=not checkpointed,
     )
+    if checkpointed:  # every recomputed layer is checked against the next cached stream instead
+        fwd = recomputed(fwd)
     with torch.no_grad():
         start, target_bias = start_target(fwd) if rooted is None else rooted.start(fwd)
         scores = sweep(fwd, start, mu, kinds=kinds, neuron_target=neuron_target, head_keys=head_keys,
