@@ -67,6 +67,11 @@ class PeakMemory:
             self.peak = max(self.peak, _rss() - self.base)
 
 
+def find_row(rows: list[dict], m: str, n: int, o: str = "") -> dict | None:
+    """The successful measurement ``m`` (option ``o``) at ``n`` tokens of a speed result's rows, or None."""
+    return next((r for r in rows if r["measurement"] == m and r["length"] == n and r["option"] == o and "error" not in r), None)
+
+
 def cost_cell(r: dict | None, base: dict | None = None) -> str:
     """A measurement as a table cell: "seconds (ratio to base), peak MiB", or "—" when there is none."""
     if r is None:

@@ -6,7 +6,7 @@ rewrites each from its result file, so no number in them is typed by hand.
 (tests/test_bench.py runs it).
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
-faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-checkpoint`` and
+faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-summary``, ``speed-checkpoint`` and
 ``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
 bench/results/faithfulness_smollm2.json).
@@ -15,11 +15,15 @@ bench/results/faithfulness_smollm2.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import find_row as _row
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -76,21 +80,30 @@ def faithfulness(r: dict, gemma: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lengths(rows: list[dict], section: str) -> list[int]:
+    return sorted({x["length"] for x in rows if x.get("section") == section and "error" not in x})
+
+
+def _secs(x: dict | None, base: float | None = None) -> str:
+    if x is None:
+        return ""
+    return f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base:.2f}×)" if base else "")
+
+
+def _floor(rows: list[dict], n: int) -> tuple[float | None, float | None, float | None]:
+    """Seconds of the model's forward, forward + backward, and backward (their difference) at ``n`` tokens."""
+    f, fb = _row(rows, "hf_forward", n), _row(rows, "hf_forward_backward", n)
+    return (f and f["seconds"]), (fb and fb["seconds"]), (fb["seconds"] - f["seconds"] if f and fb else None)
+
+
 def speed(r: dict) -> str:
     rows = r["rows"]
-
-    def get(m: str, n: int, o: str = "") -> dict | None:
-        return next((x for x in rows if x["measurement"] == m and x["length"] == n and x["option"] == o and "error" not in x), None)
-
-    def secs(x: dict | None, base: float | None = None) -> str:
-        if x is None:
-            return ""
-        return f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base:.2f}×)" if base else "")
+    get = functools.partial(_row, rows)
 
     def method(m: str, n: int) -> str:
         """A method's seconds, or why a measurement has none: over the time limit, unsupported, out of memory."""
         if (x := get(m, n)) is not None:
-            return secs(x)
+            return _secs(x)
         err = next((x["error"] for x in rows if x["measurement"] == m and x["length"] == n and "error" in x), "")
         if limit := re.search(r"stopped after (\d+) s", err):
             return f"> {limit[1]} s"
@@ -99,35 +112,47 @@ def speed(r: dict) -> str:
     lines = ["| tokens | model forward + backward (SDPA) | DPA total (× that) | DPA peak memory | cache forward (× model forward) "
              "| sweep (× model backward) | DPA edges | AtP | DePass | Unpack |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in sorted({x["length"] for x in rows if x.get("section") == "floor" and "error" not in x}):
-        f, fb, d = get("hf_forward", n), get("hf_forward_backward", n), get("dpa", n)
-        back = fb["seconds"] - f["seconds"] if f and fb else None
+    for n in _lengths(rows, "floor"):
+        (f, fb, back), d = _floor(rows, n), get("dpa", n)
         mem = f"{d['peak_bytes'] / 2**20:,.0f} MiB" if d else ""
-        lines.append(f"| {n} | {secs(fb)} | {secs(d, fb and fb['seconds'])} | {mem} | "
-                     f"{secs(get('cache_forward', n), f and f['seconds'])} | {secs(get('dpa_sweep', n), back)} | "
+        lines.append(f"| {n} | {_secs(get('hf_forward_backward', n))} | {_secs(d, fb)} | {mem} | "
+                     f"{_secs(get('cache_forward', n), f)} | {_secs(get('dpa_sweep', n), back)} | "
                      f"{method('dpa_edges', n)} | {method('atp', n)} | {method('depass', n)} | {method('unpack', n)} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratios(rows: list[dict], m: str, base: int, lengths: list[int]) -> str:
+    """``m``'s seconds over the floor's (0: forward, 1: forward + backward, 2: backward) at each length."""
+    cells = [f"{x['seconds'] / b:.2f}× at {n}" for n in lengths if (x := _row(rows, m, n)) and (b := _floor(rows, n)[base])]
+    return ", ".join(cells)
+
+
+def _gib(x: dict | None) -> str:
+    return "" if x is None else f"{x['peak_bytes'] / 2**30:.2f} GiB"
+
+
+def speed_summary(r: dict) -> str:
+    """DPA's parts against the floor at every length, and its peak memory at the longest."""
+    rows = r["rows"]
+    lengths = _lengths(rows, "floor")
+    longest = lengths[-1]
+    full, lean = _row(rows, "dpa", longest), _row(rows, "dpa", longest, "checkpoint")
+    memory = f"DPA's peak memory above the model at {longest} tokens: {_gib(full)} with the full cache"
+    memory += f", {_gib(lean)} checkpointed (below)" if lean else ""
+    return (f"DPA total / the model's forward + backward: {_ratios(rows, 'dpa', 1, lengths)} tokens. The sweep / the model's "
+            f"backward: {_ratios(rows, 'dpa_sweep', 2, lengths)}. The cache forward / the model's forward: "
+            f"{_ratios(rows, 'cache_forward', 0, lengths)}. {memory}.\n")
 
 
 def speed_checkpoint(r: dict) -> str:
     """DPA with the streams cached only (each layer recomputed in the sweep) beside DPA with the full cache."""
     rows = r["rows"]
-
-    def get(m: str, n: int, o: str = "") -> dict | None:
-        return next((x for x in rows if x["measurement"] == m and x["length"] == n and x["option"] == o and "error" not in x), None)
-
-    def cell(x: dict | None, base: dict | None) -> str:
-        return "" if x is None else f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base['seconds']:.2f}×)" if base else "")
-
-    def mem(x: dict | None) -> str:
-        return "" if x is None else f"{x['peak_bytes'] / 2**30:.2f} GiB"
-
     lines = ["| tokens | DPA total, streams cached (× model forward + backward) | its peak memory | "
              "DPA total, full cache | its peak memory | cache forward, streams only (× model forward) |",
              "|---:|---:|---:|---:|---:|---:|"]
-    for n in sorted({x["length"] for x in rows if x.get("section") == "checkpoint" and "error" not in x}):
-        fb, f, c, d = get("hf_forward_backward", n), get("hf_forward", n), get("dpa", n, "checkpoint"), get("dpa", n)
-        lines.append(f"| {n} | {cell(c, fb)} | {mem(c)} | {cell(d, fb)} | {mem(d)} | {cell(get('cache_forward', n, 'checkpoint'), f)} |")
+    for n in _lengths(rows, "checkpoint"):
+        (f, fb, _), c, d = _floor(rows, n), _row(rows, "dpa", n, "checkpoint"), _row(rows, "dpa", n)
+        lines.append(f"| {n} | {_secs(c, fb)} | {_gib(c)} | {_secs(d, fb)} | {_gib(d)} | {_secs(_row(rows, 'cache_forward', n, 'checkpoint'), f)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,6 +227,7 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed": ((RESULTS / "speed_smollm2.json",), speed),
     "speed-gemma3": ((RESULTS / "speed_gemma3.json",), speed),
     "speed-checkpoint": ((RESULTS / "speed_smollm2.json",), speed_checkpoint),
+    "speed-summary": ((RESULTS / "speed_smollm2.json",), speed_summary),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
 }

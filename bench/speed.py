@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODELS, PeakMemory, cost_cell, machine, run_child, short_error, write_results
+from _common import MODELS, PeakMemory, cost_cell, find_row, machine, run_child, short_error, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # measurement -> (what it is, how the table names it)
@@ -203,8 +203,13 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile", "checkpoint") else max_method_length)]
 
 
-def _get(rows, m, n, o=""):
-    return next((r for r in rows if r["measurement"] == m and r["length"] == n and r["option"] == o and "error" not in r), None)
+_get = find_row
+
+
+def _backward(rows: list[dict], n: int) -> dict | None:
+    """The floor's backward at ``n`` tokens: its forward + backward less its forward."""
+    fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
+    return None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
 
 
 def markdown(result: dict) -> str:
@@ -231,8 +236,7 @@ def markdown(result: dict) -> str:
         "|---:|---|---|---|---|---|---|",
     ]
     for n in sorted({r["length"] for r in rows if r.get("section") == "floor"}):
-        fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
-        back = None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
+        fb, f, back = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n), _backward(rows, n)
         lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n), f)} | "
                      f"{cost_cell(_get(rows, 'dpa_sweep', n), back)} | {cost_cell(_get(rows, 'dpa', n), fb)} | "
                      f"{cost_cell(_get(rows, 'tl_forward_backward', n))} |")
@@ -245,8 +249,7 @@ def markdown(result: dict) -> str:
                   "| tokens | cache forward (streams only) | DPA sweep (with the recomputation) | DPA total | DPA total, full cache |",
                   "|---:|---|---|---|---|"]
         for n in checkpointed:
-            fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
-            back = None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
+            fb, f, back = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n), _backward(rows, n)
             lines.append(f"| {n} | {cost_cell(_get(rows, 'cache_forward', n, 'checkpoint'), f)} | "
                          f"{cost_cell(_get(rows, 'dpa_sweep', n, 'checkpoint'), back)} | {cost_cell(_get(rows, 'dpa', n, 'checkpoint'), fb)} | "
                          f"{cost_cell(_get(rows, 'dpa', n), fb)} |")

@@ -11,16 +11,16 @@ from dpa_lens.types import TLModel
 
 
 def _layer_hooks(view: ModelView, layer: int, patterns: bool = True) -> list[str]:
+    """One layer's hooks DPA reads (an attention-only block has no ``ln2`` and no MLP hooks)."""
     rules = view.rules
-    names = [hooks.norm_scale(layer, "ln1"), hooks.norm_scale(layer, "ln2"), hooks.attn(layer, "v"), hooks.attn(layer, "z"),
-             hooks.mlp(layer, "pre")]
+    names = [hooks.norm_scale(layer, "ln1"), hooks.attn(layer, "v"), hooks.attn(layer, "z")]
+    if rules.has_mlp:
+        names += [hooks.norm_scale(layer, "ln2"), hooks.mlp(layer, "pre")] + ([hooks.mlp(layer, "pre_linear")] if rules.gated else [])
     if patterns:
         names.append(hooks.attn(layer, "pattern"))
     names += view.qk_hook_names(layer)
     if rules.rotary and view.rotary_from_cache():  # the cos/sin that un-rotate the query and key paths
         names += [hooks.attn(layer, "cos"), hooks.attn(layer, "sin")]
-    if rules.gated:
-        names.append(hooks.mlp(layer, "pre_linear"))
     if rules.qk_norm:
         names += [hooks.qk_norm(layer, "q"), hooks.qk_norm(layer, "k")]
     if rules.post_norms:
@@ -30,8 +30,7 @@ def _layer_hooks(view: ModelView, layer: int, patterns: bool = True) -> list[str
 
 def layer_internals(view: ModelView, layer: int) -> list[str]:
     """What DPA reads of one layer besides its streams and rotary (what checkpointing recomputes)."""
-    names = [n for n in _layer_hooks(view, layer, patterns=False) if not n.endswith(("hook_cos", "hook_sin"))]
-    return names if view.rules.has_mlp else [n for n in names if ".mlp." not in n and ".ln2." not in n]
+    return [n for n in _layer_hooks(view, layer, patterns=False) if not n.endswith(("hook_cos", "hook_sin"))]
 
 
 def checkpoint_hook_names(view: ModelView) -> list[str]:

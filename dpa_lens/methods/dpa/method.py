@@ -191,13 +191,9 @@ def dpa(
     rooted = None if root is None else parse_root(view, root)
     if rooted is not None and (flow or effective_targets):
         raise InputError("flow and effective_targets describe the sweep from the logit: leave them off with root=")
-    needed = required_hooks(view, flow)
-    if not view.rules.has_mlp:  # an attention-only model has no ln2 and no MLP hooks
-        needed = [name for name in needed if ".mlp." not in name and ".ln2." not in name]
-    check_cache_object(cache, "DPA")
-    checkpointed = is_checkpointed(view, cache)
-    if checkpointed:  # only the streams are cached: each layer is recomputed from its input as the sweep reaches it
-        needed = checkpoint_hook_names(view)
+    check_cache_object(cache, "DPA")  # before is_checkpointed looks into it
+    checkpointed = is_checkpointed(view, cache)  # only the streams: each layer is recomputed as the sweep reaches it
+    needed = checkpoint_hook_names(view) if checkpointed else required_hooks(view, flow)
     fwd = read_forward(
         model, cache, target, position, method="DPA" + (" with flow=True" if flow else ""),
         hook_names=needed + ([] if rooted is None else rooted.hooks),
