@@ -257,9 +257,11 @@ def test_patterns_recomputed_when_not_cached(side, line):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 @pytest.mark.parametrize("patterns", [True, False])
-def test_attention_in_query_blocks_equals_one_block(family, patterns, line, monkeypatch):
-    """The attention rule processed one query row at a time (linear memory) gives the same numbers,
-    per-key scores and circuit readers included, with patterns cached or recomputed."""
+@pytest.mark.parametrize("blocks", [("BLOCK_ELEMENTS", 1), ("BLOCK_ROWS", 3)], ids=["one-row", "three-rows"])
+def test_attention_in_query_blocks_equals_one_block(family, patterns, blocks, line, monkeypatch):
+    """The attention rule processed a few query rows at a time (one; three, so that blocks straddle the
+    causal mask's diagonal) gives the same numbers as in one block, per-key scores and circuit readers
+    included, with patterns cached or recomputed."""
     from dpa_lens.methods.dpa import attention_blocks
 
     model, _ = make_tiny(family, line=line, seed=17)
@@ -267,9 +269,10 @@ def test_attention_in_query_blocks_equals_one_block(family, patterns, line, monk
         patterns = True  # sliding windows: the patterns must be cached
     _, cache = model.run_with_cache(PROMPTS, padding_side="left",
                                     names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns))
+    assert cache["hook_embed"].shape[1] <= attention_blocks.BLOCK_ROWS  # the reference is one block
     whole = dpa_lens.dpa(model, cache, (" Mary", " John"), head_keys=patterns)
     whole_edges = dpa_lens.dpa_edges(model, cache, " Mary").to_dataframe()
-    monkeypatch.setattr(attention_blocks, "BLOCK_ELEMENTS", 1)  # one query row per block
+    monkeypatch.setattr(attention_blocks, *blocks)
     rows = dpa_lens.dpa(model, cache, (" Mary", " John"), head_keys=patterns)
     row_edges = dpa_lens.dpa_edges(model, cache, " Mary").to_dataframe()
     for kind in ("tokens", "heads", "neurons") + (("head_keys",) if patterns else ()):
@@ -278,9 +281,18 @@ def test_attention_in_query_blocks_equals_one_block(family, patterns, line, monk
                                rtol=1e-4, atol=1e-5)
 
 
-def test_a_wrong_recomputed_pattern_is_refused(line):
+@pytest.mark.parametrize("check_rows", [None, 3])
+def test_a_wrong_recomputed_pattern_is_refused(check_rows, line, monkeypatch):
+    """Refused when all rows are checked, and when a few spread rows are (as on long inputs)."""
+    from dpa_lens.methods.dpa import attention_blocks
+
+    if check_rows is not None:
+        monkeypatch.setattr(attention_blocks, "PATTERN_CHECK_ROWS", check_rows)
     model, _ = make_tiny("llama", line=line, seed=16)
     _, lean = model.run_with_cache(IOI_PROMPT, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))
-    lean.cache_dict["blocks.1.attn.hook_rot_k"] = lean["blocks.1.attn.hook_rot_k"].flip(1)  # not what the model used
+    keys = lean["blocks.1.attn.hook_rot_k"]
+    tampered = keys.clone()
+    tampered[:, 5] = keys[:, 6]  # one key not what the model used
+    lean.cache_dict["blocks.1.attn.hook_rot_k"] = tampered
     with pytest.raises(dpa_lens.CacheError, match="could not be recomputed"):
         dpa_lens.dpa(model, lean, " Mary")
