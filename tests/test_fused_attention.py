@@ -113,3 +113,17 @@ def test_sliding_window_and_hooked_transformer_models_are_left_alone():
         hooked, _ = make_tiny("llama", line="hooked")
         with dpa_lens.fused_attention(hooked) as n_fused:
             assert n_fused == 0
+
+
+def test_the_causal_check_reads_each_mask_once_and_sees_changes():
+    """The answer is kept for one unchanged mask tensor (every layer gets the same one), not for another
+    mask of the same shape, nor for the same mask edited in place."""
+    n = 6
+    causal = torch.zeros(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    assert fast_attention._causal(causal, n, n)
+    padded = causal.clone()
+    padded[..., 0] = float("-inf")  # a masked first key (left padding)
+    assert not fast_attention._causal(padded, n, n)
+    assert fast_attention._causal(causal, n, n)
+    causal[..., 0, 0] = float("-inf")  # the same tensor, edited
+    assert not fast_attention._causal(causal, n, n)

@@ -21,6 +21,7 @@ everything on TransformerLens 3.x keep the forward they have.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,15 +77,26 @@ def _layer_supported(module: Any, base: type) -> bool:
     return bool(module.is_causal) and not getattr(module, "is_cross_attention", False)
 
 
+_CHECKED: list = [None, None]  # the last mask checked (a weak reference and its version) and the answer
+
+
 def _causal(mask: torch.Tensor | None, q_len: int, k_len: int) -> bool:
-    """True when ``mask`` (None or a HuggingFace mask) lets each query see exactly the keys up to itself."""
+    """True when ``mask`` (None or a HuggingFace mask) lets each query see exactly the keys up to itself.
+    Every layer of a forward gets the same mask tensor: it is read once (the answer is kept for that
+    tensor while it is unchanged), not once per layer, as the check is quadratic in the length."""
     if mask is None:
         return q_len == k_len
     if mask.ndim != 4 or q_len != k_len or mask.shape[-2] != q_len or mask.shape[-1] < k_len:
         return False
+    key = (mask._version, q_len, k_len)
+    last, answer = _CHECKED
+    if last is not None and last[0]() is mask and last[1] == key:
+        return answer
     allowed = mask[..., :k_len] if mask.dtype == torch.bool else mask[..., :k_len] == 0
     expected = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
-    return bool((allowed == expected).all())
+    answer = bool((allowed == expected).all())
+    _CHECKED[:] = [(weakref.ref(mask), key), answer]
+    return answer
 
 
 def _empty_kv_cache(module: Any, kwargs: dict) -> bool:
