@@ -146,7 +146,9 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
             x = x / view.stream_scale(scale).to(x.device)
             gamma = view.norm_weight("ln1", layer)
             x = x * gamma.to(x.device) if gamma is not None else x
-            pred = torch.einsum("bpd,kde->bpke", x, a.W_V.to(x.device)) + (a.b_V.to(x.device) if a.b_V is not None else 0.0)
+            K, d, dh = a.W_V.shape  # one flat product (W_V is a view of a [K·d_head, d_model] matrix on a bridge)
+            pred = (x @ a.W_V.to(x.device).transpose(1, 2).reshape(K * dh, d).T).unflatten(-1, (K, dh))
+            pred = pred + (a.b_V.to(x.device) if a.b_V is not None else 0.0)
             if float((pred - v.to(x.device)).abs().max()) > rel * float(v.abs().max()) + 1e-5:
                 fail(layer, "values differ from W_V applied to the cached stream")
             checked += 1
@@ -161,7 +163,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
         if rules.post_norms and not all(hooks.norm_scale(layer, n) in cache for n in ("ln1_post", "ln2_post")):
             continue
         a = view.attn(layer)
-        attn = torch.einsum("bphe,hed->bpd", z, a.W_O.to(z.device)) + (a.b_O.to(z.device) if a.b_O is not None else 0.0)
+        attn = z.flatten(-2) @ a.W_O.to(z.device).flatten(0, 1) + (a.b_O.to(z.device) if a.b_O is not None else 0.0)
         mlp = torch.zeros_like(attn)
         if rules.has_mlp:
             m = view.mlp(layer)

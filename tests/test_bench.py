@@ -50,6 +50,20 @@ def test_failures_are_reported_by_their_first_sentence_and_readme_cells_say_why(
     assert "| 64 |" not in table  # a length with no floor measurement has no row
 
 
+
+def test_rounds_keep_each_rows_fastest_process_and_its_largest_peak():
+    fastest = _module("speed").fastest
+    row = lambda m, s, peak, **kw: {"measurement": m, "length": 32, "option": "", "seconds": s, "peak_bytes": peak, **kw}  # noqa: E731
+    runs = [row("dpa", 2.0, 10), row("hf_forward", 1.0, 5), row("dpa", 1.5, 7), row("hf_forward", 1.2, 9),
+            {"measurement": "depass", "length": 32, "option": "", "error": "stopped after 600 s"},
+            {"measurement": "atp", "length": 32, "option": "", "error": "killed"}, row("atp", 3.0, 4)]
+    rows = {r["measurement"]: r for r in fastest(runs)}
+    assert len(fastest(runs)) == 4
+    assert (rows["dpa"]["seconds"], rows["dpa"]["peak_bytes"], rows["dpa"]["runs"]) == (1.5, 10, 2)
+    assert (rows["hf_forward"]["seconds"], rows["hf_forward"]["peak_bytes"]) == (1.0, 9)
+    assert rows["atp"]["seconds"] == 3.0 and rows["atp"]["runs"] == 1  # one failed round, one success
+    assert rows["depass"]["error"].startswith("stopped")
+
 @pytest.mark.smollm2
 @pytest.mark.tl4_only
 @pytest.mark.parametrize("script", ["faithfulness", "speed"])

@@ -82,8 +82,8 @@ class Propagator:
             g, u = act(hooks.mlp(layer, "pre")), act(hooks.mlp(layer, "pre_linear"))
             a, slope = activation(self.rules.act, g)
             post = a * u
-            paths = torch.cat([(mu.up * lam) * a, (mu.gate * lam) * u * slope], dim=-1)  # content, control (secant)
-            update = paths @ torch.cat([w.W_in.T, w.W_gate.T], dim=0)
+            # content path through W_in, control path through W_gate (secant slope)
+            update = _sum_of_products([((mu.up * lam) * a, w.W_in.T), ((mu.gate * lam) * u * slope, w.W_gate.T)])
         else:  # a plain MLP has one path, post = (act(s)/s)·s with the slope frozen, at full weight
             post, slope = activation(self.rules.act, act(hooks.mlp(layer, "pre")))
             grad_pre = lam * slope
@@ -150,15 +150,12 @@ class Propagator:
         """The three paths through W_Q, W_K, W_V and the input norm, weighted by ``mu``."""
         mu, b, n = self.mu, self.b, self.n
         H, K, dh = self.view.n_heads, self.view.n_kv_heads, self.view.d_head
-        streams = torch.cat(
-            [(mu.q * grad_q).reshape(b, n, H * dh), (mu.k * grad_k).reshape(b, n, K * dh), (mu.v * grad_v).reshape(b, n, K * dh)],
-            dim=-1,
-        )
-        W = torch.cat(
-            [a.W_Q.transpose(1, 2).reshape(H * dh, -1), a.W_K.transpose(1, 2).reshape(K * dh, -1), a.W_V.transpose(1, 2).reshape(K * dh, -1)],
-            dim=0,
-        )
-        return AttentionStep(update=self.in_norm(streams @ W, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
+        d = a.W_Q.shape[1]
+        pairs = [(weight * grad_.reshape(b, n, heads * dh), W.transpose(1, 2).reshape(heads * dh, d))
+                 for weight, grad_, W, heads in ((mu.q, grad_q, a.W_Q, H), (mu.k, grad_k, a.W_K, K), (mu.v, grad_v, a.W_V, K))
+                 if weight]
+        update = _sum_of_products(pairs) if pairs else grad_q.new_zeros(b, n, d)
+        return AttentionStep(update=self.in_norm(update, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
 
     def _pattern_mass(self, layer: int) -> Float[Tensor, "batch pos head"]:
         """Σ_j α_ij per query and head: 1 where a query attends anywhere, 0 on padding rows."""
@@ -197,3 +194,14 @@ class Propagator:
         ], dim=3)  # [b, n, H, 3, d]
         scale = self.view.stream_scale(self.fwd.act(hooks.norm_scale(layer, "ln1")))[:, :, None, None]  # [b, n, 1, 1, 1]
         return pull_norm(split, scale, self.view.norm_weight("ln1", layer), center=self.rules.norm == "ln")
+
+
+def _sum_of_products(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``Σ x @ W`` over ``(x [..., k_i], W [k_i, d])`` pairs, accumulated in place: no concatenated
+    copy of the inputs or of the weights (at short inputs reading the weights is most of the cost)."""
+    (x, W), *rest = pairs
+    out = x @ W
+    flat = out.view(-1, out.shape[-1])
+    for x, W in rest:
+        flat.addmm_(x.reshape(-1, x.shape[-1]), W)
+    return out
