@@ -50,7 +50,6 @@ def test_failures_are_reported_by_their_first_sentence_and_readme_cells_say_why(
     assert "| 64 |" not in table  # a length with no floor measurement has no row
 
 
-
 def test_rounds_keep_each_rows_fastest_process_and_its_largest_peak():
     fastest = _module("speed").fastest
     row = lambda m, s, peak, **kw: {"measurement": m, "length": 32, "option": "", "seconds": s, "peak_bytes": peak, **kw}  # noqa: E731
@@ -63,6 +62,7 @@ def test_rounds_keep_each_rows_fastest_process_and_its_largest_peak():
     assert (rows["hf_forward"]["seconds"], rows["hf_forward"]["peak_bytes"]) == (1.0, 9)
     assert rows["atp"]["seconds"] == 3.0 and rows["atp"]["runs"] == 1  # one failed round, one success
     assert rows["depass"]["error"].startswith("stopped")
+
 
 @pytest.mark.smollm2
 @pytest.mark.tl4_only

@@ -85,7 +85,7 @@ def head_paths(
     q_scaled = qg / scale  # the scores' scale, applied once per layer (and to the keys, for the query path)
     hs = (zg * lg).sum(-1)  # [b, K, G, n]: z_i·λ_i
     kk, vv = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [b, K, n, dh]
-    k_scaled = kk / scale
+    k_scaled = kk / scale if control else None  # the query path's keys
     value = lam.new_zeros(b, K, G, n, dh)
     query = lam.new_zeros(b, K, G, n, dh) if control else None
     key = lam.new_zeros(b, K, G, n, dh) if control else None
