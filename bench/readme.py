@@ -6,8 +6,8 @@ rewrites each from its result file, so no number in them is typed by hand.
 (tests/test_bench.py runs it).
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
-faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-summary``, ``speed-checkpoint`` and
-``speed-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
+faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-summary``, ``speed-checkpoint``,
+``speed-answer`` and ``speed-gemma3``, ``speed-answer-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
 bench/results/faithfulness_smollm2.json).
 """
@@ -90,9 +90,10 @@ def _secs(x: dict | None, base: float | None = None) -> str:
     return f"{x['seconds']:.3g} s" + (f" ({x['seconds'] / base:.2f}×)" if base else "")
 
 
-def _floor(rows: list[dict], n: int) -> tuple[float | None, float | None, float | None]:
-    """Seconds of the model's forward, forward + backward, and backward (their difference) at ``n`` tokens."""
-    f, fb = _row(rows, "hf_forward", n), _row(rows, "hf_forward_backward", n)
+def _floor(rows: list[dict], n: int, option: str = "") -> tuple[float | None, float | None, float | None]:
+    """Seconds of the model's forward, forward + backward, and backward (their difference) at ``n`` tokens
+    (``option="answer"``: with the logits at the answer position only)."""
+    f, fb = _row(rows, "hf_forward", n, option), _row(rows, "hf_forward_backward", n, option)
     return (f and f["seconds"]), (fb and fb["seconds"]), (fb["seconds"] - f["seconds"] if f and fb else None)
 
 
@@ -142,6 +143,21 @@ def speed_summary(r: dict) -> str:
     return (f"DPA total / the model's forward + backward: {_ratios(rows, 'dpa', 1, lengths)} tokens. The sweep / the model's "
             f"backward: {_ratios(rows, 'dpa_sweep', 2, lengths)}. The cache forward / the model's forward: "
             f"{_ratios(rows, 'cache_forward', 0, lengths)}. {memory}.\n")
+
+
+def speed_answer(r: dict) -> str:
+    """The floor and DPA with the logits at the answer position only (the floor with ``logits_to_keep=1``,
+    DPA's cache forward by ``cache_for``), beside the floor with every position's logits."""
+    rows = r["rows"]
+    lines = ["| tokens | model forward + backward, answer's logits only (all logits) | DPA total, `cache_for` + sweep (× that) | "
+             "cache forward by `cache_for` (× model forward, answer's logits) | sweep (× model backward, answer's logits) |",
+             "|---:|---:|---:|---:|---:|"]
+    for n in _lengths(rows, "answer"):
+        (f, fb, back), full = _floor(rows, n, "answer"), _row(rows, "hf_forward_backward", n)
+        lines.append(f"| {n} | {_secs(_row(rows, 'hf_forward_backward', n, 'answer'))} ({_secs(full)}) | "
+                     f"{_secs(_row(rows, 'dpa', n, 'answer'), fb)} | {_secs(_row(rows, 'cache_forward', n, 'answer'), f)} | "
+                     f"{_secs(_row(rows, 'dpa_sweep', n), back)} |")
+    return "\n".join(lines) + "\n"
 
 
 def speed_checkpoint(r: dict) -> str:
@@ -228,6 +244,8 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed-gemma3": ((RESULTS / "speed_gemma3.json",), speed),
     "speed-checkpoint": ((RESULTS / "speed_smollm2.json",), speed_checkpoint),
     "speed-summary": ((RESULTS / "speed_smollm2.json",), speed_summary),
+    "speed-answer": ((RESULTS / "speed_smollm2.json",), speed_answer),
+    "speed-answer-gemma3": ((RESULTS / "speed_gemma3.json",), speed_answer),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
 }

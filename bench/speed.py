@@ -20,7 +20,12 @@ backward to the input embeddings with the parameters frozen. Against it:
    neurons and per-key scores, against exact patching of 9, 90 and 270 heads;
 4. where the sweep spends its time, per rule (``torch.profiler`` on the labels of
    `dpa_lens.methods.dpa.rules`), at 1024 tokens;
-5. activation checkpointing (option ``checkpoint``): the cache forward with
+5. the same floor and DPA with the logits at the answer position only (option ``answer``): the floor's
+   forward and backward with ``logits_to_keep=1``, DPA's cache forward by `dpa_lens.cache_for` (no
+   logits at every position), at 32 … 8192 tokens. By default both sides compute ``[pos, vocab]``
+   logits, and the floor's backward also multiplies their (mostly zero) gradient by the unembedding,
+   which DPA never does: this is the leaner floor;
+6. activation checkpointing (option ``checkpoint``): the cache forward with
    ``dpa_names_filter(model, checkpoint=True)`` (the residual streams only), the sweep that recomputes
    each layer, and their total, at 256 … 8192 tokens.
 
@@ -90,6 +95,8 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     clean, corrupted = _inputs(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
     hf = None
+    answer = option == "answer"  # the logits at the answer position only, on both sides
+    keep = {"logits_to_keep": 1} if answer else {}
     if measurement.startswith("hf_"):
         hf, _ = load_bundled_hf(name, dtype=torch_dtype)
         hf.set_attn_implementation("sdpa")
@@ -105,23 +112,24 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     def once():
         if measurement == "hf_forward":
             with torch.no_grad():
-                hf(hf_ids)
+                hf(hf_ids, **keep)
         elif measurement == "hf_forward_backward":
             embeds = hf.get_input_embeddings()(hf_ids).detach().requires_grad_(True)
-            logits = hf(inputs_embeds=embeds).logits
+            logits = hf(inputs_embeds=embeds, **keep).logits
             (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
         elif measurement == "tl_forward_backward":
             logits = model(clean)
             (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
             model.zero_grad(set_to_none=True)
         elif measurement == "cache_forward":
-            dpa_cache(model, clean, checkpoint=checkpoint)
+            dpa_lens.cache_for(model, clean) if answer else dpa_cache(model, clean, checkpoint=checkpoint)
         elif measurement == "dpa_sweep":
             dpa_lens.dpa(model, cache_holder["cache"], target)
         elif measurement == "dpa":
             kinds = {"tokens": ("tokens",), "tokens+heads": ("tokens", "heads")}.get(option, ("tokens", "heads", "neurons"))
             with torch.no_grad():
-                cache = dpa_cache(model, clean, patterns=option == "head_keys", checkpoint=checkpoint)[1]
+                cache = (dpa_lens.cache_for(model, clean) if answer
+                         else dpa_cache(model, clean, patterns=option == "head_keys", checkpoint=checkpoint)[1])
                 dpa_lens.dpa(model, cache, target, kinds=kinds, head_keys=option == "head_keys")
         elif measurement == "dpa_edges":
             with torch.no_grad():
@@ -192,6 +200,7 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
         rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients", "patching")]
         rows += [("dpa", 128, "tokens", "scaling"), ("profile", 128, "", "profile")]
         rows += [(m, 128, "checkpoint", "checkpoint") for m in ("cache_forward", "dpa")]
+        rows += [(m, 128, "answer", "answer") for m in ("hf_forward_backward", "cache_forward", "dpa")]
         return rows
     floor = ("hf_forward", "hf_forward_backward", "tl_forward_backward", "cache_forward", "dpa_sweep", "dpa")
     rows = [(m, n, "", "floor") for n in (32, 256, 1024, 4096) for m in floor]
@@ -202,8 +211,9 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     rows += [("dpa", 256, o, "scaling") for o in ("tokens", "tokens+heads", "head_keys")]
     rows += [("patching", 256, o, "scaling") for o in ("9", "90")]
     rows += [("profile", 1024, "", "profile")]
+    rows += [(m, n, "answer", "answer") for n in (32, 256, 1024, 4096, 8192) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa")]
     rows += [(m, n, "checkpoint", "checkpoint") for n in (256, 1024, 4096, 8192) for m in ("cache_forward", "dpa_sweep", "dpa")]
-    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile", "checkpoint") else max_method_length)]
+    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile", "checkpoint", "answer") else max_method_length)]
 
 
 _get = find_row
@@ -227,9 +237,9 @@ def fastest(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _backward(rows: list[dict], n: int) -> dict | None:
+def _backward(rows: list[dict], n: int, option: str = "") -> dict | None:
     """The floor's backward at ``n`` tokens: its forward + backward less its forward."""
-    fb, f = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n)
+    fb, f = _get(rows, "hf_forward_backward", n, option), _get(rows, "hf_forward", n, option)
     return None if fb is None or f is None else {"seconds": fb["seconds"] - f["seconds"]}
 
 
@@ -244,7 +254,7 @@ def markdown(result: dict) -> str:
         "minute)" + ("; the rows of a command below with `--rounds R` are the fastest of R processes, the "
                      "measurements interleaved" if any("--rounds" in c for c in [result.get("command", "")] + result.get("updates", [])) else "")
         + "; peak memory above the loaded model, per example (one prompt of random tokens: the cost does not depend "
-        "on the text; DPA's rows hold the cache and the scores, not the forward's logits). "
+        "on the text; DPA's rows peak over the whole call: the cache, the scores and, while the cache forward runs, its logits). "
         f"Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`"
         + "".join(f"; rows added by `{u}`" for u in result.get("updates", [])) + ".",
         "",
@@ -263,6 +273,20 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n), f)} | "
                      f"{cost_cell(_get(rows, 'dpa_sweep', n), back)} | {cost_cell(_get(rows, 'dpa', n), fb)} | "
                      f"{cost_cell(_get(rows, 'tl_forward_backward', n))} |")
+    answer = sorted({r["length"] for r in rows if r.get("section") == "answer"})
+    if answer:
+        lines += ["", "## The same with the logits at the answer position only", "",
+                  "Above, both sides compute the logits at every position (`[pos, vocab]`), and the floor's backward "
+                  "also multiplies their gradient, zero but at the answer, by the unembedding, which DPA never does. "
+                  "Here neither computes more logits than it needs: the floor with `logits_to_keep=1`, DPA's cache forward "
+                  "by `dpa_lens.cache_for`; the sweep is the one above.", "",
+                  "| tokens | HF forward | HF forward + backward | cache forward (`cache_for`) | DPA sweep | DPA total |",
+                  "|---:|---|---|---|---|---|"]
+        for n in answer:
+            fb, f = _get(rows, "hf_forward_backward", n, "answer"), _get(rows, "hf_forward", n, "answer")
+            lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n, 'answer'), f)} | "
+                         f"{cost_cell(_get(rows, 'dpa_sweep', n), _backward(rows, n, 'answer'))} | "
+                         f"{cost_cell(_get(rows, 'dpa', n, 'answer'), fb)} |")
     checkpointed = sorted({r["length"] for r in rows if r.get("section") == "checkpoint"})
     if checkpointed:
         lines += ["", "## Activation checkpointing: the streams cached, each layer recomputed in the sweep", "",

@@ -36,7 +36,7 @@ from dpa_lens.methods.dpa import Mu, dpa, dpa_hook_names, dpa_names_filter
 from dpa_lens.methods.gradients import gradient, input_x_gradient
 from dpa_lens.methods.integrated_gradients import integrated_gradients
 from dpa_lens.methods.patching import activation_patching
-from dpa_lens.methods.registry import MethodSpec, attribute, available_methods, get_method, method_table, names_filter, run
+from dpa_lens.methods.registry import MethodSpec, attribute, available_methods, cache_for, get_method, method_table, names_filter, run
 from dpa_lens.methods.unpack import unpack, unpack_validate
 from dpa_lens.models.fast_attention import fused_attention
 from dpa_lens.models.load import load_model
@@ -74,6 +74,7 @@ __all__ = [
     "attention_rollout",
     "attribute",
     "available_methods",
+    "cache_for",
     "datasets",
     "depass",
     "dla",

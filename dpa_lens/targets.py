@@ -357,14 +357,15 @@ def warn_if_not_predicted(model: Any, target: Target, final: Float[Tensor, "batc
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return
+    slips = [(row, tid, text) for row, ((tid, _), kind) in enumerate(zip(target.token_ids.tolist(), target.logit))
+             if kind in ("raw", "centered") and not (text := tokenizer.decode([tid])).startswith(" ")]
+    if not slips:  # no row can be the slip: the logits (a [batch, vocab] product) are not needed
+        return
     view = ModelView(model)
     logits = final.float() @ view.W_U.detach().float().to(final.device)
     predicted = (logits + (view.b_U.float().to(final.device) if view.b_U is not None else 0.0)).argmax(-1).tolist()
-    for row, ((tid, _), kind) in enumerate(zip(target.token_ids.tolist(), target.logit)):
-        if kind not in ("raw", "centered") or tid == predicted[row]:
-            continue
-        text = tokenizer.decode([tid])
-        if not text.startswith(" ") and tokenizer.decode([predicted[row]]) == " " + text:
+    for row, tid, text in slips:
+        if tokenizer.decode([predicted[row]]) == " " + text:
             warnings.warn(f"explaining {text!r} (token {tid}), but the model predicts {' ' + text!r} here: did you mean "
                           f"{' ' + text!r}, with the leading space?", stacklevel=4)
             return

@@ -88,6 +88,8 @@ def test_bench_quick_run(script, tmp_path):
         assert "## DPA against the model's own forward and backward" in text and "| 128 |" in text
         assert "## Activation checkpointing" in text and {r["measurement"] for r in rows if r["option"] == "checkpoint"} == {
             "cache_forward", "dpa"}
+        assert "## The same with the logits at the answer position only" in text
+        assert {r["measurement"] for r in rows if r["option"] == "answer"} == {"hf_forward_backward", "cache_forward", "dpa"}
         profile = next(r for r in rows if r["measurement"] == "profile")
         assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])
 

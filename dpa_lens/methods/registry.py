@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
 from dpa_lens.attribution import Attribution, Kind
 from dpa_lens.errors import InputError
@@ -119,12 +121,56 @@ def names_filter(model: TLModel, *methods: str) -> Callable[[str], bool]:
 
     ``names_filter(model, "dpa", "dla")``; with no method named, what all of them read.
     """
+    return _filter(model, methods)
+
+
+def _filter(model: TLModel, methods: tuple[str, ...]) -> Callable[[str], bool]:
     specs = [get_method(m) for m in methods] if methods else [s for s in _REGISTRY.values() if s.input == "cache"]
     wrong = [s.name for s in specs if s.input != "cache"]
     if wrong:
         raise InputError(f"{wrong} read no cache; cache-based methods: {available_methods('cache')}")
     wanted = frozenset(n for s in specs for n in s.hook_names(model))
     return lambda name: name in wanted
+
+
+def cache_for(
+    model: TLModel,
+    tokens: Int[Tensor, "batch pos"],
+    *methods: str,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    names_filter: Callable[[str], bool] | None = None,
+) -> Cache:
+    """The ``ActivationCache`` the cache methods ``methods`` read (default ``"dpa"``), from one forward
+    of ``tokens`` as lean as the model allows: no autograd graph, fused attention where it applies
+    (`dpa_lens.fused_attention`), and no logits at every position (a bridge computes the last
+    position's only, a ``HookedTransformer`` none). The methods read the target's value from the
+    cached final stream; on a small model the ``[pos, vocab]`` logits are a fifth of the forward's work.
+
+    ``names_filter`` caches something else instead, e.g. ``dpa_names_filter(model, checkpoint=True)``.
+    ``attention_mask`` goes to the forward as it is (pass the same one to the method)::
+
+        cache = dpa_lens.cache_for(model, tokens)           # what dpa reads
+        attr = dpa_lens.dpa(model, cache, (" Mary", " John"))
+    """
+    from dpa_lens.models import tl
+    from dpa_lens.models.fast_attention import fused_attention
+
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point():
+        raise InputError(f"cache_for takes token ids [batch, pos], got {type(tokens).__name__}: tokenize first, "
+                         "tokens = model.to_tokens(prompt) (or dpa_lens.inputs.prepare_tokens(model, prompts) for padded rows)")
+    if names_filter is None:
+        names_filter = _filter(model, methods or ("dpa",))
+    elif methods:
+        raise InputError("pass methods or names_filter, not both")
+    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+    hf = getattr(model, "original_model", None)  # a bridge's transformers model
+    if not tl.is_bridge(model):
+        kwargs["return_type"] = None  # a HookedTransformer stops before the unembedding
+    elif hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # transformers computes the last position's logits only
+    with torch.no_grad(), fused_attention(model):
+        _, cache = model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
+    return cache
 
 
 def _options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,13 +208,12 @@ def run(
         corrupted: the corrupted prompt, for methods that take a clean/corrupted pair.
         cache: an ``ActivationCache`` of ``prompt`` you already have: cache methods read it, pair
             methods use it as the clean run; without one, cache methods run the model once
-            (caching only what they read).
+            (`cache_for`: caching only what they read, computing no logits).
         position: the answer position (see `dpa_lens.inputs.resolve_positions`).
         progress: show (or hide) progress bars, for methods that have them.
         options: the method's own options (see its docstring).
     """
     from dpa_lens.inputs import prepare_tokens
-    from dpa_lens.models.fast_attention import fused_attention
 
     spec = get_method(method)
     kwargs = _options(spec, options)
@@ -181,9 +226,7 @@ def run(
     if spec.input == "cache":
         tokens, mask = prepare_tokens(model, prompt)
         if cache is None:
-            with torch.no_grad(), fused_attention(model):
-                _, cache = model.run_with_cache(tokens, names_filter=spec.names_filter(model),
-                                                **({} if mask is None else {"attention_mask": mask}))
+            cache = cache_for(model, tokens, spec.name, attention_mask=mask)
         if mask is not None:
             kwargs.setdefault("attention_mask", mask)
         return spec.fn(model, cache, target, position, **kwargs)

@@ -166,7 +166,7 @@ def fused_attention(model: TLModel) -> Iterator[int]:
     """Run the bridge's attention layers with fused attention while the block is open.
 
     Yields how many layers take the fused path (0 for a ``HookedTransformer`` or a model none of whose
-    layers qualifies). Use it around the cache forward DPA needs::
+    layers qualifies). Use it around the cache forward DPA needs (`dpa_lens.cache_for` does)::
 
         with dpa_lens.fused_attention(model):
             _, cache = model.run_with_cache(tokens, names_filter=dpa_lens.dpa_names_filter(model, patterns=False))

@@ -43,6 +43,7 @@ class HeadPaths:
     value: Float[Tensor, "batch pos head d_head"]
     query: Float[Tensor, "batch pos head d_head"] | None
     key: Float[Tensor, "batch pos head d_head"] | None
+    heads: Float[Tensor, "batch pos head"]  # z_i·λ_i: each head's output dotted with its target
     head_keys: Float[Tensor, "batch head pos pos"] | None  # α_ij (v_j·λ_i): heads split by key (on request)
 
 
@@ -83,7 +84,8 @@ def head_paths(
     split = lambda t: t.view(b, n, K, G, -1).permute(0, 2, 3, 1, 4)  # noqa: E731  [b, n, H, e] -> [b, K, G, n, e]
     qg, lg, zg = split(q), split(lam), split(z)
     q_scaled = qg / scale  # the scores' scale, applied once per layer (and to the keys, for the query path)
-    hs = (zg * lg).sum(-1)  # [b, K, G, n]: z_i·λ_i
+    heads = (z * lam).sum(-1)  # [b, n, H]: z_i·λ_i
+    hs = heads.view(b, n, K, G).permute(0, 2, 3, 1)  # [b, K, G, n]
     kk, vv = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [b, K, n, dh]
     k_scaled = kk / scale if control else None  # the query path's keys
     value = lam.new_zeros(b, K, G, n, dh)
@@ -142,7 +144,8 @@ def head_paths(
         low = fwd.cache[hooks.attn(layer, "z")].dtype in (torch.float16, torch.bfloat16)
         if err > (3e-2 if low else 1e-3) * zmax + 1e-6:
             raise CacheError(f"layer {layer}'s attention pattern could not be recomputed from the cached queries and keys (its "
-                             f"outputs differ by {err:.2e}): cache the patterns, names_filter=dpa_lens.dpa_names_filter(model)")
+                             f"outputs differ by {err:.2e}): if the rows are padded, run the forward with their attention_mask and pass it "
+                             "to the method too; otherwise cache the patterns, names_filter=dpa_lens.dpa_names_filter(model)")
     merge = lambda t: None if t is None else t.permute(0, 3, 1, 2, 4).reshape(b, n, H, -1)  # noqa: E731
-    return HeadPaths(value=merge(value), query=merge(query), key=merge(key),
+    return HeadPaths(value=merge(value), query=merge(query), key=merge(key), heads=heads,
                      head_keys=None if keys is None else keys.reshape(b, H, n, n))

@@ -110,7 +110,7 @@ def sweep(
             on_layer(layer, attn, mlp)
         bias += mlp.bias + attn.bias
         if neurons is not None:
-            neurons[:, layer] = mlp.post * lam
+            torch.mul(mlp.post, lam, out=neurons[:, layer])  # into the result, no temporary
         if heads is not None:
             heads[:, layer] = attn.heads
         if keys is not None:
@@ -123,7 +123,7 @@ def sweep(
     return SweepResult(tokens=tokens, heads=heads, neurons=neurons, head_keys=keys, bias=bias, targets=targets, flow=flows)
 
 
-@register(MethodSpec(name="dpa", input="cache", scores=KINDS, hook_names=lambda model: dpa_hook_names(model, flow=True),
+@register(MethodSpec(name="dpa", input="cache", scores=KINDS, hook_names=lambda model: dpa_hook_names(model, flow=True, patterns=False),
                      options={"flow": True}, summary="Dual Path Attribution: activation · effective target, from one top-down sweep"))
 def dpa(
     model: TLModel,

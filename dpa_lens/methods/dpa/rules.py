@@ -83,7 +83,9 @@ class Propagator:
             a, slope = activation(self.rules.act, g)
             post = a * u
             # content path through W_in, control path through W_gate (secant slope)
-            update = _sum_of_products([((mu.up * lam) * a, w.W_in.T), ((mu.gate * lam) * u * slope, w.W_gate.T)])
+            terms = [(mu.up, lam * a, w.W_in.T)] if mu.up else []
+            terms += [(mu.gate, (lam * u).mul_(slope), w.W_gate.T)] if mu.gate else []
+            update = _sum_of_products(terms) if terms else torch.zeros_like(t)
         else:  # a plain MLP has one path, post = (act(s)/s)·s with the slope frozen, at full weight
             post, slope = activation(self.rules.act, act(hooks.mlp(layer, "pre")))
             grad_pre = lam * slope
@@ -119,11 +121,11 @@ class Propagator:
         lam = (t_out @ a.W_O.reshape(H * dh, -1).T).view(b, n, H, dh)  # W_O t per head
         if head_mask is not None:
             lam = lam * head_mask.to(lam)[None, None, :, None]
-        head_score = (z * lam).sum(-1)  # [b, q, H]
         bias = (t_out @ a.b_O).sum(-1) if a.b_O is not None else torch.zeros(b, device=t.device)
         control = bool(mu.q or mu.k)
         # value path Σ_i α_ij λ_i; query and key paths from δ_ij = α_ij (v_j − z_i)·λ_i; block by block
         paths = head_paths(fwd, layer, q_rot, k_rot, v, z, lam, control=control, head_keys=head_keys)
+        head_score = paths.heads  # [b, q, H]
         if control:
             grad_q = self._pull_qk(paths.query, layer, "q", rot)  # [b, q, H, dh]
             grad_k_h = paths.key  # [b, k, H, dh], per query head (rotated, normed space)
@@ -151,10 +153,10 @@ class Propagator:
         mu, b, n = self.mu, self.b, self.n
         H, K, dh = self.view.n_heads, self.view.n_kv_heads, self.view.d_head
         d = a.W_Q.shape[1]
-        pairs = [(weight * grad_.reshape(b, n, heads * dh), W.transpose(1, 2).reshape(heads * dh, d))
+        terms = [(weight, grad_.reshape(b, n, heads * dh), W.transpose(1, 2).reshape(heads * dh, d))
                  for weight, grad_, W, heads in ((mu.q, grad_q, a.W_Q, H), (mu.k, grad_k, a.W_K, K), (mu.v, grad_v, a.W_V, K))
                  if weight]
-        update = _sum_of_products(pairs) if pairs else grad_q.new_zeros(b, n, d)
+        update = _sum_of_products(terms) if terms else grad_q.new_zeros(b, n, d)
         return AttentionStep(update=self.in_norm(update, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
 
     def _pattern_mass(self, layer: int) -> Float[Tensor, "batch pos head"]:
@@ -196,12 +198,15 @@ class Propagator:
         return pull_norm(split, scale, self.view.norm_weight("ln1", layer), center=self.rules.norm == "ln")
 
 
-def _sum_of_products(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """``Σ x @ W`` over ``(x [..., k_i], W [k_i, d])`` pairs, accumulated in place: no concatenated
-    copy of the inputs or of the weights (at short inputs reading the weights is most of the cost)."""
-    (x, W), *rest = pairs
+def _sum_of_products(terms: list[tuple[float, Tensor, Tensor]]) -> Tensor:
+    """``Σ w·(x @ W)`` over ``(w, x [..., k_i], W [k_i, d])`` terms, accumulated in place: no concatenated
+    copy of the inputs or of the weights (at short inputs reading the weights is most of the cost), and
+    each weight applied to the ``d``-wide product rather than to its input."""
+    (w, x, W), *rest = terms
     out = x @ W
+    if w != 1:
+        out.mul_(w)
     flat = out.view(-1, out.shape[-1])
-    for x, W in rest:
-        flat.addmm_(x.reshape(-1, x.shape[-1]), W)
+    for w, x, W in rest:
+        flat.addmm_(x.reshape(-1, x.shape[-1]), W, alpha=w)
     return out
