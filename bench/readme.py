@@ -7,7 +7,7 @@ rewrites each from its result file, so no number in them is typed by hand.
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
 faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-summary``, ``speed-checkpoint``,
-``speed-answer`` and ``speed-gemma3``, ``speed-answer-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
+``speed-answer``, ``speed-fixed`` and ``speed-gemma3``, ``speed-answer-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
 bench/results/faithfulness_smollm2.json).
 """
@@ -149,15 +149,35 @@ def speed_answer(r: dict) -> str:
     """The floor and DPA with the logits at the answer position only (the floor with ``logits_to_keep=1``,
     DPA's cache forward by ``cache_for``), beside the floor with every position's logits."""
     rows = r["rows"]
+    host = any(x["measurement"] == "tl_forward" for x in rows)  # TransformerLens's own forward, where measured
     lines = ["| tokens | model forward + backward, answer's logits only (all logits) | DPA total, `cache_for` + sweep (× that) | "
-             "cache forward by `cache_for` (× model forward, answer's logits) | sweep (× model backward, answer's logits) |",
-             "|---:|---:|---:|---:|---:|"]
+             "cache forward by `cache_for` (× model forward, answer's logits) | "
+             + ("TransformerLens's forward alone, no hooks (× the same) | " if host else "")
+             + "sweep (× model backward, answer's logits) |",
+             "|---:|---:|---:|---:|" + ("---:|" if host else "") + "---:|"]
     for n in _lengths(rows, "answer"):
         (f, fb, back), full = _floor(rows, n, "answer"), _row(rows, "hf_forward_backward", n)
         lines.append(f"| {n} | {_secs(_row(rows, 'hf_forward_backward', n, 'answer'))} ({_secs(full)}) | "
                      f"{_secs(_row(rows, 'dpa', n, 'answer'), fb)} | {_secs(_row(rows, 'cache_forward', n, 'answer'), f)} | "
-                     f"{_secs(_row(rows, 'dpa_sweep', n), back)} |")
+                     + (f"{_secs(_row(rows, 'tl_forward', n, 'answer'), f)} | " if host else "")
+                     + f"{_secs(_row(rows, 'dpa_sweep', n), back)} |")
     return "\n".join(lines) + "\n"
+
+
+def speed_fixed(r: dict) -> str:
+    """What a short input pays whatever its length: TransformerLens's own forward against the model's,
+    and the check of the cache against the model's weights against the sweep."""
+    rows = r["rows"]
+    cells = []
+    for n in _lengths(rows, "answer"):
+        tl, cf, f = _row(rows, "tl_forward", n, "answer"), _row(rows, "cache_forward", n, "answer"), _floor(rows, n, "answer")[0]
+        if tl and cf and f:
+            cells.append(f"{tl['seconds'] / f:.2f}× and {cf['seconds'] / f:.2f}× at {n}")
+    checks = [f"{c['seconds']:.3g} s of {s['seconds']:.3g} s at {n}" for n in _lengths(rows, "floor")
+              if (c := _row(rows, "cache_check", n)) and (s := _row(rows, "dpa_sweep", n))]
+    return ("TransformerLens's forward alone (no hook, no cache, fused attention, the answer's logits) and the cache forward by "
+            f"`cache_for`, over the model's forward: {'; '.join(cells)} tokens. The check of the cache against the model's "
+            f"weights, within the sweep: {'; '.join(checks)} tokens.\n")
 
 
 def speed_checkpoint(r: dict) -> str:
@@ -245,6 +265,7 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed-checkpoint": ((RESULTS / "speed_smollm2.json",), speed_checkpoint),
     "speed-summary": ((RESULTS / "speed_smollm2.json",), speed_summary),
     "speed-answer": ((RESULTS / "speed_smollm2.json",), speed_answer),
+    "speed-fixed": ((RESULTS / "speed_smollm2.json",), speed_fixed),
     "speed-answer-gemma3": ((RESULTS / "speed_gemma3.json",), speed_answer),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),

@@ -11,20 +11,23 @@ The floor is the same model in ``transformers`` with SDPA attention: one forward
 backward to the input embeddings with the parameters frozen. Against it:
 
 1. DPA, per example: the cache forward DPA needs (``run_with_cache`` with ``dpa_names_filter(model,
-   patterns=False)``, under ``torch.no_grad`` and `dpa_lens.fused_attention`), the sweep (tokens, heads and neurons), and their
-   total, at 32 … 8192 tokens; the old baseline (TransformerLens's forward and a backward that also
-   computes every parameter's gradient) is kept, labelled for what it is;
+   patterns=False)``, under ``torch.no_grad`` and `dpa_lens.fused_attention`), the sweep (tokens, heads
+   and neurons), and their total, at 32 … 8192 tokens; the check of the cache against the model's
+   weights that a DPA call makes before its sweep (``cache_check``, inside the sweep's time), at 32 …
+   1024 tokens; the old baseline (TransformerLens's forward and a backward that also computes every
+   parameter's gradient) is kept, labelled for what it is;
 2. the other methods at 32 and 256 tokens (1024 where feasible): DPA edges, DePass, Unpack, AtP,
    integrated gradients (128 steps) and exact patching of every head;
 3. scaling in the number of units scored, at 256 tokens: DPA scoring only tokens, adding heads,
    neurons and per-key scores, against exact patching of 9, 90 and 270 heads;
-4. where the sweep spends its time, per rule (``torch.profiler`` on the labels of
-   `dpa_lens.methods.dpa.rules`), at 1024 tokens;
+4. where a DPA call spends its time, per rule (``torch.profiler`` on the labels of
+   `dpa_lens.methods.dpa.rules`, and of the checks of the cache before the sweep), at 32 and 1024 tokens;
 5. the same floor and DPA with the logits at the answer position only (option ``answer``): the floor's
    forward and backward with ``logits_to_keep=1``, DPA's cache forward by `dpa_lens.cache_for` (no
    logits at every position), at 32 … 8192 tokens. By default both sides compute ``[pos, vocab]``
    logits, and the floor's backward also multiplies their (mostly zero) gradient by the unembedding,
-   which DPA never does: this is the leaner floor;
+   which DPA never does: this is the leaner floor; and TransformerLens's own forward with no hook and
+   no cache (``tl_forward``, at 32 … 1024 tokens), the part of the cache forward that is the host's;
 6. activation checkpointing (option ``checkpoint``): the cache forward with
    ``dpa_names_filter(model, checkpoint=True)`` (the residual streams only), the sweep that recomputes
    each layer, and their total, at 256 … 8192 tokens.
@@ -54,7 +57,9 @@ LABELS = {
     "hf_forward_backward": "transformers forward + backward to the inputs (SDPA)",
     "tl_forward_backward": "TransformerLens forward + backward with parameter gradients (the old baseline)",
     "cache_forward": "TransformerLens cache forward for DPA (no patterns, no_grad, fused attention)",
+    "tl_forward": "TransformerLens forward, no hook and no cache (no_grad, fused attention): the host's own cost",
     "dpa_sweep": "DPA sweep (tokens, heads, neurons)",
+    "cache_check": "the check of the cache against the model's weights, part of every DPA call before its sweep",
     "dpa": "DPA total (cache forward + sweep)",
 }
 
@@ -89,6 +94,9 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     import dpa_lens
     from dpa_lens.circuits.dpa_edges import dpa_edges
     from dpa_lens.models.bundled import load_bundled_hf
+    from dpa_lens.models.tl import is_bridge
+    from dpa_lens.models.view import ModelView
+    from dpa_lens.validation import check_cache_model
 
     torch_dtype = getattr(torch, dtype)
     model = dpa_lens.load_model(name, device=device, dtype=torch_dtype)
@@ -97,6 +105,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     hf = None
     answer = option == "answer"  # the logits at the answer position only, on both sides
     keep = {"logits_to_keep": 1} if answer else {}
+    lean = keep if is_bridge(model) else {"return_type": None}  # TransformerLens's forward without [pos, vocab] logits
     if measurement.startswith("hf_"):
         hf, _ = load_bundled_hf(name, dtype=torch_dtype)
         hf.set_attn_implementation("sdpa")
@@ -106,7 +115,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
         hf_ids = clean.clone()
     cache_holder = {}
     checkpoint = option == "checkpoint"
-    if measurement == "dpa_sweep":
+    if measurement in ("dpa_sweep", "cache_check"):
         cache_holder["cache"] = dpa_cache(model, clean, checkpoint=checkpoint)[1]
 
     def once():
@@ -121,10 +130,15 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
             logits = model(clean)
             (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
             model.zero_grad(set_to_none=True)
+        elif measurement == "tl_forward":
+            with torch.no_grad(), dpa_lens.fused_attention(model):
+                model(clean, **(lean if answer else {}))
         elif measurement == "cache_forward":
             dpa_lens.cache_for(model, clean) if answer else dpa_cache(model, clean, checkpoint=checkpoint)
         elif measurement == "dpa_sweep":
             dpa_lens.dpa(model, cache_holder["cache"], target)
+        elif measurement == "cache_check":
+            check_cache_model(ModelView(model), cache_holder["cache"])
         elif measurement == "dpa":
             kinds = {"tokens": ("tokens",), "tokens+heads": ("tokens", "heads")}.get(option, ("tokens", "heads", "neurons"))
             with torch.no_grad():
@@ -162,7 +176,8 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
 
 
 def profile_sweep(name: str, length: int, device: str) -> dict:
-    """Seconds of the sweep per rule (the ``record_function`` labels of the DPA rules), one run."""
+    """Seconds of a DPA call per rule (the ``record_function`` labels of the DPA rules, and of the checks
+    of the cache before the sweep), one run."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -178,7 +193,7 @@ def profile_sweep(name: str, length: int, device: str) -> dict:
             start = time.perf_counter()
             dpa_lens.dpa(model, cache, target)
             total = time.perf_counter() - start
-    rules = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("dpa.")}
+    rules = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith(("dpa.", "dpa_lens."))}
     return {"measurement": "profile", "length": length, "option": "", "seconds": total, "rules": rules, "peak_bytes": 0}
 
 
@@ -198,20 +213,22 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     if quick:
         rows = [(m, n, "", "floor") for n in (32, 128) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
         rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients", "patching")]
-        rows += [("dpa", 128, "tokens", "scaling"), ("profile", 128, "", "profile")]
+        rows += [("cache_check", 128, "", "floor"), ("dpa", 128, "tokens", "scaling"), ("profile", 128, "", "profile")]
         rows += [(m, 128, "checkpoint", "checkpoint") for m in ("cache_forward", "dpa")]
-        rows += [(m, 128, "answer", "answer") for m in ("hf_forward_backward", "cache_forward", "dpa")]
+        rows += [(m, 128, "answer", "answer") for m in ("hf_forward_backward", "tl_forward", "cache_forward", "dpa")]
         return rows
     floor = ("hf_forward", "hf_forward_backward", "tl_forward_backward", "cache_forward", "dpa_sweep", "dpa")
     rows = [(m, n, "", "floor") for n in (32, 256, 1024, 4096) for m in floor]
     rows += [(m, 8192, "", "floor") for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
+    rows += [("cache_check", n, "", "floor") for n in (32, 256, 1024)]  # a fixed cost, inside the sweep's row
     rows += [(m, n, "", "methods") for n in (32, 256, 1024) for m in ("dpa_edges", "depass", "atp")]
     rows += [("unpack", n, "", "methods") for n in (32, 256)]  # float64 components × positions × d_mlp per layer: not at 1024
     rows += [(m, n, "", "methods") for n in (32, 256) for m in ("integrated_gradients", "patching")]
     rows += [("dpa", 256, o, "scaling") for o in ("tokens", "tokens+heads", "head_keys")]
     rows += [("patching", 256, o, "scaling") for o in ("9", "90")]
-    rows += [("profile", 1024, "", "profile")]
+    rows += [("profile", n, "", "profile") for n in (32, 1024)]
     rows += [(m, n, "answer", "answer") for n in (32, 256, 1024, 4096, 8192) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa")]
+    rows += [("tl_forward", n, "answer", "answer") for n in (32, 256, 1024)]  # the host's fixed cost, beside the cache forward's
     rows += [(m, n, "checkpoint", "checkpoint") for n in (256, 1024, 4096, 8192) for m in ("cache_forward", "dpa_sweep", "dpa")]
     return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile", "checkpoint", "answer") else max_method_length)]
 
@@ -264,14 +281,15 @@ def markdown(result: dict) -> str:
         "input embeddings with the parameters frozen. DPA total = the cache forward DPA needs + the sweep (tokens, heads, "
         "neurons); the ratio is to the floor's forward + backward (the sweep's: to the floor's backward, their difference).",
         "",
-        "| tokens | HF forward | HF forward + backward | TL cache forward (DPA's hooks) | DPA sweep | DPA total | "
-        "TL forward + backward with parameter gradients |",
-        "|---:|---|---|---|---|---|---|",
+        "| tokens | HF forward | HF forward + backward | TL cache forward (DPA's hooks) | DPA sweep | of which: cache check | "
+        "DPA total | TL forward + backward with parameter gradients |",
+        "|---:|---|---|---|---|---|---|---|",
     ]
     for n in sorted({r["length"] for r in rows if r.get("section") == "floor"}):
         fb, f, back = _get(rows, "hf_forward_backward", n), _get(rows, "hf_forward", n), _backward(rows, n)
         lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n), f)} | "
-                     f"{cost_cell(_get(rows, 'dpa_sweep', n), back)} | {cost_cell(_get(rows, 'dpa', n), fb)} | "
+                     f"{cost_cell(_get(rows, 'dpa_sweep', n), back)} | {cost_cell(_get(rows, 'cache_check', n))} | "
+                     f"{cost_cell(_get(rows, 'dpa', n), fb)} | "
                      f"{cost_cell(_get(rows, 'tl_forward_backward', n))} |")
     answer = sorted({r["length"] for r in rows if r.get("section") == "answer"})
     if answer:
@@ -279,12 +297,15 @@ def markdown(result: dict) -> str:
                   "Above, both sides compute the logits at every position (`[pos, vocab]`), and the floor's backward "
                   "also multiplies their gradient, zero but at the answer, by the unembedding, which DPA never does. "
                   "Here neither computes more logits than it needs: the floor with `logits_to_keep=1`, DPA's cache forward "
-                  "by `dpa_lens.cache_for`; the sweep is the one above.", "",
-                  "| tokens | HF forward | HF forward + backward | cache forward (`cache_for`) | DPA sweep | DPA total |",
-                  "|---:|---|---|---|---|---|"]
+                  "by `dpa_lens.cache_for`; the sweep is the one above. TL forward: TransformerLens's own forward with no "
+                  "hook and no cache (fused attention, the answer's logits only), the part of the cache forward that is the "
+                  "host's.", "",
+                  "| tokens | HF forward | HF forward + backward | TL forward, no hooks | cache forward (`cache_for`) | DPA sweep | DPA total |",
+                  "|---:|---|---|---|---|---|---|"]
         for n in answer:
             fb, f = _get(rows, "hf_forward_backward", n, "answer"), _get(rows, "hf_forward", n, "answer")
-            lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'cache_forward', n, 'answer'), f)} | "
+            lines.append(f"| {n} | {cost_cell(f)} | {cost_cell(fb)} | {cost_cell(_get(rows, 'tl_forward', n, 'answer'), f)} | "
+                         f"{cost_cell(_get(rows, 'cache_forward', n, 'answer'), f)} | "
                          f"{cost_cell(_get(rows, 'dpa_sweep', n), _backward(rows, n, 'answer'))} | "
                          f"{cost_cell(_get(rows, 'dpa', n, 'answer'), fb)} |")
     checkpointed = sorted({r["length"] for r in rows if r.get("section") == "checkpoint"})
@@ -324,12 +345,17 @@ def markdown(result: dict) -> str:
             r = _get(rows, m, n, o)
             if r is not None:
                 lines.append(f"| {label} | {r['seconds']:.3g} | {r['peak_bytes'] / 2**20:,.0f} MiB |")
-    prof = next((r for r in rows if r["measurement"] == "profile" and "error" not in r), None)
-    if prof:
-        lines += ["", f"## Where the sweep spends its time ({prof['length']} tokens, one run of {prof['seconds']:.3g} s)", "",
-                  "| rule | seconds (CPU time, all threads) |", "|---|---:|"]
-        for k, v in sorted(prof["rules"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {k} | {v:.3g} |")
+    profiles = sorted((r for r in rows if r["measurement"] == "profile" and "error" not in r), key=lambda r: r["length"])
+    if profiles:
+        lines += ["", "## Where a DPA call spends its time", "",
+                  "CPU seconds (all threads) per `record_function` label in one run: `dpa_lens.checks` are the checks of the "
+                  "cache before the sweep (the cache against the model's weights most of it), the `dpa.` labels the sweep's "
+                  "rules (nested labels are inside their parents).", "",
+                  "| rule | " + " | ".join(f"{p['length']} tokens (run: {p['seconds']:.3g} s)" for p in profiles) + " |",
+                  "|---|" + "---:|" * len(profiles)]
+        keys = sorted({k for p in profiles for k in p["rules"]}, key=lambda k: -profiles[-1]["rules"].get(k, 0.0))
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(f"{p['rules'][k]:.3g}" if k in p["rules"] else "" for p in profiles) + " |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "## Failed measurements", ""] + [f"- {' '.join(filter(None, (r['measurement'], r['option'])))} at {r['length']} tokens: "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.profiler import record_function
 
 from dpa_lens.errors import CacheError
 from dpa_lens.inputs import RunInputs, read_inputs, resolve_positions
@@ -229,16 +230,17 @@ def read_forward(
         check_model: check that the cache was made by this model's weights.
     """
     view = ModelView(model)
-    check_cache_object(cache, method)
-    hook_names = [n for n in hook_names if n != hooks.TOKENS]
-    check_cache_shape(view, cache, hook_names)
-    check_hooks(cache, hook_names, method=method, filter_hint=filter_hint)
-    inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
-    check_cache_shapes(view, cache, inputs)
-    check_finite(cache, hook_names, method)
-    check_padding(inputs.real, cache, given_mask=attention_mask is not None)
-    if check_model:
-        check_cache_model(view, cache)
+    with record_function("dpa_lens.checks"):
+        check_cache_object(cache, method)
+        hook_names = [n for n in hook_names if n != hooks.TOKENS]
+        check_cache_shape(view, cache, hook_names)
+        check_hooks(cache, hook_names, method=method, filter_hint=filter_hint)
+        inputs = read_inputs(view, cache, tokens=tokens, attention_mask=attention_mask)
+        check_cache_shapes(view, cache, inputs)
+        check_finite(cache, hook_names, method)
+        check_padding(inputs.real, cache, given_mask=attention_mask is not None)
+        if check_model:
+            check_cache_model(view, cache)
     positions = resolve_positions(position, inputs)
     resolved = None if target is None else resolve_target(model, view, target, inputs.batch, logit=logit)
     device = cache[hooks.EMBED].device

@@ -51,6 +51,17 @@ def unrotate(
     return torch.cat([head * cos - rotate_half(head * sin, adjacent_pairs), tail], dim=-1)
 
 
+def heads_in(W: Float[Tensor, "head d_model d_head"]) -> Float[Tensor, "d_model head_x_d_head"]:
+    """A per-head input weight (W_Q, W_K, W_V) as one matrix: ``x @ heads_in(W)`` is every head's
+    projection side by side, head-major. A view where the layout allows (a bridge's weights)."""
+    return W.permute(1, 0, 2).flatten(1)
+
+
+def heads_out(W: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "head_x_d_head d_model"]:
+    """A per-head output weight (W_O) as one matrix: ``z.flatten(-2) @ heads_out(W)`` sums the heads' writes."""
+    return W.flatten(0, 1)
+
+
 @typechecked
 def pull_norm(
     update: Float[Tensor, "*batch d"], scale: Float[Tensor, "*#batch 1"], gain: Float[Tensor, " d"] | None, center: bool

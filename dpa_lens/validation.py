@@ -74,12 +74,18 @@ def check_cache_shape(view: ModelView, cache: Any, needed: Iterable[str] = ()) -
 
 def check_finite(cache: Any, names: Iterable[str], method: str) -> None:
     """Raise `CacheError` naming the first hook (among ``names``) whose cached values are not all finite."""
-    for name in names:
-        if name in cache and name != hooks.TOKENS and not name.endswith("attn_scores"):
-            t = cache[name]
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):  # NaN propagates
-                raise CacheError(f"cache[{name!r}] holds NaN or infinite values: {method}'s scores would be NaN. The forward "
-                                 "overflowed (half precision?) or the cache was edited; rerun it (in float32)")
+    named = [(n, cache[n]) for n in names if n in cache and n != hooks.TOKENS and not n.endswith("attn_scores")]
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    # a tensor's min and max are finite iff all of it is (NaN propagates); one synchronisation for all of them
+    ends = [torch.stack(torch.aminmax(t)).to(named[0][1].device, torch.float32) for _, t in named]
+    finite = torch.isfinite(torch.stack(ends)).all(-1)
+    if bool(finite.all()):
+        return
+    name = named[int((~finite).nonzero()[0, 0])][0]
+    raise CacheError(f"cache[{name!r}] holds NaN or infinite values: {method}'s scores would be NaN. The forward "
+                     "overflowed (half precision?) or the cache was edited; rerun it (in float32)")
 
 
 def check_padding(real: torch.Tensor, cache: Any, *, given_mask: bool) -> None:
@@ -124,7 +130,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
     Any model TransformerLens builds passes: norms and biases that processing did not fold (their
     biases are in `ModelView.attn` and `ModelView.mlp`), ``ln1`` scales cached per head
     (``use_split_qkv_input``), attention-only blocks."""
-    from dpa_lens.ops import activation, push_norm
+    from dpa_lens.ops import activation, heads_in, heads_out, push_norm
 
     rules = view.rules
     checked = 0
@@ -146,8 +152,8 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
             x = x / view.stream_scale(scale).to(x.device)
             gamma = view.norm_weight("ln1", layer)
             x = x * gamma.to(x.device) if gamma is not None else x
-            K, d, dh = a.W_V.shape  # one flat product (W_V is a view of a [K·d_head, d_model] matrix on a bridge)
-            pred = (x @ a.W_V.to(x.device).transpose(1, 2).reshape(K * dh, d).T).unflatten(-1, (K, dh))
+            K, _, dh = a.W_V.shape  # one flat product (a view of the bridge's [K·d_head, d_model] matrix)
+            pred = (x @ heads_in(a.W_V.to(x.device))).unflatten(-1, (K, dh))
             pred = pred + (a.b_V.to(x.device) if a.b_V is not None else 0.0)
             if float((pred - v.to(x.device)).abs().max()) > rel * float(v.abs().max()) + 1e-5:
                 fail(layer, "values differ from W_V applied to the cached stream")
@@ -163,7 +169,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
         if rules.post_norms and not all(hooks.norm_scale(layer, n) in cache for n in ("ln1_post", "ln2_post")):
             continue
         a = view.attn(layer)
-        attn = z.flatten(-2) @ a.W_O.to(z.device).flatten(0, 1) + (a.b_O.to(z.device) if a.b_O is not None else 0.0)
+        attn = z.flatten(-2) @ heads_out(a.W_O.to(z.device)) + (a.b_O.to(z.device) if a.b_O is not None else 0.0)
         mlp = torch.zeros_like(attn)
         if rules.has_mlp:
             m = view.mlp(layer)

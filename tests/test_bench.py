@@ -86,12 +86,16 @@ def test_bench_quick_run(script, tmp_path):
         rows = [r for r in data["rows"] if "error" not in r]
         assert len(rows) == len(data["rows"]) and all(r["seconds"] > 0 for r in rows)
         assert "## DPA against the model's own forward and backward" in text and "| 128 |" in text
+        assert {r["measurement"] for r in rows if r.get("section") == "floor" and r["length"] == 128} == {
+            "hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "cache_check", "dpa"}
         assert "## Activation checkpointing" in text and {r["measurement"] for r in rows if r["option"] == "checkpoint"} == {
             "cache_forward", "dpa"}
         assert "## The same with the logits at the answer position only" in text
-        assert {r["measurement"] for r in rows if r["option"] == "answer"} == {"hf_forward_backward", "cache_forward", "dpa"}
+        assert {r["measurement"] for r in rows if r["option"] == "answer"} == {"hf_forward_backward", "tl_forward",
+                                                                                 "cache_forward", "dpa"}
         profile = next(r for r in rows if r["measurement"] == "profile")
         assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])
+        assert profile["rules"]["dpa_lens.checks"] > 0
 
 
 @pytest.mark.gemma3

@@ -50,11 +50,28 @@ def test_a_cache_of_the_same_architecture_with_other_weights_is_refused(tiny, li
         dpa_lens.dla(mine, dla_cache, " Mary")
 
 
+def test_a_cache_made_before_the_weights_were_edited_is_refused(tiny, line):
+    """Edit one MLP in place after caching (as a model-editing notebook does): the next call reads the
+    edited weights (no weights kept from an earlier call) and refuses the stale cache."""
+    _, hf, _ = tiny
+    model = dpa_lens.load_model(copy.deepcopy(hf), tokenizer=tiny[0].tokenizer, line=line)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    dpa_lens.dpa(model, cache, " Mary")  # a first call on the unedited model
+    with torch.no_grad():
+        for p in model.blocks[1].mlp.parameters():
+            p.mul_(1.1)
+    with pytest.raises(CacheError, match="weights at layer 1"):
+        dpa_lens.dpa(model, cache, " Mary")
+
+
 def test_non_finite_values_in_the_cache_are_refused(tiny):
     model, _, cache = tiny
     bad = {k: v.clone() for k, v in cache.items()}
     bad["blocks.1.attn.hook_z"][0, 3, 0, 0] = float("nan")
     with pytest.raises(CacheError, match=r"blocks\.1\.attn\.hook_z.*NaN"):
+        dpa_lens.dpa(model, bad, " Mary")
+    bad["blocks.0.hook_resid_pre"][0, 2, 1] = -float("inf")  # two bad hooks: the first one read is named
+    with pytest.raises(CacheError, match=r"blocks\.0\.hook_resid_pre.*NaN or infinite"):
         dpa_lens.dpa(model, bad, " Mary")
 
 

@@ -100,7 +100,7 @@ from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.ops import activation, pull_norm, push_norm
+from dpa_lens.ops import activation, heads_in, heads_out, pull_norm, push_norm
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
 
 RULES: tuple[str, ...] = ("softmax", "taylor", "linear", "relu", "max")
@@ -221,8 +221,8 @@ class _Decomposition:
         fz, w, view = self.frozen(layer), self.view.attn(layer), self.view
         device = x.device
         H, K, dh = view.n_heads, view.n_kv_heads, view.d_head
-        W_V = w.W_V.to(device).permute(1, 0, 2).reshape(view.d_model, K * dh)
-        W_O = w.W_O.to(device).reshape(H * dh, view.d_model)
+        W_V = heads_in(w.W_V.to(device))
+        W_O = heads_out(w.W_O.to(device))
         gain, post_gain = view.norm_weight("ln1", layer), view.norm_weight("ln1_post", layer) if self.rules.post_norms else None
         M = x.shape[0]
         step = max(1, min(-(-M // 8), BLOCK_ELEMENTS // (4 * self.b * self.n * max(view.d_model, H * dh))))

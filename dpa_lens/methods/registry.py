@@ -71,8 +71,7 @@ class MethodSpec:
         """A ``run_with_cache`` filter caching what this method reads (cache methods only)."""
         if self.hook_names is None:
             raise InputError(f"{self.name} reads no cache (it takes {self.input!r})")
-        wanted = frozenset(self.hook_names(model))
-        return lambda name: name in wanted
+        return _reading(model, [self])
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -129,6 +128,11 @@ def _filter(model: TLModel, methods: tuple[str, ...]) -> Callable[[str], bool]:
     wrong = [s.name for s in specs if s.input != "cache"]
     if wrong:
         raise InputError(f"{wrong} read no cache; cache-based methods: {available_methods('cache')}")
+    return _reading(model, specs)
+
+
+def _reading(model: TLModel, specs: list[MethodSpec]) -> Callable[[str], bool]:
+    """The one filter: a hook name passes when one of ``specs`` reads it."""
     wanted = frozenset(n for s in specs for n in s.hook_names(model))
     return lambda name: name in wanted
 

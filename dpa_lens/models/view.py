@@ -138,7 +138,10 @@ def _uncovered_config(cfg: Any) -> list[str]:
 
 
 class ModelView:
-    """Uniform, read-only access to a TransformerLens model's weights (float32 on request)."""
+    """Uniform, read-only access to a TransformerLens model's weights (float32 on request).
+
+    A view reads each layer's weights and norm gains once and keeps them: make a new view after
+    changing the model's weights (every method makes its own, per call)."""
 
     def __init__(self, model: Any):
         if not tl.is_tl_model(model):
@@ -158,6 +161,7 @@ class ModelView:
         self.d_mlp: int = 0 if getattr(cfg, "attn_only", False) else cfg.d_mlp
         self.d_vocab: int = cfg.d_vocab
         self.name: str = getattr(cfg, "model_name", "") or type(model).__name__
+        self._read: dict[tuple[str, int | None], Any] = {}  # attn, mlp and norm gains, as first read
         self.architecture: str = (
             getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None) or "unknown"
         )
@@ -271,11 +275,20 @@ class ModelView:
     def _block(self, layer: int) -> Any:
         return self.model.blocks[layer]
 
+    def _once(self, kind: str, layer: int | None, read: Callable[[], Any]) -> Any:
+        key = (kind, layer)
+        if key not in self._read:
+            self._read[key] = read()
+        return self._read[key]
+
     def attn(self, layer: int) -> AttnWeights:
         """Attention weights of one layer, float32, grouped K/V, absent or zero biases as None.
 
         The biases are those of the maps as they read ``ln1``'s output before its bias: a LayerNorm
         bias ``β`` that processing did not fold is added as ``β·W_Q``, ``β·W_K``, ``β·W_V``."""
+        return self._once("attn", layer, lambda: self._attn(layer))
+
+    def _attn(self, layer: int) -> AttnWeights:
         a = self._block(layer).attn
         grouped = _get(a, "_W_K") is not None
         W_Q, W_K, W_V = (_float(w) for w in (a.W_Q, _get(a, "_W_K") if grouped else a.W_K, _get(a, "_W_V") if grouped else a.W_V))
@@ -296,6 +309,9 @@ class ModelView:
         (``b_in + β·W_in``, see `attn`). Attention-only models have none (`BlockRules.has_mlp`)."""
         if not self.rules.has_mlp:
             raise UnsupportedModelError(f"this model is attention-only (attn_only=True): layer {layer} has no MLP")
+        return self._once("mlp", layer, lambda: self._mlp(layer))
+
+    def _mlp(self, layer: int) -> MLPWeights:
         m = self._block(layer).mlp
         gated = self.rules.gated
         W_in = _float(m.W_in)
@@ -325,7 +341,7 @@ class ModelView:
 
     def norm_weight(self, name: str, layer: int | None = None) -> Float[Tensor, " d_model"] | None:
         """Gain of ``ln1``/``ln2``/``ln1_post``/``ln2_post`` of a layer or of ``ln_final``; None when one."""
-        return self._gain(self._norm(name, layer))
+        return self._once(f"gain {name}", layer, lambda: self._gain(self._norm(name, layer)))
 
     def norm_bias(self, name: str, layer: int | None = None) -> Float[Tensor, " d_model"] | None:
         """Bias of a LayerNorm that processing did not fold (``fold_ln=False``, or a bridge with

@@ -29,7 +29,7 @@ from dpa_lens.forward import CachedForward
 from dpa_lens.methods.dpa.hooks import check_checkpointable, checkpoint_hook_names, layer_internals
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.ops import activation, rotate
+from dpa_lens.ops import activation, heads_in, heads_out, rotate
 from dpa_lens.types import Cache
 
 Rotary = Callable[[int], "tuple[Tensor, Tensor] | None"]
@@ -133,7 +133,7 @@ class RecomputedCache(Mapping):
         x, acts[hooks.norm_scale(layer, "ln1")] = _normalise(resid, self.eps[layer, "ln1"], view.norm_weight("ln1", layer), center)
         a = view.attn(layer)
         # the three projections as one product: [d_model, (H + 2K) d_head]
-        W = torch.cat([w.permute(1, 0, 2).reshape(d, -1) for w in (a.W_Q, a.W_K, a.W_V)], dim=1).to(dev)
+        W = torch.cat([heads_in(w) for w in (a.W_Q, a.W_K, a.W_V)], dim=1).to(dev)
         qkv = x @ W
         if any(bias is not None for bias in (a.b_Q, a.b_K, a.b_V)):
             qkv = qkv + torch.cat([(bias if bias is not None else torch.zeros(h, dh)).reshape(-1).to(dev)
@@ -151,7 +151,7 @@ class RecomputedCache(Mapping):
             q, k = rotate(q, cos, sin, view.adjacent_pairs), rotate(k, cos, sin, view.adjacent_pairs)
             acts[hooks.attn(layer, "rot_q")], acts[hooks.attn(layer, "rot_k")] = q, k
         z = acts[hooks.attn(layer, "z")] = self._attend(layer, q, k, v)
-        after = resid + z.reshape(b, n, H * dh) @ a.W_O.reshape(H * dh, d).to(dev)
+        after = resid + z.reshape(b, n, H * dh) @ heads_out(a.W_O).to(dev)
         if a.b_O is not None:
             after = after + a.b_O.to(dev)
         rows = _check_rows(n, dev)

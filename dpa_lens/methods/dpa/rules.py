@@ -19,7 +19,7 @@ from dpa_lens.forward import CachedForward
 from dpa_lens.methods.dpa.attention_blocks import head_paths
 from dpa_lens.methods.dpa.mu import Mu
 from dpa_lens.models import hooks
-from dpa_lens.ops import activation, pull_norm, unrotate
+from dpa_lens.ops import activation, heads_in, heads_out, pull_norm, unrotate
 from dpa_lens.types import typechecked
 
 
@@ -118,7 +118,7 @@ class Propagator:
         if a.b_V is not None:  # heads and keys score the values without their bias, an output bias (see below)
             v = v - a.b_V
             z = z - self._pattern_mass(layer)[..., None] * a.b_V.repeat_interleave(G, dim=0)
-        lam = (t_out @ a.W_O.reshape(H * dh, -1).T).view(b, n, H, dh)  # W_O t per head
+        lam = (t_out @ heads_out(a.W_O).T).view(b, n, H, dh)  # W_O t per head
         if head_mask is not None:
             lam = lam * head_mask.to(lam)[None, None, :, None]
         bias = (t_out @ a.b_O).sum(-1) if a.b_O is not None else torch.zeros(b, device=t.device)
@@ -153,7 +153,7 @@ class Propagator:
         mu, b, n = self.mu, self.b, self.n
         H, K, dh = self.view.n_heads, self.view.n_kv_heads, self.view.d_head
         d = a.W_Q.shape[1]
-        terms = [(weight, grad_.reshape(b, n, heads * dh), W.transpose(1, 2).reshape(heads * dh, d))
+        terms = [(weight, grad_.reshape(b, n, heads * dh), heads_in(W).T)
                  for weight, grad_, W, heads in ((mu.q, grad_q, a.W_Q, H), (mu.k, grad_k, a.W_K, K), (mu.v, grad_v, a.W_V, K))
                  if weight]
         update = _sum_of_products(terms) if terms else grad_q.new_zeros(b, n, d)
