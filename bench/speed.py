@@ -13,7 +13,7 @@ backward to the input embeddings with the parameters frozen. Against it:
 1. DPA, per example: the cache forward DPA needs (``run_with_cache`` with ``dpa_names_filter(model,
    patterns=False)``, under ``torch.no_grad`` and `dpa_lens.fused_attention`), the sweep (tokens, heads
    and neurons), and their total, at 32 … 8192 tokens; the check of the cache against the model's
-   weights that a DPA call makes before its sweep (``cache_check``, inside the sweep's time), at 32 …
+   weights that a DPA call on a full cache makes before its sweep (``cache_check``, inside the sweep's time), at 32 …
    1024 tokens; the old baseline (TransformerLens's forward and a backward that also computes every
    parameter's gradient) is kept, labelled for what it is;
 2. the other methods at 32 and 256 tokens (1024 where feasible): DPA edges, DePass, Unpack, AtP,
@@ -59,7 +59,7 @@ LABELS = {
     "cache_forward": "TransformerLens cache forward for DPA (no patterns, no_grad, fused attention)",
     "tl_forward": "TransformerLens forward, no hook and no cache (no_grad, fused attention): the host's own cost",
     "dpa_sweep": "DPA sweep (tokens, heads, neurons)",
-    "cache_check": "the check of the cache against the model's weights, part of every DPA call before its sweep",
+    "cache_check": "the check of the cache against the model's weights, part of a DPA call on a full cache before its sweep",
     "dpa": "DPA total (cache forward + sweep)",
 }
 
@@ -339,7 +339,9 @@ def markdown(result: dict) -> str:
                  ("patching", "9", f"exact patching: {u['heads_per_layer']} heads (layer 0)"),
                  ("patching", "90", f"exact patching: {10 * u['heads_per_layer']} heads (layers 0-9)"),
                  ("patching", "", f"exact patching: {u['heads']} heads")]
-        lines += ["", f"## Scaling in the number of units scored ({n} tokens)", "", "| method and units | seconds | peak memory |",
+        lines += ["", f"## Scaling in the number of units scored ({n} tokens)", "",
+                  "Each row from its own processes (the DPA rows with every unit are the floor table's): differences "
+                  "of a tenth or so are within this machine's noise.", "", "| method and units | seconds | peak memory |",
                   "|---|---:|---:|"]
         for m, o, label in order:
             r = _get(rows, m, n, o)
@@ -348,9 +350,10 @@ def markdown(result: dict) -> str:
     profiles = sorted((r for r in rows if r["measurement"] == "profile" and "error" not in r), key=lambda r: r["length"])
     if profiles:
         lines += ["", "## Where a DPA call spends its time", "",
-                  "CPU seconds (all threads) per `record_function` label in one run: `dpa_lens.checks` are the checks of the "
-                  "cache before the sweep (the cache against the model's weights most of it), the `dpa.` labels the sweep's "
-                  "rules (nested labels are inside their parents).", "",
+                  "CPU seconds (all threads) per `record_function` label in one run: `dpa_lens.checks`, where present, "
+                  "are the checks of the cache before the sweep (its hooks, shapes, finiteness and padding, and the cache "
+                  "against the model's weights), the `dpa.` labels the sweep's rules (nested labels are inside their "
+                  "parents).", "",
                   "| rule | " + " | ".join(f"{p['length']} tokens (run: {p['seconds']:.3g} s)" for p in profiles) + " |",
                   "|---|" + "---:|" * len(profiles)]
         keys = sorted({k for p in profiles for k in p["rules"]}, key=lambda k: -profiles[-1]["rules"].get(k, 0.0))

@@ -79,8 +79,7 @@ def check_finite(cache: Any, names: Iterable[str], method: str) -> None:
     if not named:
         return
     # a tensor's min and max are finite iff all of it is (NaN propagates); one synchronisation for all of them
-    ends = [torch.stack(torch.aminmax(t)).to(named[0][1].device, torch.float32) for _, t in named]
-    finite = torch.isfinite(torch.stack(ends)).all(-1)
+    finite = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all().to(named[0][1].device) for _, t in named])
     if bool(finite.all()):
         return
     name = named[int((~finite).nonzero()[0, 0])][0]

@@ -51,17 +51,30 @@ def test_a_cache_of_the_same_architecture_with_other_weights_is_refused(tiny, li
 
 
 def test_a_cache_made_before_the_weights_were_edited_is_refused(tiny, line):
-    """Edit one MLP in place after caching (as a model-editing notebook does): the next call reads the
-    edited weights (no weights kept from an earlier call) and refuses the stale cache."""
+    """Edit one MLP after caching (as a model-editing notebook does): the next call reads the edited
+    weights (no weights kept from an earlier call) and refuses the stale cache."""
     _, hf, _ = tiny
     model = dpa_lens.load_model(copy.deepcopy(hf), tokenizer=tiny[0].tokenizer, line=line)
     _, cache = model.run_with_cache(IOI_PROMPT)
     dpa_lens.dpa(model, cache, " Mary")  # a first call on the unedited model
     with torch.no_grad():
         for p in model.blocks[1].mlp.parameters():
-            p.mul_(1.1)
+            p.data = p.data * 1.1  # new storage: weights kept from the first call would be the old ones
     with pytest.raises(CacheError, match="weights at layer 1"):
         dpa_lens.dpa(model, cache, " Mary")
+
+
+def test_a_view_keeps_the_weights_only_where_they_are_the_models_own(tiny, line):
+    """Float32 weights are read once per view; half-precision ones are converted at each use (a view
+    holding float32 copies of every layer would double a bfloat16 model's memory)."""
+    from dpa_lens.models.view import ModelView
+
+    _, hf, _ = tiny
+    for dtype, kept in ((torch.float32, True), (torch.bfloat16, False)):
+        model = dpa_lens.load_model(copy.deepcopy(hf), tokenizer=tiny[0].tokenizer, line=line, dtype=dtype)
+        view = ModelView(model)
+        assert (view.attn(0) is view.attn(0)) is kept and (view.mlp(1) is view.mlp(1)) is kept, dtype
+        assert view.attn(0).W_Q.dtype == torch.float32
 
 
 def test_non_finite_values_in_the_cache_are_refused(tiny):

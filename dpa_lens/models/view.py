@@ -140,8 +140,9 @@ def _uncovered_config(cfg: Any) -> list[str]:
 class ModelView:
     """Uniform, read-only access to a TransformerLens model's weights (float32 on request).
 
-    A view reads each layer's weights and norm gains once and keeps them: make a new view after
-    changing the model's weights (every method makes its own, per call)."""
+    A view reads each layer's weights and norm gains once and keeps them (the weights only where they
+    are the model's own float32 tensors, not float32 copies of half-precision ones): make a new view
+    after changing the model's weights (every method makes its own, per call)."""
 
     def __init__(self, model: Any):
         if not tl.is_tl_model(model):
@@ -162,6 +163,8 @@ class ModelView:
         self.d_vocab: int = cfg.d_vocab
         self.name: str = getattr(cfg, "model_name", "") or type(model).__name__
         self._read: dict[tuple[str, int | None], Any] = {}  # attn, mlp and norm gains, as first read
+        first = next(iter(model.parameters()), None)
+        self._keep_weights = first is None or first.dtype == torch.float32  # else each read is a float32 copy
         self.architecture: str = (
             getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None) or "unknown"
         )
@@ -275,18 +278,22 @@ class ModelView:
     def _block(self, layer: int) -> Any:
         return self.model.blocks[layer]
 
-    def _once(self, kind: str, layer: int | None, read: Callable[[], Any]) -> Any:
+    def _once(self, kind: str, layer: int | None, read: Callable[[], Any], weights: bool = False) -> Any:
+        """``read()`` the first time, kept for later calls (``weights``: unless the model is not float32)."""
         key = (kind, layer)
-        if key not in self._read:
-            self._read[key] = read()
-        return self._read[key]
+        if key in self._read:
+            return self._read[key]
+        value = read()
+        if self._keep_weights or not weights:
+            self._read[key] = value
+        return value
 
     def attn(self, layer: int) -> AttnWeights:
         """Attention weights of one layer, float32, grouped K/V, absent or zero biases as None.
 
         The biases are those of the maps as they read ``ln1``'s output before its bias: a LayerNorm
         bias ``β`` that processing did not fold is added as ``β·W_Q``, ``β·W_K``, ``β·W_V``."""
-        return self._once("attn", layer, lambda: self._attn(layer))
+        return self._once("attn", layer, lambda: self._attn(layer), weights=True)
 
     def _attn(self, layer: int) -> AttnWeights:
         a = self._block(layer).attn
@@ -309,7 +316,7 @@ class ModelView:
         (``b_in + β·W_in``, see `attn`). Attention-only models have none (`BlockRules.has_mlp`)."""
         if not self.rules.has_mlp:
             raise UnsupportedModelError(f"this model is attention-only (attn_only=True): layer {layer} has no MLP")
-        return self._once("mlp", layer, lambda: self._mlp(layer))
+        return self._once("mlp", layer, lambda: self._mlp(layer), weights=True)
 
     def _mlp(self, layer: int) -> MLPWeights:
         m = self._block(layer).mlp
