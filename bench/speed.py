@@ -94,7 +94,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     import dpa_lens
     from dpa_lens.circuits.dpa_edges import dpa_edges
     from dpa_lens.models.bundled import load_bundled_hf
-    from dpa_lens.models.tl import is_bridge
+    from dpa_lens.models.tl import lean_logits
     from dpa_lens.models.view import ModelView
     from dpa_lens.validation import check_cache_model
 
@@ -105,7 +105,6 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
     hf = None
     answer = option == "answer"  # the logits at the answer position only, on both sides
     keep = {"logits_to_keep": 1} if answer else {}
-    lean = keep if is_bridge(model) else {"return_type": None}  # TransformerLens's forward without [pos, vocab] logits
     if measurement.startswith("hf_"):
         hf, _ = load_bundled_hf(name, dtype=torch_dtype)
         hf.set_attn_implementation("sdpa")
@@ -132,7 +131,7 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
             model.zero_grad(set_to_none=True)
         elif measurement == "tl_forward":
             with torch.no_grad(), dpa_lens.fused_attention(model):
-                model(clean, **(lean if answer else {}))
+                model(clean, **(lean_logits(model) if answer else {}))
         elif measurement == "cache_forward":
             dpa_lens.cache_for(model, clean) if answer else dpa_cache(model, clean, checkpoint=checkpoint)
         elif measurement == "dpa_sweep":

@@ -166,12 +166,7 @@ def cache_for(
         names_filter = _filter(model, methods or ("dpa",))
     elif methods:
         raise InputError("pass methods or names_filter, not both")
-    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
-    hf = getattr(model, "original_model", None)  # a bridge's transformers model
-    if not tl.is_bridge(model):
-        kwargs["return_type"] = None  # a HookedTransformer stops before the unembedding
-    elif hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # transformers computes the last position's logits only
+    kwargs: dict[str, Any] = tl.lean_logits(model) | ({} if attention_mask is None else {"attention_mask": attention_mask})
     with torch.no_grad(), fused_attention(model):
         _, cache = model.run_with_cache(tokens, names_filter=names_filter, **kwargs)
     return cache

@@ -7,6 +7,7 @@ these helpers instead of importing either class directly.
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 from importlib.metadata import version
 from typing import Any
@@ -51,6 +52,16 @@ def is_tl_model(model: Any) -> bool:
     return is_hooked_transformer(model) or is_bridge(model)
 
 
+def lean_logits(model: Any) -> dict[str, Any]:
+    """Keyword arguments to ``model``'s forward that skip the ``[pos, vocab]`` logits: a
+    ``HookedTransformer`` stops before the unembedding (``return_type=None``), a bridge whose
+    ``transformers`` forward takes ``logits_to_keep`` computes the last position's only."""
+    if not is_bridge(model):
+        return {"return_type": None}
+    hf = getattr(model, "original_model", None)
+    return {"logits_to_keep": 1} if hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+
+
 def default_line() -> str:
     """The model class `load_model` builds: "hooked" on 3.x, "bridge" on 4.x."""
     return "hooked" if hooked_transformer_class() is not None else "bridge"
@@ -65,5 +76,6 @@ __all__ = [
     "is_bridge",
     "is_hooked_transformer",
     "is_tl_model",
+    "lean_logits",
     "transformer_lens",
 ]
