@@ -1,7 +1,7 @@
 """Circuit edges on SmolLM2-135M: faithfulness (MIB's CPR and CMD), agreement with exact edge patching, and cost.
 
-    python bench/circuits.py            # the full run (see EXPECTED_MINUTES; deterministic but for the timings)
-    python bench/circuits.py --quick    # one prompt, a small edge set, 32 tokens: for CI
+    python -m bench.circuits            # the full run (see EXPECTED_MINUTES; deterministic but for the timings)
+    python -m bench.circuits --quick    # one prompt, a small edge set, 32 tokens: for CI
 
 1. Circuit faithfulness on IOI (the authors' prompts that the model answers correctly, whose corrupted partner
    aligns token by token and whose two names start with different tokens; target: the IO − S logit difference
@@ -25,18 +25,23 @@ Writes bench/results/circuits_smollm2.md and .json (``_quick`` with --quick).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, cost_cell, machine, run_child, short_error, write_results
+from bench.common import correct_subset, cost_cell, first_token, machine, random_pair, run_child, short_error, time_calls, write_results
 
 RESULTS = Path(__file__).parent / "results"
 EXPECTED_MINUTES = 30  # the full run on 2 quiet CPU cores (faithfulness ~15, agreement ~4, cost ~8)
-METHODS = ("DPA", "contrastive DPA", "edge AtP", "random")
+# label -> (registered edge method, whether it is given the corrupted prompt, its options for the prompt of this index):
+# the random baseline is seeded by the prompt
+NO_OPTIONS = lambda index: {}  # noqa: E731
+METHODS = {"DPA": ("dpa_edges", False, NO_OPTIONS), "contrastive DPA": ("dpa_edges", True, NO_OPTIONS),
+           "edge AtP": ("edge_atp", True, NO_OPTIONS), "random": ("edge_random", True, lambda index: {"seed": index})}
 LABELS = ("q", "k", "v", "mlp", "logit")
 COST = {"dpa": "node DPA (cache forward + sweep: tokens, heads, neurons)", "dpa_edges": "DPA edges, all (cache forward + sweep)",
         "edge_atp": "edge AtP, all (clean forward, corrupted forward + backward)",
@@ -51,8 +56,6 @@ def log(message: str) -> None:
 def ioi_prompts(model, n: int) -> list:
     """The first ``n`` usable IOI items: answered correctly (the authors' filter, as bench/faithfulness.py), the
     corrupted partner aligned, the two names' first tokens different (else the logit difference is 0)."""
-    from faithfulness import correct_subset, first_token
-
     from dpa_lens.datasets import ioi_benchmark
 
     items = ioi_benchmark()
@@ -67,22 +70,14 @@ def ioi_prompts(model, n: int) -> list:
 
 def edge_circuits(model, item, index: int) -> tuple[tuple[int, int], dict]:
     """The target and each method's circuit for one IOI item (the random baseline seeded by the item's index)."""
-    import torch
-    from faithfulness import first_token
-
     import dpa_lens
 
     target = (first_token(model, item.correct), first_token(model, item.incorrect))
-    names = dpa_lens.dpa_names_filter(model, patterns=False)
-    with torch.no_grad():
-        _, clean = model.run_with_cache(item.prompt, names_filter=names)
-        _, corrupted = model.run_with_cache(item.corrupted, names_filter=names)
-    return target, {
-        "DPA": dpa_lens.dpa_edges(model, clean, target),
-        "contrastive DPA": dpa_lens.dpa_edges(model, clean, target, corrupted_cache=corrupted),
-        "edge AtP": dpa_lens.edge_atp(model, item.prompt, item.corrupted, target),
-        "random": dpa_lens.edge_random(model, item.prompt, item.corrupted, target, seed=index),
-    }
+    out = {}
+    for label, (name, contrast, options) in METHODS.items():
+        out[label] = dpa_lens.run(name, model, item.prompt, target, corrupted=item.corrupted if contrast else None, progress=False,
+                                  **options(index))
+    return target, out
 
 
 def agreement_edges(circuits: dict, top: int, n_random: int, seed: int) -> list[tuple[str, str, str]]:
@@ -178,16 +173,9 @@ def ioi_sections(args) -> tuple[dict, dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- cost
-def random_pair(model, length: int):
-    """Random token ids (BOS first) and a corrupted copy with the middle token changed, seeded by the length."""
-    import torch
-
-    gen = torch.Generator().manual_seed(length)
-    clean = torch.randint(100, model.cfg.d_vocab, (1, length), generator=gen)
-    clean[0, 0] = model.tokenizer.bos_token_id
-    corrupted = clean.clone()
-    corrupted[0, length // 2] = (corrupted[0, length // 2] + 1) % model.cfg.d_vocab
-    return clean, corrupted
+# what each cost row runs: its options, beside the sample of edges exact patching is timed on; a DPA row computes no
+# flow, as a user's DPA call does not by default, and includes the cache forward a user runs for it
+COST_OPTIONS = {"dpa": {"flow": False}, "edge_patching": {"batch_size": 16}}
 
 
 def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
@@ -195,7 +183,7 @@ def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
     import torch
 
     import dpa_lens
-    from dpa_lens.circuits.result import graph
+    from dpa_lens.graph import graph
 
     model = dpa_lens.load_model("smollm2-135m")
     clean, corrupted = random_pair(model, length)
@@ -205,30 +193,18 @@ def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(length)
     edges = [(writers[w], *readers[r]) for w, r in (patched[i] for i in torch.randperm(len(patched), generator=gen)[:sample].tolist())]
     names = dpa_lens.dpa_names_filter(model, patterns=False)
+    spec = dpa_lens.get_method(measurement)
+    options = {**COST_OPTIONS.get(measurement, {}), **({"edges": edges} if "edges" in inspect.signature(spec.fn).parameters else {})}
 
     def once():
-        if measurement == "edge_patching":
-            dpa_lens.edge_patching(model, clean, corrupted, target, edges=edges, batch_size=16, progress=False)
-        elif measurement == "edge_atp":
-            dpa_lens.edge_atp(model, clean, corrupted, target)
-        else:
-            with torch.no_grad():
-                _, cache = model.run_with_cache(clean, names_filter=names)
-                (dpa_lens.dpa if measurement == "dpa" else dpa_lens.dpa_edges)(model, cache, target)
+        with torch.no_grad() if spec.input == "cache" else contextlib.nullcontext():
+            cache = model.run_with_cache(clean, names_filter=names)[1] if spec.input == "cache" else None
+            dpa_lens.run(measurement, model, clean, target, corrupted=corrupted if spec.input == "pair" else None, cache=cache,
+                         progress=False, **options)
 
-    with PeakMemory("cpu") as mem:
-        start = time.perf_counter()
-        once()
-        first = time.perf_counter() - start
-    times = [first]
-    if first < 60:
-        times = []
-        while len(times) < repeats and (not times or sum(times) < 20):
-            start = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - start)
-    row = {"measurement": measurement, "length": length, "seconds": min(times), "peak_bytes": mem.peak}
-    if measurement == "edge_patching":
+    times, peak = time_calls(once, "cpu", repeats)
+    row = {"measurement": measurement, "length": length, "seconds": min(times), "peak_bytes": peak}
+    if "edges" in options:  # timed on a sample of the edges: extrapolated to all of them
         row.update(sample=len(edges), edges=len(patched) + int(exists[:, -1].sum()), patched_edges=len(patched),
                    seconds_per_edge=row["seconds"] / len(edges), extrapolated_seconds=row["seconds"] / len(edges) * len(patched))
     return row
@@ -241,7 +217,7 @@ def cost_section(args) -> list[dict]:
     for i, (m, n) in enumerate(jobs, 1):
         sample = 8 if args.quick else (16 if n >= 1024 else 32)
         log(f"[cost {i}/{len(jobs)}] {m} at {n} tokens ...")
-        row = run_child(__file__, [m, str(n), str(sample), "--repeats", str(args.repeats)])
+        row = run_child("bench.circuits", [m, str(n), str(sample), "--repeats", str(args.repeats)])
         row.update({"measurement": m, "length": n})
         rows.append(row)
         log(f"      {row['seconds']:.3g} s, {row['peak_bytes'] / 2**20:,.0f} MiB" if "error" not in row
@@ -256,7 +232,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Circuit edges on SmolLM2-135M: faithfulness, agreement with exact edge patching, cost",
         "",
-        f"Produced by `python bench/circuits.py{quick}` in {s['seconds'] / 60:.0f} min on {s['machine']['cpu_count']} CPU cores "
+        f"Produced by `python -m bench.circuits{quick}` in {s['seconds'] / 60:.0f} min on {s['machine']['cpu_count']} CPU cores "
         f"(torch {s['machine']['torch']}, TransformerLens {s['machine']['transformer_lens']}). Graph: {g['n_total']:,} edges "
         "(writers: embeddings, 270 heads, 30 MLPs; readers: each head's q, k, v, each MLP, the logit).",
         "",

@@ -1,10 +1,10 @@
 """Faithfulness of every method on a bundled model (SmolLM2-135M by default), on the authors' benchmarks.
 
-    python bench/faithfulness.py            # ~31 min on 2 CPU cores
-    python bench/faithfulness.py --quick    # a few prompts, for CI
-    python bench/faithfulness.py --methods depass unpack --update   # add or redo some methods' rows
-    python bench/faithfulness.py --sections heads agreement --update   # add or redo some sections
-    python bench/faithfulness.py --model gemma3-270m --known 30 --ioi 12   # the second model
+    python -m bench.faithfulness            # ~31 min on 2 CPU cores
+    python -m bench.faithfulness --quick    # a few prompts, for CI
+    python -m bench.faithfulness --methods depass unpack --update   # add or redo some methods' rows
+    python -m bench.faithfulness --sections heads agreement --update   # add or redo some sections
+    python -m bench.faithfulness --model gemma3-270m --known 30 --ioi 12   # the second model
 
 1. Token level on Known 1000 and on IOI (the prompts the model answers correctly: top-1 with
    p > 0.1): disruption and recovery curves with token embeddings zeroed, fractions 0.1 … 1.0,
@@ -36,23 +36,28 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODELS, write_results
-
 import dpa_lens
-from dpa_lens.datasets import answered_correctly, ioi_benchmark, known_1000
+from bench.common import MODELS, correct_subset, first_token, write_results
+from dpa_lens.datasets import ioi_benchmark, known_1000
 from dpa_lens.evaluation import COMPONENT_FRACTIONS, TOKEN_FRACTIONS, Curves, agreement, faithfulness_curves
 from dpa_lens.inputs import leading_bos
 
 RESULTS = Path(__file__).parent / "results"
 # every registered approximation (exact patching is the reference of the agreement table)
-METHODS = tuple(m for m in dpa_lens.available_methods() if not dpa_lens.get_method(m).reference)
+METHODS = tuple(m for m in dpa_lens.available_methods(returns="units") if not dpa_lens.get_method(m).reference)
 # each method's options here: DPA's per-key head scores rank the authors' attention-entry units
 OPTIONS = {"dpa": {"head_keys": True}, "integrated_gradients": {"warn_gap": float("inf")}}
 # methods whose head scores come from another call than their token scores: heads × positions, heads
 HEAD_OPTIONS = {"depass": {"level": "heads", "by_position": True}}
 AGREEMENT_OPTIONS = {"depass": {"level": "heads"}}
 SECTIONS = ("tokens", "components", "heads", "agreement", "bos")
+# the fraction grids of the curves: tokens, and every other unit (--quick: a few points of each, the code paths in seconds)
+GRIDS = {"tokens": TOKEN_FRACTIONS, "units": COMPONENT_FRACTIONS}
+
+
+def curve_of(model, prompt: str, attr: dpa_lens.Attribution, unit: str, **options) -> Curves:
+    """`faithfulness_curves` on this benchmark's grid for the unit."""
+    return faithfulness_curves(model, prompt, attr, unit=unit, fractions=GRIDS["tokens" if unit == "tokens" else "units"], **options)
 
 
 def unpaired(methods) -> list[str]:
@@ -74,21 +79,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def correct_subset(model, prompts: list[str], answers: list[str], n: int, usable=lambda i: True) -> list[int]:
-    """Indices of the first ``n`` usable prompts the model answers correctly (authors' filter)."""
-    keep, start = [], 0
-    while len(keep) < n and start < len(prompts):
-        chunk = [i for i in range(start, min(start + 4 * n, len(prompts))) if usable(i)]
-        keep += [chunk[i] for i in answered_correctly(model, [prompts[j] for j in chunk], [answers[j] for j in chunk])]
-        start += 4 * n
-    return keep[:n]
-
-
-def first_token(model, answer: str) -> int:
-    """The answer's first token: the authors attribute (and measure) it when an answer has several."""
-    return model.tokenizer.encode(answer, add_special_tokens=False)[0]
-
-
 UNSUPPORTED: dict[str, str] = {}  # method -> why it does not run on this benchmark's model
 
 
@@ -102,7 +92,9 @@ def attributions(model, prompt: str, target, corrupted: str | None, methods, opt
         if m in UNSUPPORTED:
             continue
         try:
-            out[m] = dpa_lens.run(m, model, prompt, target, corrupted=corrupted, cache=cache, progress=False, **options.get(m, {}))
+            spec = dpa_lens.get_method(m)
+            out[m] = dpa_lens.run(m, model, prompt, target, corrupted=corrupted if spec.input == "pair" else None,
+                                  cache=cache if spec.uses_cache else None, progress=False, **options.get(m, {}))
         except dpa_lens.UnsupportedModelError as e:
             UNSUPPORTED[m] = str(e).split(". ")[0]
             log(f"{m} does not support this model: {UNSUPPORTED[m]}")
@@ -151,7 +143,7 @@ def bos_section(model, prompt: str, answer: int, attrs: dict, curves: dict[str, 
         return
     rows.append(facts)
     for name, a in attrs.items():
-        curves.setdefault(name, []).append(faithfulness_curves(model, prompt, a, unit="tokens", keep_bos=True))
+        curves.setdefault(name, []).append(curve_of(model, prompt, a, "tokens", keep_bos=True))
 
 
 def table(rows: dict[str, dict[str, float]], columns: list[str], sort_by: str | None = None,
@@ -183,11 +175,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     slug, label = MODELS[args.model]
-    # --quick checks that every section runs, in minutes on 2 cores: fewer integration steps, and DePass's
-    # head level (one forward of the parts per head) is left to the full run
+    # --quick checks that every section runs, in a few minutes on 2 cores: fewer integration steps, a few points of
+    # each fraction grid, and DePass's head level (one forward of the parts per head) left to the full run
     head_ranked = [m for m in methods if not (args.quick and m in HEAD_OPTIONS)]
     if args.quick:
-        OPTIONS["integrated_gradients"] = {**OPTIONS.get("integrated_gradients", {}), "steps": 32}
+        OPTIONS["integrated_gradients"] = {**OPTIONS.get("integrated_gradients", {}), "steps": 8}
+        GRIDS.update(tokens=TOKEN_FRACTIONS[1::4], units=COMPONENT_FRACTIONS[::6])
     stem = args.out / f"faithfulness_{slug}{'_quick' if args.quick else ''}"
     if args.update and not stem.with_suffix(".json").exists():
         parser.error(f"--update needs existing results at {stem.with_suffix('.json')}")
@@ -223,7 +216,7 @@ def main() -> None:
             ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
             if "tokens" in sections:
-                token_curves["known_1000"].setdefault(name, []).append(faithfulness_curves(model, fact.prompt, a, unit="tokens"))
+                token_curves["known_1000"].setdefault(name, []).append(curve_of(model, fact.prompt, a, "tokens"))
         if "bos" in sections:
             bos_section(model, fact.prompt, first_token(model, fact.answer), attrs, bos_curves["known_1000"], bos_rows["known_1000"])
 
@@ -237,20 +230,20 @@ def main() -> None:
             ig_settings = attrs["integrated_gradients"].settings
         for name, a in attrs.items():
             if "tokens" in sections:
-                token_curves["ioi"].setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="tokens"))
+                token_curves["ioi"].setdefault(name, []).append(curve_of(model, item.prompt, a, "tokens"))
             if "components" in sections and name in component_methods(methods):
-                comp_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, a, unit="components"))
+                comp_curves.setdefault(name, []).append(curve_of(model, item.prompt, a, "components"))
         if "bos" in sections:
             bos_section(model, item.prompt, answer, attrs, bos_curves["ioi"], bos_rows["ioi"])
         if "dpa" in attrs and "components" in sections:
             comp_curves.setdefault("dpa (attention entries + neurons)", []).append(
-                faithfulness_curves(model, item.prompt, attrs["dpa"], unit="attention+neurons"))
+                curve_of(model, item.prompt, attrs["dpa"], "attention+neurons"))
         if "heads" in sections:
             again = [m for m in head_methods(head_ranked) if m not in attrs or m in HEAD_OPTIONS]
             by_head = {**attrs, **attributions(model, item.prompt, answer, item.corrupted, again, HEAD_OPTIONS)}
             for name in head_methods(head_ranked):
                 if name in by_head:
-                    head_curves.setdefault(name, []).append(faithfulness_curves(model, item.prompt, by_head[name], unit="heads"))
+                    head_curves.setdefault(name, []).append(curve_of(model, item.prompt, by_head[name], "heads"))
         if "agreement" in sections:
             for name, row in agreement_with_patching(model, item, head_ranked).items():
                 agree.setdefault(name, []).append(row)
@@ -258,13 +251,13 @@ def main() -> None:
     argv = sys.argv[1:]
     if "--note" in argv:  # the command that reproduces the numbers; the note is printed apart
         del argv[argv.index("--note"):argv.index("--note") + 2]
-    command = " ".join(["python bench/faithfulness.py"] + argv)
+    command = " ".join(["python -m bench.faithfulness"] + argv)
     results = {"settings": {"model": f"{label} (bundled GGUF, float32)", "quick": args.quick, "command": command, "note": args.note,
                             "known_1000_prompts": len(known_idx), "ioi_prompts": len(ioi_idx),
                             "filter": "answer's first token is the top-1 prediction with p > 0.1 (IOI: and the corrupted "
                                       "partner has as many tokens)",
                             "target": "the answer's first token (its raw logit); the metric is its probability",
-                            "token_fractions": list(TOKEN_FRACTIONS), "component_fractions": list(COMPONENT_FRACTIONS),
+                            "token_fractions": list(GRIDS["tokens"]), "component_fractions": list(GRIDS["units"]),
                             "ablation": "zero", "dpa_mu": dpa_lens.Mu.paper_default().as_dict(),
                             "integrated_gradients": ", ".join(f"{k} {v}" for k, v in ig_settings.items() if k != "completeness_gap"),
                             "seconds": None, "unsupported": dict(UNSUPPORTED)},
@@ -333,7 +326,7 @@ def update_line(u: dict) -> str:
 def markdown(r: dict) -> str:
     s = r["settings"]
     model, gap = s["model"].split(" (")[0], s.get("integrated_gradients_gap")
-    command = s.get("command", "python bench/faithfulness.py" + (" --quick" if s["quick"] else ""))
+    command = s.get("command", "python -m bench.faithfulness" + (" --quick" if s["quick"] else ""))
     lines = [
         f"# Faithfulness of attribution methods on {model}",
         "",

@@ -1,9 +1,9 @@
-"""The README's numbers, rendered from the committed result files: ``python bench/readme.py``.
+"""The README's numbers, rendered from the committed result files: ``python -m bench.readme``.
 
 The README holds blocks between ``<!-- generated: NAME -->`` and ``<!-- /generated -->``; this script
 rewrites each from its result file, so no number in them is typed by hand.
-``python bench/readme.py --check`` fails when the README differs from what the results say
-(tests/test_bench.py runs it).
+``python -m bench.readme --check`` fails when the README differs from what the results say
+(tests/bench/test_bench.py runs it).
 
 Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 270M's columns from
 faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-summary``, ``speed-checkpoint``,
@@ -22,8 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import find_row as _row
+from bench.common import find_row as _row
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -53,7 +52,7 @@ def faithfulness(r: dict, gemma: dict | None = None) -> str:
     lines = [
         f"Every method on the authors' benchmarks with SmolLM2-135M, on {s['known_1000_prompts']} Known 1000 and "
         f"{s['ioi_prompts']} IOI prompts that the model answers correctly "
-        "([`bench/results/faithfulness_smollm2.md`](bench/results/faithfulness_smollm2.md), `python bench/faithfulness.py`, "
+        "([`bench/results/faithfulness_smollm2.md`](bench/results/faithfulness_smollm2.md), `python -m bench.faithfulness`, "
         f"{s['seconds'] / 60:.0f} min on {r.get('machine', {}).get('cpu_count', 2)} CPU cores). Totals are recovery AUC minus "
         "disruption AUC (×100; higher is better) with zero ablation. The last column compares head scores with exact "
         f"patching of each head, on the IO − S logit difference ({s['agreement_prompts']} prompts).",
@@ -199,7 +198,7 @@ def circuits(r: dict) -> str:
     lines = [f"Circuit faithfulness on {g['prompts']} IOI prompts of SmolLM2-135M (MIB's protocol: keep the top x % of the "
              f"{g['n_total']:,} edges by |score|, ablate the rest; CPR higher is better, CMD lower is better, MIB's linear axis) "
              f"and agreement with exact edge patching ({a['prompts']} prompts, {a['edges_per_prompt']:.0f} edges each), from "
-             "[`bench/results/circuits_smollm2.md`](bench/results/circuits_smollm2.md) (`python bench/circuits.py`, "
+             "[`bench/results/circuits_smollm2.md`](bench/results/circuits_smollm2.md) (`python -m bench.circuits`, "
              f"{s['seconds'] / 60:.0f} min on {s['machine']['cpu_count']} CPU cores):",
              "",
              "| edges by | " + " | ".join(f"CPR / CMD, {x} ablation" for x in ablations)
@@ -295,7 +294,7 @@ def main() -> None:
     new = render(old)
     if args.check:
         if new != old:
-            sys.exit("README.md is out of date with the committed results: run python bench/readme.py")
+            sys.exit("README.md is out of date with the committed results: run python -m bench.readme")
         return
     readme.write_text(new)
 

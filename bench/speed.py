@@ -1,11 +1,11 @@
 """Seconds and peak memory per example of dpa_lens's methods on a bundled model, against the honest floor.
 
-    python bench/speed.py               # the full run (~45 min on 2 CPU cores)
-    python bench/speed.py --quick       # a few points, for CI
-    python bench/speed.py --device cuda # a GPU section (float32 and bfloat16)
-    python bench/speed.py --model gemma3-270m --max-length 1024 --max-method-length 256   # the second model
-    python bench/speed.py --rows depass:1024 atp:1024 --update   # add or redo some rows of the committed results
-    python bench/speed.py --rows hf_forward:1024 dpa:1024 --rounds 3 --update   # each row in 3 processes, interleaved
+    python -m bench.speed               # the full run (~45 min on 2 CPU cores)
+    python -m bench.speed --quick       # a few points, for CI
+    python -m bench.speed --device cuda # a GPU section (float32 and bfloat16)
+    python -m bench.speed --model gemma3-270m --max-length 1024 --max-method-length 256   # the second model
+    python -m bench.speed --rows depass:1024 atp:1024 --update   # add or redo some rows of the committed results
+    python -m bench.speed --rows hf_forward:1024 dpa:1024 --rounds 3 --update   # each row in 3 processes, interleaved
 
 The floor is the same model in ``transformers`` with SDPA attention: one forward, and one forward and
 backward to the input embeddings with the parameters frozen. Against it:
@@ -42,13 +42,15 @@ and each row keeps its fastest process (`fastest`). Writes bench/results/speed_{
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import MODELS, PeakMemory, cost_cell, find_row, machine, run_child, short_error, write_results
+from bench.common import MODELS, cost_cell, find_row, machine, random_pair, run_child, short_error, time_calls, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # measurement -> (what it is, how the table names it)
@@ -64,17 +66,6 @@ LABELS = {
 }
 
 
-def _inputs(model, length: int, device: str):
-    import torch
-
-    gen = torch.Generator().manual_seed(length)
-    clean = torch.randint(100, model.cfg.d_vocab, (1, length), generator=gen)
-    clean[0, 0] = model.tokenizer.bos_token_id
-    corrupted = clean.clone()
-    corrupted[0, length // 2] = (corrupted[0, length // 2] + 1) % model.cfg.d_vocab
-    return clean.to(device), corrupted.to(device)
-
-
 def dpa_cache(model, tokens, patterns: bool = False, checkpoint: bool = False):
     """The cache forward DPA needs, as a user runs it: lean names filter, no grad, fused attention
     (``checkpoint``: the residual streams only, each layer recomputed by the sweep). Returns
@@ -88,90 +79,100 @@ def dpa_cache(model, tokens, patterns: bool = False, checkpoint: bool = False):
         return model.run_with_cache(tokens, names_filter=dpa_lens.dpa_names_filter(model, patterns=patterns, checkpoint=checkpoint))
 
 
-def run_one(name: str, measurement: str, length: int, repeats: int, device: str, option: str, dtype: str) -> dict:
+# the options of the method rows (measurement, option) -> dpa_lens.run's options; a DPA row computes no flow,
+# as a user's DPA call does not by default
+_INF = float("inf")
+METHOD_OPTIONS = {
+    ("dpa", ""): {"flow": False}, ("dpa", "answer"): {"flow": False}, ("dpa", "checkpoint"): {"flow": False},
+    ("dpa", "tokens"): {"flow": False, "kinds": ("tokens",)}, ("dpa", "tokens+heads"): {"flow": False, "kinds": ("tokens", "heads")},
+    ("dpa", "head_keys"): {"flow": False, "head_keys": True},
+    ("patching", ""): {"unit": "heads"}, ("patching", "9"): {"unit": "heads", "layers": [0]},
+    ("patching", "90"): {"unit": "heads", "layers": list(range(10))},
+    ("integrated_gradients", ""): {"steps": 128, "warn_gap": _INF},
+}
+LENGTH_OPTIONS = {"integrated_gradients": lambda length: {"batch_size": max(1, 1024 // length)}}  # options that follow the length
+QUICK_OPTIONS = {"integrated_gradients": {"steps": 16}}  # --quick: the code paths in seconds, not the numbers
+METHOD_NAMES = {"patching": "activation_patching"}  # rows named otherwise than their method
+OWN_CACHE = ("dpa", "dpa_edges")  # rows that include the cache forward a user runs for them (`dpa_cache`)
+
+
+def method_options(measurement: str, option: str, length: int, quick: bool = False) -> dict:
+    """``dpa_lens.run``'s options of a method row."""
+    by_length = LENGTH_OPTIONS.get(measurement)
+    return {**METHOD_OPTIONS.get((measurement, option), {}), **(by_length(length) if by_length else {}),
+            **(QUICK_OPTIONS.get(measurement, {}) if quick else {})}
+
+
+def run_one(name: str, measurement: str, length: int, repeats: int, device: str, option: str, dtype: str, quick: bool = False) -> dict:
     import torch
 
     import dpa_lens
-    from dpa_lens.circuits.dpa_edges import dpa_edges
-    from dpa_lens.models.bundled import load_bundled_hf
     from dpa_lens.models.tl import lean_logits
     from dpa_lens.models.view import ModelView
     from dpa_lens.validation import check_cache_model
 
-    torch_dtype = getattr(torch, dtype)
-    model = dpa_lens.load_model(name, device=device, dtype=torch_dtype)
-    clean, corrupted = _inputs(model, length, device)
+    model = load(name, device, dtype)
+    clean, corrupted = random_pair(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
     hf = None
     answer = option == "answer"  # the logits at the answer position only, on both sides
     keep = {"logits_to_keep": 1} if answer else {}
     if measurement.startswith("hf_"):
-        hf, _ = load_bundled_hf(name, dtype=torch_dtype)
-        hf.set_attn_implementation("sdpa")
-        hf = hf.to(device)
-        for p in hf.parameters():
-            p.requires_grad_(False)
-        hf_ids = clean.clone()
-    cache_holder = {}
+        hf = load_hf(name, device, dtype)
     checkpoint = option == "checkpoint"
-    if measurement in ("dpa_sweep", "cache_check"):
-        cache_holder["cache"] = dpa_cache(model, clean, checkpoint=checkpoint)[1]
+    held = dpa_cache(model, clean, checkpoint=checkpoint)[1] if measurement in ("dpa_sweep", "cache_check") else None
+
+    def hf_forward():
+        with torch.no_grad():
+            hf(clean, **keep)
+
+    def hf_forward_backward():
+        embeds = hf.get_input_embeddings()(clean).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=embeds, **keep).logits
+        (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
+
+    def tl_forward_backward():
+        logits = model(clean)
+        (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
+        model.zero_grad(set_to_none=True)
+
+    def tl_forward():
+        with torch.no_grad(), dpa_lens.fused_attention(model):
+            model(clean, **(lean_logits(model) if answer else {}))
+
+    # the floor and the parts of a DPA call; every other row is a registered method, run by `dpa_lens.run`
+    parts = {
+        "hf_forward": hf_forward,
+        "hf_forward_backward": hf_forward_backward,
+        "tl_forward_backward": tl_forward_backward,
+        "tl_forward": tl_forward,
+        "cache_forward": lambda: dpa_lens.cache_for(model, clean) if answer else dpa_cache(model, clean, checkpoint=checkpoint),
+        "dpa_sweep": lambda: dpa_lens.run("dpa", model, clean, target, cache=held, flow=False),
+        "cache_check": lambda: check_cache_model(ModelView(model), held),
+    }
+    method = METHOD_NAMES.get(measurement, measurement)
+    spec = None if measurement in parts else dpa_lens.get_method(method)
+    options = {} if spec is None else method_options(measurement, option, length, quick)
+
+    def run_method():
+        cache = None
+        if measurement in OWN_CACHE and not answer:  # with ``answer``, run's own lean forward (`dpa_lens.cache_for`)
+            cache = dpa_cache(model, clean, patterns=option == "head_keys", checkpoint=checkpoint)[1]
+        dpa_lens.run(method, model, clean, target, corrupted=corrupted if spec.input == "pair" else None, cache=cache,
+                     progress=False, **options)
 
     def once():
-        if measurement == "hf_forward":
-            with torch.no_grad():
-                hf(hf_ids, **keep)
-        elif measurement == "hf_forward_backward":
-            embeds = hf.get_input_embeddings()(hf_ids).detach().requires_grad_(True)
-            logits = hf(inputs_embeds=embeds, **keep).logits
-            (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
-        elif measurement == "tl_forward_backward":
-            logits = model(clean)
-            (logits[0, -1, target[0]] - logits[0, -1, target[1]]).backward()
-            model.zero_grad(set_to_none=True)
-        elif measurement == "tl_forward":
-            with torch.no_grad(), dpa_lens.fused_attention(model):
-                model(clean, **(lean_logits(model) if answer else {}))
-        elif measurement == "cache_forward":
-            dpa_lens.cache_for(model, clean) if answer else dpa_cache(model, clean, checkpoint=checkpoint)
-        elif measurement == "dpa_sweep":
-            dpa_lens.dpa(model, cache_holder["cache"], target)
-        elif measurement == "cache_check":
-            check_cache_model(ModelView(model), cache_holder["cache"])
-        elif measurement == "dpa":
-            kinds = {"tokens": ("tokens",), "tokens+heads": ("tokens", "heads")}.get(option, ("tokens", "heads", "neurons"))
-            with torch.no_grad():
-                cache = (dpa_lens.cache_for(model, clean) if answer
-                         else dpa_cache(model, clean, patterns=option == "head_keys", checkpoint=checkpoint)[1])
-                dpa_lens.dpa(model, cache, target, kinds=kinds, head_keys=option == "head_keys")
-        elif measurement == "dpa_edges":
-            with torch.no_grad():
-                cache = dpa_cache(model, clean)[1]
-                dpa_edges(model, cache, target)
-        elif measurement == "patching":
-            layers = {"9": [0], "90": list(range(10))}.get(option)
-            dpa_lens.activation_patching(model, clean, corrupted, target, unit="heads", layers=layers, progress=False)
-        elif measurement == "integrated_gradients":
-            dpa_lens.integrated_gradients(model, clean, target, steps=128, batch_size=max(1, 1024 // length), progress=False,
-                                          warn_gap=float("inf"))
-        else:  # any registered method, called the same way
-            dpa_lens.run(measurement, model, clean, target, corrupted=corrupted, progress=False)
+        if measurement in parts:
+            parts[measurement]()
+        else:
+            with torch.no_grad() if measurement in OWN_CACHE else contextlib.nullcontext():
+                run_method()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        once()  # warm-up, whose peak is the measurement's peak
-        first = time.perf_counter() - start
-    times = [first]
-    if first < 60:  # long runs: the warm-up is the measurement
-        times = []
-        while len(times) < repeats and (not times or sum(times) < 20):
-            start = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - start)
+    times, peak = time_calls(once, device, repeats)
     return {"measurement": measurement, "length": length, "option": option, "dtype": dtype, "seconds": min(times),
-            "median_seconds": sorted(times)[len(times) // 2], "peak_bytes": mem.peak}
+            "median_seconds": sorted(times)[len(times) // 2], "peak_bytes": peak}
 
 
 def profile_sweep(name: str, length: int, device: str) -> dict:
@@ -182,8 +183,8 @@ def profile_sweep(name: str, length: int, device: str) -> dict:
 
     import dpa_lens
 
-    model = dpa_lens.load_model(name, device=device)
-    clean, _ = _inputs(model, length, device)
+    model = load(name, device, "float32")
+    clean, _ = random_pair(model, length, device)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
     with torch.no_grad():
         _, cache = dpa_cache(model, clean)
@@ -211,8 +212,9 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     other methods up to ``max_method_length``)."""
     if quick:
         rows = [(m, n, "", "floor") for n in (32, 128) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
-        rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients", "patching")]
-        rows += [("cache_check", 128, "", "floor"), ("dpa", 128, "tokens", "scaling"), ("profile", 128, "", "profile")]
+        rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients")]
+        rows += [("cache_check", 128, "", "floor"), ("dpa", 128, "tokens", "scaling"), ("patching", 128, "9", "scaling"),
+                 ("profile", 128, "", "profile")]
         rows += [(m, 128, "checkpoint", "checkpoint") for m in ("cache_forward", "dpa")]
         rows += [(m, 128, "answer", "answer") for m in ("hf_forward_backward", "tl_forward", "cache_forward", "dpa")]
         return rows
@@ -271,7 +273,7 @@ def markdown(result: dict) -> str:
                      "measurements interleaved" if any("--rounds" in c for c in [result.get("command", "")] + result.get("updates", [])) else "")
         + "; peak memory above the loaded model, per example (one prompt of random tokens: the cost does not depend "
         "on the text; DPA's rows peak over the whole call: the cache, the scores and, while the cache forward runs, its logits). "
-        f"Produced by `{result.get('command', 'python bench/speed.py' + (' --quick' if result['quick'] else ''))}`"
+        f"Produced by `{result.get('command', 'python -m bench.speed' + (' --quick' if result['quick'] else ''))}`"
         + "".join(f"; rows added by `{u}`" for u in result.get("updates", [])) + ".",
         "",
         "## DPA against the model's own forward and backward",
@@ -366,11 +368,43 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(args: argparse.Namespace, measurement: str, length: int, option: str) -> dict:
+    """One row of the plan, in this process."""
+    if measurement == "profile":
+        return profile_sweep(args.model, length, args.device)
+    return run_one(args.model, measurement, length, args.repeats, args.device, option, args.dtype, args.quick)
+
+
+@functools.cache
+def load(name: str, device: str, dtype: str):
+    """The bundled model on TransformerLens, loaded once per process (each row in a fresh process loads it once)."""
+    import torch
+
+    import dpa_lens
+
+    return dpa_lens.load_model(name, device=device, dtype=getattr(torch, dtype))
+
+
+@functools.cache
+def load_hf(name: str, device: str, dtype: str):
+    """The same model in ``transformers`` with SDPA attention and frozen parameters: the floor's model."""
+    import torch
+
+    from dpa_lens.models.bundled import load_bundled_hf
+
+    hf, _ = load_bundled_hf(name, dtype=getattr(torch, dtype))
+    hf.set_attn_implementation("sdpa")
+    hf = hf.to(device)
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return hf
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the bundled model (default smollm2-135m)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None, help="runs after the warm-up (default 3; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs after the warm-up (default 3; --quick: 0, the warm-up is the measurement)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -383,16 +417,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the list of measurements this many times over, interleaved; keep each row's fastest (default 1)")
     parser.add_argument("--update", action="store_true", help="merge the measured rows into the existing results")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every row in this process, the model loaded once (a smoke test of the code: timings and peaks "
+                             "are not comparable with fresh processes)")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "OPTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         m, n, o = args.child
-        row = (profile_sweep(args.model, int(n), args.device) if m == "profile"
-               else run_one(args.model, m, int(n), args.repeats, args.device, o if o != "-" else "", args.dtype))
-        print(json.dumps(row))
+        print(json.dumps(measure(args, m, int(n), o if o != "-" else "")))
         return
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
+        args.repeats = 0 if args.quick else 3
     slug, label = MODELS[args.model]
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     stem = args.out / f"speed_{slug}{suffix}{'_quick' if args.quick else ''}"
@@ -410,14 +445,21 @@ def main() -> None:
     runs = []
     for i, (m, n, o, section) in enumerate(jobs * args.rounds, 1):
         print(f"[{i}/{len(jobs) * args.rounds}] {m} {o} at {n} tokens ...", file=sys.stderr, flush=True)
-        row = run_child(__file__, [m, str(n), o or "-", "--model", args.model, "--repeats", str(args.repeats), "--device", args.device,
-                                   "--dtype", args.dtype], timeout=args.timeout)
+        if args.in_process:
+            try:
+                row = measure(args, m, n, o)
+            except Exception:
+                row = {"error": traceback.format_exc()}
+        else:
+            row = run_child("bench.speed", [m, str(n), o or "-", "--model", args.model, "--repeats", str(args.repeats),
+                                            "--device", args.device, "--dtype", args.dtype] + (["--quick"] if args.quick else []),
+                            timeout=args.timeout)
         row.update({"measurement": m, "length": n, "option": o, "section": section})
         runs.append(row)
         print(f"      {row.get('seconds', float('nan')):.3g} s, {row.get('peak_bytes', 0) / 2**20:,.0f} MiB" if "error" not in row
               else f"      failed: {short_error(row['error'])}", file=sys.stderr, flush=True)
     rows = fastest(runs)
-    command = " ".join(["python bench/speed.py"] + sys.argv[1:])
+    command = " ".join(["python -m bench.speed"] + sys.argv[1:])
     if args.update:  # the other rows, and the command and machine they were measured with, stay
         result = json.loads(stem.with_suffix(".json").read_text())
         new = {(r["measurement"], r["length"], r["option"]) for r in rows}

@@ -5,19 +5,14 @@
     attr = dpa_lens.dpa(model, cache, (" Mary", " John"))
     attr.top(10, "heads")
 
-Every method returns an `Attribution`; ``run(name, model, prompt, target, ...)`` runs any of them
-the same way (`available_methods` lists them, `get_method` tells what each takes).
+Node methods return an `Attribution`, edge methods (``dpa_edges``, ``edge_atp``, ``edge_patching``,
+``edge_random``) a `Circuit`; ``run(name, model, prompt, target, ...)`` runs any of them the same way
+(`available_methods` lists them, `get_method` tells what each takes and returns).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from dpa_lens import datasets, evaluation, plot
-from dpa_lens.attribution import KINDS, Attribution, Diagnostics
-from dpa_lens.circuits import Circuit, Hop, Path
-from dpa_lens.circuits.atp import edge_atp, edge_random
-from dpa_lens.circuits.dpa_edges import dpa_edges
-from dpa_lens.circuits.dpa_paths import dpa_paths
-from dpa_lens.circuits.patching import edge_patching
 from dpa_lens.errors import (
     CacheError,
     DpaLensError,
@@ -28,11 +23,14 @@ from dpa_lens.errors import (
     TrainModeError,
     UnsupportedModelError,
 )
+from dpa_lens.evaluation.circuit_faithfulness import circuit_faithfulness
 from dpa_lens.methods.atp import atp
 from dpa_lens.methods.attention import attention_last, attention_mean, attention_rollout, random_baseline
 from dpa_lens.methods.depass import depass
 from dpa_lens.methods.dla import dla
-from dpa_lens.methods.dpa import Mu, dpa, dpa_hook_names, dpa_names_filter
+from dpa_lens.methods.dpa import Mu, dpa, dpa_edges, dpa_hook_names, dpa_names_filter, dpa_paths
+from dpa_lens.methods.edge_atp import edge_atp, edge_random
+from dpa_lens.methods.edge_patching import edge_patching
 from dpa_lens.methods.gradients import gradient, input_x_gradient
 from dpa_lens.methods.integrated_gradients import integrated_gradients
 from dpa_lens.methods.patching import activation_patching
@@ -41,6 +39,7 @@ from dpa_lens.methods.unpack import unpack, unpack_validate
 from dpa_lens.models.fast_attention import fused_attention
 from dpa_lens.models.load import load_model
 from dpa_lens.models.view import SUPPORTED_ARCHITECTURES
+from dpa_lens.results import KINDS, Attribution, Circuit, Diagnostics, Hop, Path
 from dpa_lens.types import TLModel
 
 try:
@@ -75,6 +74,7 @@ __all__ = [
     "attribute",
     "available_methods",
     "cache_for",
+    "circuit_faithfulness",
     "datasets",
     "depass",
     "dla",

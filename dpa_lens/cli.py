@@ -24,15 +24,23 @@ IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 
 def summary(report, top: int) -> str:
-    """The report's headline and DPA's (or the first method's) top units by absolute score, as text."""
-    name = "dpa" if "dpa" in report.attributions else next(iter(report.attributions))
+    """The report's headline and the first method's top units (or edges) by absolute score, as text."""
+    from dpa_lens.results import Circuit
+
+    name = next(iter(report.attributions))
     attr = report.attributions[name]
+    value = "" if attr.target_value is None else f" = {float(attr.target_value[0]):.4f}"
     lines = [
         f"model      {report.model_name}",
         f"prompt     {report.prompt!r}",
         f"predicted  {report.predicted!r}",
-        f"explaining {report.target_label} = {float(attr.target_value[0]):.4f}",
+        f"explaining {report.target_label}{value}",
     ]
+    if isinstance(attr, Circuit):
+        lines += ["", f"Top {top} edges ({name}, by |score|)"]
+        for _, row in attr.top(top).iterrows():
+            lines.append(f"  {row['writer']:<8} -> {row['reader']:<8} [{row['path']}]  {row['score']:+9.4f}")
+        return "\n".join(lines)
     if attr.has("tokens"):
         lines += ["", f"Top {top} tokens ({name}, by |score|)"]
         for _, row in attr.top(top, "tokens", absolute=True).iterrows():
@@ -123,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "methods":
         for row in method_table():
-            print(f"{row['method']:<22} {row['input']:<7} {row['scores']:<24} {row['summary']}")
+            print(f"{row['method']:<22} {row['input']:<7} {row['returns']:<6} {row['scores']:<24} {row['summary']}")
         return 0
     _check_out(parser, args.out)
     if args.command == "demo":

@@ -1,4 +1,5 @@
-"""The forward pass behind a cache, as the methods that read a cache see it.
+"""The forward pass behind a cache, as the methods that read a cache see it; and the prelude of the
+methods that compare a clean and a corrupted prompt.
 
 `read_forward` is the one prelude of every cache-based method (DPA, DLA, attention baselines,
 DePass, Unpack, circuits): it checks that the cache holds what the method reads and was made by
@@ -6,7 +7,9 @@ this model, reads the input tokens and padding, resolves answer positions and th
 returns a `CachedForward`. That object then answers, per layer, what the forward computed:
 activations in float32 on one device, attention patterns (cached, or recomputed from the cached
 queries and keys and checked against the head outputs), the rotary ``cos``/``sin`` the forward
-used, and rotated queries and keys.
+used, and rotated queries and keys. `read_pair` is the prelude of every method that runs the model
+on a clean/corrupted pair (patching, AtP, their edge forms): checks, aligned tokens, answer
+positions and target.
 """
 
 from __future__ import annotations
@@ -19,14 +22,23 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.profiler import record_function
 
+from dpa_lens.blocks import attention_scores, masked_softmax
 from dpa_lens.errors import CacheError
-from dpa_lens.inputs import RunInputs, read_inputs, resolve_positions
+from dpa_lens.inputs import RunInputs, prepare_pair, read_inputs, resolve_positions
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import rotate
-from dpa_lens.targets import Target, final_input, resolve_target, warn_if_not_predicted
-from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
-from dpa_lens.validation import check_cache_model, check_cache_object, check_cache_shape, check_finite, check_hooks, check_padding
+from dpa_lens.targets import MetricTarget, Target, final_input, resolve_target, warn_if_not_predicted
+from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel, typechecked
+from dpa_lens.validation import (
+    check_cache_model,
+    check_cache_object,
+    check_cache_shape,
+    check_finite,
+    check_hooks,
+    check_padding,
+    require_eval,
+)
 
 Rotary = Callable[[int], tuple[Tensor, Tensor]]
 
@@ -83,6 +95,17 @@ class CachedForward:
         return self.act(name)[rows, self.positions.to(self.device)]
 
     # ------------------------------------------------------------------ attention
+    @typechecked
+    def pattern_mass(self, layer: int) -> Float[Tensor, "batch pos head"]:
+        """Σ_j α_ij per query and head: 1 where a query attends anywhere, 0 on padding rows (a value bias
+        reaches a head's output times this)."""
+        name = hooks.attn(layer, "pattern")
+        if name in self.cache:
+            return self.act(name).sum(-1).transpose(1, 2)
+        real = self.inputs.real.to(self.device)
+        attends = (real.cumsum(-1) > 0).float()  # some real key at or before the query
+        return attends[:, :, None].expand(self.batch, self.seq_len, self.view.n_heads)
+
     def rotary(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """``(cos, sin)`` ``[batch or 1, pos, 1, rotary_dim]`` the forward used at ``layer``, or None."""
         if not self.view.rules.rotary:
@@ -114,14 +137,9 @@ def _recompute_pattern(fwd: CachedForward, layer: int, q: Tensor, k: Tensor) -> 
     view, real = fwd.view, fwd.inputs.real.to(q.device)
     H, K = view.n_heads, view.n_kv_heads
     n = q.shape[1]
-    scores = torch.einsum("bqhe,bkhe->bhqk", q, k.repeat_interleave(H // K, dim=2)) / view.attn_scale(layer)
-    cap = view.rules.attn_softcap
-    if cap is not None:
-        scores = cap * torch.tanh(scores / cap)
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     allowed = causal[None, None] & real[:, None, None, :]
-    pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
-    del scores
+    pattern = masked_softmax(attention_scores(view, layer, q, k.repeat_interleave(H // K, dim=2)), ~allowed)
     z = fwd.act(hooks.attn(layer, "z"))
     v = fwd.act(hooks.attn(layer, "v")).repeat_interleave(H // K, dim=2)
     z_hat = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
@@ -248,3 +266,61 @@ def read_forward(
     if resolved is not None and hooks.FINAL_NORMALIZED in cache:
         warn_if_not_predicted(model, resolved, fwd.final_input())
     return fwd
+
+
+@dataclass
+class Pair:
+    """A clean/corrupted pair of inputs, aligned position by position, with what to explain.
+
+    ``tokens``/``corrupted_tokens [batch, pos]`` are the ids as run, ``mask`` the attention mask both
+    runs take (None without padding), ``clean``/``corrupted`` what `RunInputs` says of each, ``positions
+    [batch]`` the answer positions and ``target`` the resolved target.
+    """
+
+    view: ModelView
+    tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    mask: Int[Tensor, "batch pos"] | None
+    clean: RunInputs
+    corrupted: RunInputs
+    positions: Int[Tensor, " batch"]
+    target: Target | MetricTarget
+
+    @property
+    def forward_kwargs(self) -> dict:
+        """The keyword arguments a forward of these tokens takes (the attention mask, where there is one)."""
+        return {} if self.mask is None else {"attention_mask": self.mask}
+
+
+def read_pair(
+    model: TLModel,
+    prompt: PromptLike,
+    corrupted: PromptLike,
+    target: TargetLike,
+    position: PositionLike = -1,
+    *,
+    method: str,
+    attention_mask: Tensor | None = None,
+    logit: str = "auto",
+    metric: bool = False,
+    supported: bool = False,
+    runs: bool = True,
+) -> Pair:
+    """The prelude of every method on a clean/corrupted pair: checks, aligned tokens, positions, target.
+
+    Args:
+        method: the method's name, for error messages.
+        metric: the method accepts a metric callable as its target (`dpa_lens.targets.MetricTarget`).
+        supported: the method follows the model's rules (DPA's graph): refuse models it does not cover.
+        runs: the method runs the model (which must then be in eval mode).
+    """
+    view = ModelView(model)
+    if supported:
+        view.check_supported(method)
+    if runs:
+        require_eval(model, method)
+    tokens, corrupted_tokens, mask, clean_in, corr_in = prepare_pair(model, view, prompt, corrupted, attention_mask)
+    positions = resolve_positions(position, corr_in)
+    resolved = resolve_target(model, view, target, corr_in.batch, logit=logit, metric=metric)
+    return Pair(view=view, tokens=tokens, corrupted_tokens=corrupted_tokens, mask=mask, clean=clean_in, corrupted=corr_in,
+                positions=positions, target=resolved)

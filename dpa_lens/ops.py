@@ -1,5 +1,5 @@
-"""Tensor kernels the methods share: rotary embeddings and their transpose, norms with their scale
-frozen, activations with their secant slope, soft caps.
+"""Tensor kernels the methods share: rotary embeddings and their transpose, norms (in full, and with
+their scale frozen), activations with their secant slope, soft caps.
 
 Pure functions of tensors: no model, no cache, no dpa_lens import but the errors. Linearising a
 non-linearity by its *secant* (``f(x)/x``, frozen) rather than its derivative is DPA's rule: the
@@ -60,6 +60,19 @@ def heads_in(W: Float[Tensor, "head d_model d_head"]) -> Float[Tensor, "d_model 
 def heads_out(W: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "head_x_d_head d_model"]:
     """A per-head output weight (W_O) as one matrix: ``z.flatten(-2) @ heads_out(W)`` sums the heads' writes."""
     return W.flatten(0, 1)
+
+
+@typechecked
+def normalize(
+    x: Float[Tensor, "*batch d"], eps: float, gain: Float[Tensor, " d"] | None, center: bool
+) -> tuple[Float[Tensor, "*batch d"], Float[Tensor, "*batch 1"]]:
+    """A norm in full, its scale computed from ``x``: ``(normalised x times the gain, scale)``, a LayerNorm
+    (``center``, bias left out) or an RMSNorm."""
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    y = x / scale
+    return (y if gain is None else y * gain.to(y)), scale
 
 
 @typechecked

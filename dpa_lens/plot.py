@@ -32,11 +32,11 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution
-from dpa_lens.circuits.paths import Path, node_layer
-from dpa_lens.circuits.result import Circuit
 from dpa_lens.errors import InputError
 from dpa_lens.evaluation.agreement import correlation
+from dpa_lens.graph import head_name, node_layer
+from dpa_lens.results import Attribution, Circuit, Path
+from dpa_lens.results.rows import register_figure
 
 COLORSCALE = "RdBu_r"  # red positive, blue negative, white at zero
 PATH_COLORS = {"q": "#d1495b", "k": "#edae49", "v": "#00798c", "mlp": "#66a182", "logit": "#30638e"}
@@ -55,9 +55,9 @@ def _as_list(attrs: Attribution | Sequence[Attribution]) -> list[Attribution]:
 
 
 def _label(attr: Attribution) -> str:
-    if attr.method == "activation_patching":
-        return f"patching ({attr.settings.get('unit', '')})"
-    return attr.method
+    """A method's name, with the unit it measured where it measures one of several (``activation_patching (heads)``)."""
+    unit = attr.settings.get("unit")
+    return f"{attr.method} ({unit})" if isinstance(unit, str) else attr.method
 
 
 def _symmetric(values: Iterable[Tensor]) -> float:
@@ -125,7 +125,7 @@ def heads(
                 x=list(range(H)),
                 y=list(range(L)),
                 coloraxis="coloraxis",
-                customdata=[[f"L{l}H{h}" for h in range(H)] for l in range(L)],
+                customdata=[[head_name(l, h) for h in range(H)] for l in range(L)],
                 hovertemplate="%{customdata}<br>layer %{y}, head %{x}<br>score %{z:.4g}<extra>" + _label(a) + "</extra>",
             ),
             row=r,
@@ -400,7 +400,7 @@ def circuit(circ: Circuit, *, row: int = 0, top_n: int | None = 40, threshold: f
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label, legendgroup=label,
                                  line=dict(color=PATH_COLORS[label], width=3)))
     nodes = sorted({"embed", "logit", *table["writer"], *table["reader"]}, key=lambda n: (xy(n)[0], xy(n)[1]))
-    node_scores = dict(zip(circ.writers, circ.nodes[circ._row(row)].tolist())) if circ.nodes is not None else {}
+    node_scores = dict(zip(circ.writers, circ.nodes[circ.row_index(row)].tolist())) if circ.nodes is not None else {}
     fig.add_trace(go.Scatter(
         x=[xy(n)[0] for n in nodes], y=[xy(n)[1] for n in nodes], mode="markers+text", text=nodes, textposition="top center",
         marker=dict(size=11, color="#f4f4f4", line=dict(color="#555555", width=1.2)), name="nodes", showlegend=False,
@@ -409,9 +409,9 @@ def circuit(circ: Circuit, *, row: int = 0, top_n: int | None = 40, threshold: f
     ticks = [0] + [1 + 2 * l for l in range(n_layers)] + [2 * n_layers + 2]
     fig.update_xaxes(tickvals=ticks, ticktext=["embed"] + [f"L{l}" for l in range(n_layers)] + ["logit"], showgrid=False, zeroline=False)
     fig.update_yaxes(visible=False)
-    labels = circ.target.get("labels") or []
+    labels, b = circ.target.get("labels") or [], circ.row_index(row)
     fig.update_layout(
-        title=title or f"{circ.method}: top {len(table)} edges" + (f" for {labels[circ._row(row)]}" if len(labels) > circ._row(row) else ""),
+        title=title or f"{circ.method}: top {len(table)} edges" + (f" for {labels[b]}" if len(labels) > b else ""),
         width=max(700, min(1800, 60 * (2 * n_layers + 2))), height=max(420, 45 * n_heads + 320), plot_bgcolor="white",
         legend=dict(title="path (dotted: negative)"), hovermode="closest")
     fig.layout.meta = {"edges": table.to_dict("records")}
@@ -424,7 +424,7 @@ def circuit_positions(circ: Circuit, *, row: int = 0, top_n: int = 20, title: st
     if circ.per_position is None:
         raise InputError("this circuit has no per-position scores: make it with per_position=True")
     table = circ.top(top_n, row=row)
-    b = circ._row(row)
+    b = circ.row_index(row)
     w_idx = [circ.writers.index(w) for w in table["writer"]]
     r_idx = [circ.readers.index((r, p)) for r, p in zip(table["reader"], table["path"])]
     z = circ.per_position[b][:, w_idx, r_idx].T.detach().float().cpu()  # [edge, pos]
@@ -446,7 +446,7 @@ def paths(found: Sequence[Path] | Circuit, *, row: int = 0, top_n: int = 20, tit
     if isinstance(found, Circuit):
         if found.paths is None:
             raise InputError("this circuit has no paths: make it with dpa_edges(..., paths=k)")
-        found = found.paths[found._row(row)]
+        found = found.paths[found.row_index(row)]
     found = sorted(found, key=lambda p: -abs(p.score))[:top_n]
     if not found:
         raise InputError("no paths to plot")
@@ -464,3 +464,7 @@ def paths(found: Sequence[Path] | Circuit, *, row: int = 0, top_n: int = 20, tit
                       height=140 + 24 * len(found), width=max(650, 9 * max(len(n) for n in names) + 330), margin=dict(l=20))
     return fig
 
+
+for _kind, _draw in {"heads": heads, "tokens": tokens, "neurons": neurons_top, "flow": flow}.items():
+    register_figure("Attribution", _kind, _draw)
+register_figure("Circuit", "circuit", circuit)

@@ -1,8 +1,9 @@
 """One self-contained HTML page explaining one prediction with several methods.
 
-``build_report`` runs the methods, draws the figures of `dpa_lens.plot` and the top-k tables, and
-returns a single HTML document with plotly.js embedded: it opens offline, nothing is fetched.
-``dpa-lens explain ... --out report.html`` and ``dpa-lens demo`` call it.
+``build_report`` runs the methods (any registered method, node or edge), draws the figures of
+`dpa_lens.plot` and the top-k tables, and returns a single HTML document with plotly.js embedded: it
+opens offline, nothing is fetched. ``dpa-lens explain ... --out report.html`` and ``dpa-lens demo``
+call it. What is drawn is chosen from what the results hold, never from the methods' names.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any
 import torch
 
 from dpa_lens import plot
-from dpa_lens.attribution import KINDS, Attribution
 from dpa_lens.methods.registry import get_method, names_filter, run
 from dpa_lens.models import hooks
 from dpa_lens.models.fast_attention import fused_attention
+from dpa_lens.results import KINDS, Attribution, Circuit
 from dpa_lens.types import TargetLike, TLModel
 
 DEFAULT_METHODS = ("dpa", "dla", "input_x_gradient", "attention_rollout", "atp", "atp*", "activation_patching")
@@ -36,7 +37,7 @@ class Report:
     target_label: str
     predicted: str
     corrupted: str | None
-    attributions: dict[str, Attribution] = field(default_factory=dict)
+    attributions: dict[str, Attribution | Circuit] = field(default_factory=dict)  # by method
     timings: dict[str, float] = field(default_factory=dict)
     figures: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -61,8 +62,8 @@ def build_report(
 ) -> Report:
     """Run ``methods`` on one prompt and collect their attributions and figures.
 
-    Cache methods share one forward pass (caching what they read). Methods that need a corrupted
-    prompt are skipped without one.
+    Cache methods share one forward pass (caching what they read), which pair methods take as their
+    clean run. Methods that need a corrupted prompt are skipped without one; the others never get it.
     """
     specs = [get_method(m) for m in methods]  # unknown names fail here, before any work
     if corrupted is None:
@@ -88,7 +89,8 @@ def build_report(
     for done, spec in enumerate(specs, 1):
         _log(f"[{done}/{steps}] {spec.name} ...", quiet)
         start = time.perf_counter()
-        report.attributions[spec.name] = run(spec.name, model, prompt, target, corrupted=corrupted, cache=cache, progress=not quiet)
+        report.attributions[spec.name] = run(spec.name, model, prompt, target, corrupted=corrupted if spec.input == "pair" else None,
+                                             cache=cache if spec.uses_cache else None, progress=not quiet)
         report.timings[spec.name] = time.perf_counter() - start
     explained = next((a for a in report.attributions.values() if a.target.get("labels")), None)
     if explained is not None:
@@ -98,11 +100,12 @@ def build_report(
     return report
 
 
-def _figures(attrs: dict[str, Attribution]) -> list[tuple[str, Any]]:
-    """The figures the attributions allow, chosen from what they hold (never from their names):
-    the first method's tokens, tokens and heads by method, the first method's neurons and flow, and
-    every head-scoring method against the exact reference (a method registered with ``reference=True``)."""
+def _figures(results: dict[str, Attribution | Circuit]) -> list[tuple[str, Any]]:
+    """The figures the results allow, chosen from what they hold (never from their names): the first
+    method's tokens, tokens and heads by method, the first method's neurons and flow, every head-scoring
+    method against the exact reference (a method registered with ``reference=True``), and each circuit."""
     figs: list[tuple[str, Any]] = []
+    attrs = {name: r for name, r in results.items() if isinstance(r, Attribution)}
     items = list(attrs.items())
     with_tokens = [a for _, a in items if a.tokens is not None]
     with_heads = [a for _, a in items if a.heads is not None or a.head_totals is not None]
@@ -127,6 +130,9 @@ def _figures(attrs: dict[str, Attribution]) -> list[tuple[str, Any]]:
             figs.append((f"{a.method} vs {ref}", plot.scatter(a, attrs[ref], "heads")))
     if not references and len(others) > 1:
         figs.append((f"{others[0].method} vs {others[1].method}", plot.scatter(others[0], others[1], "heads")))
+    for name, c in results.items():
+        if isinstance(c, Circuit):
+            figs.append((f"Circuit ({name}, strongest edges)", plot.circuit(c)))
     return figs
 
 
@@ -180,11 +186,15 @@ def _render(report: Report, top: int) -> str:
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
         parts.append("</div>")
     parts.append("<h2>Top units per method</h2>")
-    for name, attr in report.attributions.items():
+    for name, result in report.attributions.items():
         parts.append(f"<h3>{html.escape(name)}</h3><div class='tables'>")
-        for kind in KINDS:
-            if attr.has(kind):
-                parts.append(f"<div><b>{kind}</b>{_table(attr, kind, top)}</div>")
+        if isinstance(result, Circuit):
+            table = result.top(top)[["writer", "reader", "path", "score"]]
+            parts.append("<div><b>edges</b>" + table.to_html(index=False, float_format=lambda v: f"{v:+.4f}", classes="dataframe", border=0)
+                         + "</div>")
+        for kind in KINDS if isinstance(result, Attribution) else ():
+            if result.has(kind):
+                parts.append(f"<div><b>{kind}</b>{_table(result, kind, top)}</div>")
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)

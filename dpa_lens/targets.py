@@ -8,8 +8,8 @@ Accepted target forms (``target=`` of every method):
   (a token target is the special case ``direction = W_U[:, id]``);
 * one of these per batch row: a ``list`` of length batch, an int tensor ``[batch]`` (ids),
   ``[batch, 2]`` (pairs) or a float tensor ``[batch, d_model]`` (directions);
-* for the methods that run the model (``atp``, ``activation_patching``, ``gradient``,
-  ``input_x_gradient``, ``integrated_gradients``), a metric as TransformerLens users write them,
+* for the methods that run the model (``dpa_lens.available_methods(metric=True)``: AtP, activation
+  patching, the gradient methods), a metric as TransformerLens users write them,
   ``metric(logits) -> scalar tensor`` (`MetricTarget`). It is applied to each batch row's logits
   ``[1, pos, vocab]`` on its own (the row as it was run, padding included), so values stay per row;
   it reads the positions it wants (``position`` does not reach it) and must be differentiable for
@@ -236,7 +236,7 @@ def resolve_target(model: Any, view: ModelView, target: Any, batch: int, *, logi
         raise TargetError(
             f"a metric ({_metric_name(target)}) cannot be explained from a cache: DPA and DLA follow a linear target "
             "direction through the network. Pass a token (' Mary'), a (correct, incorrect) pair or a direction "
-            "[d_model]; metrics work with atp, activation_patching, gradient, input_x_gradient and integrated_gradients."
+            "[d_model]; metrics work with the methods that run the model: dpa_lens.available_methods(metric=True)."
         )
     if logit not in ("auto", "raw", "centered"):
         raise TargetError(f"logit must be 'auto', 'raw' or 'centered', got {logit!r}")

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from dpa_lens.blocks import attn_write, mlp_post, mlp_write
 from dpa_lens.errors import CacheError, TrainModeError
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
+from dpa_lens.ops import heads_in, push_norm
 
 
 def require_eval(model: Any, method: str) -> None:
@@ -129,8 +131,6 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
     Any model TransformerLens builds passes: norms and biases that processing did not fold (their
     biases are in `ModelView.attn` and `ModelView.mlp`), ``ln1`` scales cached per head
     (``use_split_qkv_input``), attention-only blocks."""
-    from dpa_lens.ops import activation, heads_in, heads_out, push_norm
-
     rules = view.rules
     checked = 0
     low = any(cache[n].dtype in (torch.float16, torch.bfloat16) for n in (hooks.EMBED,) if n in cache)
@@ -147,10 +147,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
         resid, scale, v = get(hooks.resid_pre(layer)), get(hooks.norm_scale(layer, "ln1")), get(hooks.attn(layer, "v"))
         if resid is not None and scale is not None and v is not None:
             a = view.attn(layer)
-            x = resid - resid.mean(-1, keepdim=True) if rules.norm == "ln" else resid
-            x = x / view.stream_scale(scale).to(x.device)
-            gamma = view.norm_weight("ln1", layer)
-            x = x * gamma.to(x.device) if gamma is not None else x
+            x = push_norm(resid, view.stream_scale(scale).to(resid.device), view.norm_weight("ln1", layer), center=rules.norm == "ln")
             K, _, dh = a.W_V.shape  # one flat product (a view of the bridge's [K·d_head, d_model] matrix)
             pred = (x @ heads_in(a.W_V.to(x.device))).unflatten(-1, (K, dh))
             pred = pred + (a.b_V.to(x.device) if a.b_V is not None else 0.0)
@@ -161,18 +158,13 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
         z, after = get(hooks.attn(layer, "z")), get(nxt)
         post = get(hooks.mlp(layer, "post"))
         if post is None and hooks.mlp(layer, "pre") in cache and (not rules.gated or hooks.mlp(layer, "pre_linear") in cache):
-            post = activation(rules.act, get(hooks.mlp(layer, "pre")))[0]
-            post = post * get(hooks.mlp(layer, "pre_linear")) if rules.gated else post
+            post = mlp_post(rules, get(hooks.mlp(layer, "pre")), get(hooks.mlp(layer, "pre_linear")))
         if resid is None or after is None or z is None or (post is None and rules.has_mlp):
             continue
         if rules.post_norms and not all(hooks.norm_scale(layer, n) in cache for n in ("ln1_post", "ln2_post")):
             continue
-        a = view.attn(layer)
-        attn = z.flatten(-2) @ heads_out(a.W_O.to(z.device)) + (a.b_O.to(z.device) if a.b_O is not None else 0.0)
-        mlp = torch.zeros_like(attn)
-        if rules.has_mlp:
-            m = view.mlp(layer)
-            mlp = post @ m.W_out.to(z.device) + (m.b_out.to(z.device) if m.b_out is not None else 0.0)
+        attn = attn_write(view, layer, z)
+        mlp = mlp_write(view, layer, post) if rules.has_mlp else torch.zeros_like(attn)
         if rules.post_norms:
             attn = push_norm(attn, get(hooks.norm_scale(layer, "ln1_post")), view.norm_weight("ln1_post", layer), center=False)
             mlp = push_norm(mlp, get(hooks.norm_scale(layer, "ln2_post")), view.norm_weight("ln2_post", layer), center=False)

@@ -105,12 +105,14 @@ prompts = ioi_dataset(model, n=N, seed=0, corruption="flip")
 for p in prompts[:4]:
     print(p.order, "|", p.clean, "->", p.correct, "|", p.corrupted)'''),
         ("md", "## Three methods, averaged over the prompts\nHeads are scored summed over positions; exact patching patches a head's output at every position."),
-        ("code", '''# every method is called the same way; `run` caches what a cache method reads
+        ("code", '''# every method is called the same way; `run` caches what a cache method reads, and gives the corrupted
+# prompt to the methods that compare one (DPA needs none)
 methods = ["dpa", "atp", "atp*", "activation_patching"]
 runs = {m: [] for m in methods}
 for p in prompts:
     for m in methods:
-        runs[m].append(dpa_lens.run(m, model, p.clean, p.target, corrupted=p.corrupted, progress=False))
+        corrupted = p.corrupted if dpa_lens.get_method(m).takes_corrupted else None
+        runs[m].append(dpa_lens.run(m, model, p.clean, p.target, corrupted=corrupted, progress=False))
 
 # different prompts: the mean keeps each head's total over positions
 dpa_avg, atp_avg, star_avg, exact_avg = (dpa_lens.Attribution.concat(runs[m]).mean() for m in methods)'''),

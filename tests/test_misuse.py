@@ -13,8 +13,7 @@ import torch
 
 import dpa_lens
 from dpa_lens import Attribution, CacheError, DpaLensError, InputError, TargetError, cli, plot
-
-from .conftest import CORRUPTED, IOI_PROMPT, PAIR, make_tiny
+from tests.helpers import CORRUPTED, IOI_PROMPT, PAIR, make_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import torch
 import dpa_lens
 from dpa_lens import TargetError
 from dpa_lens.models.view import UNEMBED_OFFSET_ATTR
-
-from .conftest import IOI_PROMPT, make_tiny
+from tests.helpers import IOI_PROMPT, make_tiny
 
 
 @pytest.fixture

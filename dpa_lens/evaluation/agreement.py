@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution
+from dpa_lens.results import Attribution
 
 
 def _ranks(x: Tensor) -> Tensor:

@@ -1,13 +1,13 @@
 """Circuit faithfulness: keep the top edges of a `Circuit`, ablate the rest, and see how much of the model is left.
 
 This is MIB's circuit localisation metric (Mueller et al. 2025, "MIB: a mechanistic interpretability
-benchmark"), on dpa_lens's edge graph (`dpa_lens.circuits.result.graph`: writers ``embed``, ``L{l}H{h}``,
+benchmark"), on dpa_lens's edge graph (`dpa_lens.graph`: writers ``embed``, ``L{l}H{h}``,
 ``L{l}.mlp``; readers ``(L{l}H{h}, q|k|v)``, ``(L{l}.mlp, mlp)``, ``(logit, logit)``).
 
 **The intervention.** The model runs on the clean prompt. Every reader ``r`` gets a private copy of the
 residual stream (its query, key or value input per query head, grouped-query heads included; its MLP
 input; the final readout at the answer position), recomputed from its norm on as exact edge patching
-does (`dpa_lens.circuits.patching`). For every *ablated* edge ``w → r`` the reader reads
+does (`dpa_lens.interventions`). For every *ablated* edge ``w → r`` the reader reads
 ``out_w(ablated)`` instead of ``out_w(current)``::
 
     x_r = x + Σ_{w → r ablated} (out_w(ablated) − out_w(current))
@@ -25,7 +25,7 @@ only if a kept path joins it to ``embed``, and it changes the metric only throug
 the single edge ``u → r`` together with every edge into ``u``'s ancestors and ``u`` (so that ``u``
 writes its clean output) and every edge out of ``r``'s node and the nodes downstream of it (so that
 ``r``'s change propagates as in a normal forward) gives exactly exact edge patching of ``u → r``
-(`dpa_lens.circuits.patching.edge_patching`) plus the corrupted value.
+(`dpa_lens.edge_patching`) plus the corrupted value.
 
 **The curve.** Rank the existing edges by ``|score|`` of the circuit's row (one row for all prompts, or
 one per prompt), keep the top ``⌊x·N⌋`` of the ``N`` edges for each fraction ``x`` of `MIB_FRACTIONS`
@@ -54,21 +54,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpa_lens.circuits.dpa_edges import writer_outputs
-from dpa_lens.circuits.patching import (
-    all_writer_outputs,
-    final_value_change,
-    pair_forwards,
-    private_input_hooks,
-    reader_hook_names,
-    writer_hook_names,
-)
-from dpa_lens.circuits.result import Circuit, graph
+from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
 from dpa_lens.forward import CachedForward
+from dpa_lens.graph import Graph, all_writer_outputs, head_outputs, writer_hook_names, writer_outputs
 from dpa_lens.inputs import inputs_from_tokens
+from dpa_lens.interventions import final_value_change, pair_forwards, private_input_hooks, reader_hook_names
 from dpa_lens.models import hooks
-from dpa_lens.ops import push_norm
+from dpa_lens.results import Circuit
 from dpa_lens.targets import target_values
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel, typechecked
 
@@ -138,20 +131,10 @@ class CircuitCurve:
 
 
 # ---------------------------------------------------------------------------------------------- the forward
-@typechecked
-def head_outputs(fwd: CachedForward, layer: int) -> Float[Tensor, "batch pos head d_model"]:
-    """The heads' part of `dpa_lens.circuits.dpa_edges.writer_outputs` (known before the layer's MLP runs)."""
-    view = fwd.view
-    heads = torch.einsum("bnhe,hed->bnhd", fwd.act(hooks.attn(layer, "z")), view.attn(layer).W_O)
-    if view.rules.post_norms:
-        heads = push_norm(heads, fwd.act(hooks.norm_scale(layer, "ln1_post"))[:, :, None], view.norm_weight("ln1_post", layer), center=False)
-    return heads
-
-
 class _Ablator:
     """A clean/corrupted pair, ready to evaluate circuits on any of its rows."""
 
-    def __init__(self, model: TLModel, clean: PromptLike, corrupted: PromptLike, target: TargetLike, position: PositionLike,
+    def __init__(self, model: TLModel, prompt: PromptLike, corrupted: PromptLike, target: TargetLike, position: PositionLike,
                  ablation: str, batch_size: int, attention_mask: Tensor | None, logit: str):
         if ablation not in ("corrupted", "mean"):
             raise InputError(f"ablation must be 'corrupted' (each writer's output on the corrupted prompt) or 'mean' (its "
@@ -159,12 +142,14 @@ class _Ablator:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model, self.ablation, self.batch_size = model, ablation, batch_size
-        self.view, self.tokens, self.mask, self.clean, self.corr, self.target = pair_forwards(
-            model, clean, corrupted, target, position, clean_cache=None, attention_mask=attention_mask, logit=logit,
-            method="circuit faithfulness", run_corrupted=True)
-        self.tokens = self.clean.inputs.tokens.to(self.tokens.device)  # the forward runs on the clean prompt
+        pair, self.clean, self.corr = pair_forwards(model, prompt, corrupted, target, position, clean_cache=None,
+                                                    attention_mask=attention_mask, logit=logit, method="circuit faithfulness",
+                                                    run_corrupted=True)
+        self.view, self.mask, self.target = pair.view, pair.mask, pair.target
+        self.tokens = self.clean.inputs.tokens.to(pair.corrupted_tokens.device)  # the forward runs on the clean prompt
         view = self.view
-        self.writers, self.readers, self.exists = graph(view.n_layers, view.n_heads, parallel=view.rules.parallel)
+        self.graph = Graph.of(view)
+        self.writers, self.readers, self.exists = self.graph.writers, self.graph.readers, self.graph.mask
         self.names = list(dict.fromkeys(reader_hook_names(view) + writer_hook_names(view)))
         gain = view.norm_weight("ln_final")
         with torch.no_grad():
@@ -182,7 +167,7 @@ class _Ablator:
         W, R = len(self.writers), len(self.readers)
         if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape[-2:]) != (W, R):
             got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
-            raise InputError(f"keep must be a bool tensor [..., {W} writers, {R} readers] (e.g. Circuit.mask), got {got}")
+            raise InputError(f"keep must be a bool tensor [..., {W} writers, {R} readers] (e.g. Circuit.in_graph), got {got}")
         return keep.cpu() & self.exists
 
     def values(self, row: int, keeps: Bool[Tensor, "k writer reader"], bar: Any = None) -> Float[Tensor, " k"]:
@@ -214,7 +199,7 @@ class _Ablator:
             """``gap`` of the first ``n_writers`` writers, subtracting current outputs not yet there."""
             while done[0] < n_writers:
                 w = done[0]
-                layer, unit = divmod(w - 1, H + 1)
+                layer, unit = self.graph.writer_unit(w)
                 out = (live.act(hooks.resid_pre(0))[:, :, None] if w == 0 else
                        head_outputs(live, layer) if unit < H else writer_outputs(live, layer)[:, :, H:])
                 gap[:, w : w + out.shape[2]] -= out.transpose(1, 2)
@@ -228,15 +213,14 @@ class _Ablator:
             return out.view(c, -1, n, d) * real
 
         def head_deltas(layer: int) -> tuple[Tensor | None, ...]:
-            r0, n_writers = layer * (3 * H + 1), 1 + layer * (H + 1)
-            per_path = offsets(slice(r0, r0 + 3 * H), n_writers).view(c, H, 3, n, d).permute(2, 0, 3, 1, 4)  # [3, c, n, H, d]
-            used = drop[:, :n_writers, r0 : r0 + 3 * H].reshape(c, n_writers, H, 3).sum((0, 1, 2)) > 0
+            readers, n_writers = self.graph.head_readers(layer), self.graph.read_by_heads(layer)
+            per_path = offsets(readers, n_writers).view(c, H, 3, n, d).permute(2, 0, 3, 1, 4)  # [3, c, n, H, d]
+            used = drop[:, :n_writers, readers].reshape(c, n_writers, H, 3).sum((0, 1, 2)) > 0
             return tuple(per_path[i] if bool(used[i]) else None for i in range(3))
 
         def mlp_delta(layer: int) -> Tensor:
-            r = layer * (3 * H + 1) + 3 * H
-            n_writers = 1 + layer * (H + 1) + (0 if view.rules.parallel else H)
-            return offsets(slice(r, r + 1), n_writers)[:, 0]
+            r = self.graph.mlp_reader(layer)
+            return offsets(slice(r, r + 1), self.graph.read_by_mlp(layer))[:, 0]
 
         def capture(name: str) -> Any:
             return lambda x, hook: acts.__setitem__(name, x.detach())
@@ -244,7 +228,7 @@ class _Ablator:
         # readers' private inputs first: the captures of hook_z and the MLP's pre-activations then see what the
         # heads and MLPs of this forward really output
         fwd_hooks = private_input_hooks(live, copies, {l: (copies, lambda l=l: head_deltas(l)) for l in range(L)},
-                                        {l: (copies, lambda l=l: mlp_delta(l)) for l in range(L)})
+                                        {l: (copies, lambda l=l: mlp_delta(l)) for l in range(L)} if self.graph.has_mlp else {})
         fwd_hooks += [(name, capture(name)) for name in self.names]
         kwargs = {} if mask is None else {"attention_mask": mask}
         with torch.no_grad():
@@ -256,9 +240,10 @@ class _Ablator:
 
 
 # ---------------------------------------------------------------------------------------------- public
+@renamed(clean="prompt")
 def circuit_values(
     model: TLModel,
-    clean: PromptLike,
+    prompt: PromptLike,
     corrupted: PromptLike,
     target: TargetLike,
     keep: Bool[Tensor, "*rows circuit writer reader"],
@@ -273,10 +258,9 @@ def circuit_values(
     """``m(C)``: the explained quantity when only the edges ``keep`` carry the current forward's outputs.
 
     Args:
-        model, clean, corrupted, target, position, attention_mask, logit: as for
-            `dpa_lens.circuits.patching.edge_patching`.
+        model, prompt, corrupted, target, position, attention_mask, logit: as for `dpa_lens.edge_patching`.
         keep: bool ``[circuit, writer, reader]`` (the same circuits for every prompt) or ``[batch, circuit,
-            writer, reader]``, over the graph of `dpa_lens.circuits.result.graph` (``Circuit.mask`` is one);
+            writer, reader]``, over the graph of `dpa_lens.graph` (``Circuit.in_graph`` is one);
             entries on edges that do not exist are ignored.
         ablation: what an ablated edge carries: ``"corrupted"`` (the writer's output on the corrupted
             prompt) or ``"mean"`` (its mean over the clean prompt's real positions).
@@ -285,7 +269,7 @@ def circuit_values(
     Returns:
         ``[batch, circuit]`` values of the target (see the module docstring for the intervention).
     """
-    ab = _Ablator(model, clean, corrupted, target, position, ablation, batch_size, attention_mask, logit)
+    ab = _Ablator(model, prompt, corrupted, target, position, ablation, batch_size, attention_mask, logit)
     keep = ab.check(keep)
     b = ab.tokens.shape[0]
     if keep.ndim == 3:
@@ -302,9 +286,10 @@ def kept_counts(fractions: Sequence[float], n_total: int) -> list[int]:
     return [math.floor(x * n_total + 1e-9) for x in fractions]
 
 
+@renamed(clean="prompt")
 def circuit_faithfulness(
     model: TLModel,
-    clean: PromptLike,
+    prompt: PromptLike,
     corrupted: PromptLike,
     target: TargetLike,
     circuit: Circuit | Sequence[Circuit],
@@ -320,8 +305,8 @@ def circuit_faithfulness(
     """MIB's circuit faithfulness of a circuit's edge ranking: keep the top edges, ablate the rest.
 
     Args:
-        model, clean, corrupted, target, position, attention_mask, logit: as for
-            `dpa_lens.circuits.patching.edge_patching` (target: what ``m`` measures, e.g. the IO − S
+        model, prompt, corrupted, target, position, attention_mask, logit: as for
+            `dpa_lens.edge_patching` (target: what ``m`` measures, e.g. the IO − S
             logit difference as a ``(correct, incorrect)`` pair).
         circuit: edge scores on this model's graph (`dpa_lens.dpa_edges`, `dpa_lens.edge_atp`,
             `dpa_lens.edge_random`, `dpa_lens.edge_patching`...), with one row for every prompt or one row per
@@ -349,7 +334,7 @@ def circuit_faithfulness(
     if not circuits or bad:
         raise InputError(f"circuit must be a dpa_lens Circuit (from dpa_edges, edge_atp, edge_patching...) or a list of them, "
                          f"got {bad[0] if bad else 'an empty list'}")
-    ab = _Ablator(model, clean, corrupted, target, position, ablation, batch_size, attention_mask, logit)
+    ab = _Ablator(model, prompt, corrupted, target, position, ablation, batch_size, attention_mask, logit)
     b = ab.tokens.shape[0]
     for c in circuits:
         _check_circuit(c, ab, b)

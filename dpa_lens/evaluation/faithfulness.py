@@ -34,9 +34,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution
 from dpa_lens.inputs import leading_bos, prepare_tokens
 from dpa_lens.models import hooks
+from dpa_lens.results import Attribution
 from dpa_lens.validation import require_eval
 
 Unit = Literal["tokens", "heads", "neurons", "components", "attention", "attention+neurons"]

@@ -17,10 +17,9 @@ from typing import Any, get_args
 
 import torch
 
-from dpa_lens.attribution import Attribution
-from dpa_lens.circuits.paths import node_layer
-from dpa_lens.circuits.result import Circuit
 from dpa_lens.errors import InputError
+from dpa_lens.graph import node_layer
+from dpa_lens.results import Attribution, Circuit
 
 
 def _tl():
@@ -98,7 +97,7 @@ def circuit_to_transformer_lens(circuit: Circuit, row: int = 0) -> Any:
                                   "circuit_to_transformer_lens needs TransformerLens 4.x (pip install 'transformer-lens>=4.3')")
     if circuit.per_position is None:
         raise InputError("TransformerLens keys edges per position: make the circuit with per_position=True")
-    b = circuit._row(row)
+    b = circuit.row_index(row)
     n_layers = max(int(node_layer(w)) for w in circuit.writers if w != "embed") + 1
     kinds = {"q": "q_input", "k": "k_input", "v": "v_input", "mlp": "mlp_in"}
 
@@ -114,7 +113,7 @@ def circuit_to_transformer_lens(circuit: Circuit, row: int = 0) -> Any:
         layer = int(node_layer(name))
         return ap.Node(kinds[label], p, layer, int(name.split("H")[1])) if "H" in name else ap.Node("mlp_in", p, layer)
 
-    mask = circuit.mask.clone()
+    mask = circuit.in_graph.clone()
     mask[[i for i, w in enumerate(circuit.writers) if "N" in w]] = False  # neurons ("L{l}N{n}")
     scores = circuit.per_position[b].detach().double().cpu()  # [pos, writer, reader]
     w_idx, r_idx = torch.nonzero(mask, as_tuple=True)

@@ -1,3 +1,19 @@
-"""Attribution methods, one module per family; importing this package registers them all."""
+"""Attribution methods, one module per family; importing this package registers them all.
 
-from dpa_lens.methods import atp, attention, depass, dla, dpa, gradients, integrated_gradients, patching, unpack  # noqa: F401  (registration)
+Node methods return an `Attribution` (scores of tokens, heads, neurons), edge methods a `Circuit`
+(scores of the edges of `dpa_lens.graph`): `registry.run` calls any of them the same way.
+"""
+
+from dpa_lens.methods import (  # noqa: F401  (registration)
+    atp,
+    attention,
+    depass,
+    dla,
+    dpa,
+    edge_atp,
+    edge_patching,
+    gradients,
+    integrated_gradients,
+    patching,
+    unpack,
+)

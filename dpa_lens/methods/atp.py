@@ -22,17 +22,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import KINDS, Attribution, Diagnostics
+from dpa_lens.deprecation import renamed
 from dpa_lens.errors import CacheError
-from dpa_lens.inputs import prepare_pair, read_inputs, resolve_positions
+from dpa_lens.forward import read_pair
+from dpa_lens.inputs import read_inputs
 from dpa_lens.methods._autograd import forward_with_grads
 from dpa_lens.methods.registry import MethodSpec, register, register_variant
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import softcap
-from dpa_lens.targets import Metric, MetricTarget, Target, resolve_target, target_values
+from dpa_lens.results import KINDS, Attribution, Diagnostics
+from dpa_lens.targets import Metric, MetricTarget, Target, target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
-from dpa_lens.validation import require_eval
 
 
 def atp_names(view: ModelView, qk_fix: bool) -> list[str]:
@@ -111,12 +112,13 @@ def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -
     return value, query, key
 
 
-@register(MethodSpec(name="atp", input="pair", scores=KINDS,
+@register(MethodSpec(name="atp", input="pair", scores=KINDS, metric=True,
                      summary="attribution patching: (clean − corrupted activation) · gradient on the corrupted run"))
+@renamed(clean_tokens="prompt", corrupted_tokens="corrupted")
 def atp(
     model: TLModel,
-    clean_tokens: PromptLike,
-    corrupted_tokens: PromptLike,
+    prompt: PromptLike,
+    corrupted: PromptLike,
     target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
@@ -128,7 +130,8 @@ def atp(
     """Attribution patching of token embeddings, heads by position and neurons by position.
 
     Args:
-        clean_tokens, corrupted_tokens: strings, lists of strings or token ids of equal shape.
+        prompt, corrupted: the clean and the corrupted prompts (strings, lists of strings or token ids) of
+            equal shape, aligned position by position.
         target: any target form, or a metric ``metric(logits) -> scalar`` as for TransformerLens's
             ``attribution_patch``, applied to each row's logits ``[1, pos, vocab]`` (it must be
             differentiable; with ``clean_cache`` it costs one more forward, for the clean logits).
@@ -141,11 +144,9 @@ def atp(
         ``target_value = f(clean) − f(corrupted)``. Without ``qk_fix`` the head scores equal
         TransformerLens's ``attribution_patch``.
     """
-    view = ModelView(model)
-    require_eval(model, "AtP")
-    clean_tok, corr_tok, mask, clean_in, corr_in = prepare_pair(model, view, clean_tokens, corrupted_tokens, attention_mask)
-    positions = resolve_positions(position, corr_in)
-    resolved = resolve_target(model, view, target, corr_in.batch, logit=logit, metric=True)
+    pair = read_pair(model, prompt, corrupted, target, position, method="AtP", attention_mask=attention_mask, logit=logit, metric=True)
+    view, clean_tok, corr_tok, mask, resolved, positions = pair.view, pair.tokens, pair.corrupted_tokens, pair.mask, pair.target, pair.positions
+    clean_in, corr_in = pair.clean, pair.corrupted
     names = atp_names(view, qk_fix)
     clean = clean_activations(model, view, clean_tok, mask, names, clean_cache)
     run = corrupted_run(model, view, corr_tok, resolved, positions, names, mask)

@@ -1,85 +1,15 @@
 """DePass (arXiv 2510.18462): a decomposed forward pass over a TransformerLens ``ActivationCache``.
 
-DePass splits the residual stream at some depth into *parts* that add up to it, and pushes every
-part through the rest of the network with everything non-linear frozen at the values of the real
-forward (the cache):
+The residual stream at some depth is split into parts that add up to it (tokens, one layer's heads
+or one layer's neurons), and every part is pushed through the rest of the network with norms,
+attention patterns and gates frozen at the cached forward. Attention is linear in the parts; each
+MLP neuron's real output is shared out among the parts by a rule (``mlp_rule``) over their
+contributions to its gate. A part's score is what it adds to the target at the answer position.
+The last part, the remainder, holds every bias and what no scored unit owns: the scores plus the
+remainder add up to ``target_value``. ``mlp_rule="taylor"`` makes the network linear: DePass then
+equals DPA with ``Mu(q=0, k=0, v=1, gate=1, up=0)``.
 
-* norms: the real input's scale (``1/rms``, ``1/std``) and the gain act on every part; LayerNorm
-  centres each part (a linear map) and its β is the remainder's (TransformerLens folds β into the
-  next layer's biases, which the remainder holds);
-* attention: the real pattern mixes each part's values (``W_V``), then ``W_O``; the value and output
-  biases are the remainder's; Gemma's post-attention norm applies the real output's frozen scale.
-  Attention is thus linear in the parts: it is DPA's value path;
-* MLP: each neuron's real output ``act(g)·u`` is *shared out* among the parts by a rule over their
-  contributions ``g_c`` to its gate pre-activation (a plain MLP's only pre-activation plays the
-  gate; its input bias is the remainder's); the shares go through ``W_out`` (the output bias is the
-  remainder's, Gemma's post-feedforward norm has its scale frozen);
-* read-out: the final norm's frozen scale at the answer position, then the target direction (a
-  final logit soft cap by its secant, as in DPA).
-
-A part's score is its read-out: what it adds to the target once pushed through the rest of the
-network. The last part is the *remainder*: the part of the start stream no scored unit owns, every
-bias on the way, and (``unassigned="remainder"``) whatever share of a neuron a rule leaves
-unassigned. The parts then add up to the real residual stream at every layer, and the scores plus
-the remainder add up to ``target_value`` by construction.
-
-MLP rules (``mlp_rule``), per position and neuron, over the *live* parts (``g_c ≠ 0``: a part that
-has not reached a position yet takes no share there, so the rules are causal):
-
-* ``softmax`` (DePass's default): ``softmax_c(g_c / T)``, ``temperature`` T = 0.1;
-* ``max``: the whole neuron to the part with the largest ``g_c`` (ties: the first part);
-* ``relu``: ``relu(g_c) / (Σ relu + 1e-6)``; a neuron no part drives positively is unassigned;
-* ``linear``: ``(g_c − min g) / (Σ + 1e-6)``, a single live part (or all equal) splitting evenly.
-  This is the rule DePass's code intends: as written, its masking overflows, so that with two or
-  more live parts every share is 0 (the neuron is dropped);
-* ``taylor``: part c gets ``g_c · act(g)/g · u``, no masking: the neuron's gate secant with the
-  up projection frozen. The decomposed network is then linear, and DePass equals DPA with
-  ``Mu(q=0, k=0, v=1, gate=1, up=0)``: token, per-position head and neuron scores, and the
-  remainder equals DPA's ``bias`` (on GPT-2/NeoX, whose plain MLPs take the secant either way,
-  this is content-only DPA).
-
-Before a rule, as DePass's code does: the remainder takes no share where ``|g_R| < 1e-5``, and
-takes the whole neuron where no part contributes at all. Otherwise the remainder *competes like
-any part*: on models with biases (GPT-2, GPT-NeoX, Qwen2) it holds real mass from the first layer
-on and takes its softmax share at every position. At the token level the part of each row's first
-real token (the BOS) owns that position's MLP outputs (its ``g`` is pinned to 1 there) and, with
-``ignore_first`` (default, as DePass), takes no MLP share at later positions (it still moves through
-attention). ``unassigned="drop"`` loses what a rule leaves unassigned instead (DePass's code does:
-``relu`` where no ``g_c > 0``; ``softmax``, ``max``, ``taylor``: rounding only).
-
-The DPA authors' inline reimplementation corresponds to ``temperature=1``; it also differs from
-DePass (and from this implementation) in that it masks nothing (parts that have not reached a
-position take ``exp(0)`` shares there, so MLP outputs leak to earlier tokens), has no BOS pin and
-no remainder threshold, lets the rest of the prompt compete as one remainder, uses a norm epsilon
-of 1e-7 rather than the model's, and adds value and output biases to every part.
-
-Levels:
-
-* ``tokens``: one part per position of ``blocks.{start_layer}.hook_resid_pre`` (on GPT-2 at layer 0
-  a token plus its learned position, as DPA's tokens), one run. ``chunk_size=k`` runs the positions
-  k at a time as DePass's code does (``single_compute_token``): the other positions are then lumped
-  into the remainder, which competes in the rules as one part, so **the scores depend on k for every
-  rule but taylor**; with ``ignore_first`` each later chunk carries the first token as a part of its
-  own (not reported).
-* ``heads``: for each layer, one run whose parts are that layer's heads (each head's output at
-  every query position), the rest of ``resid_mid`` (``resid_post`` in parallel blocks) the
-  remainder; the run starts with that layer's MLP. ``by_position=True``: one part per (position,
-  head).
-* ``neurons``: for each layer, one run whose parts are its neurons (``post_i · W_out[i]`` at every
-  position) added at ``resid_post``; ``by_position=True``: one part per (position, neuron).
-
-Component runs have no first-token pin. For non-linear rules a unit's score over all positions is
-not the sum of its per-position scores (the rules see different competitors).
-
-Cost: one decomposed forward per run, carrying every part, ``[parts, batch, pos, d_model]`` in
-float32 (tokens: ``pos + 1`` parts in one run; heads: ``n_heads + 1`` parts in each layer's run,
-``pos·n_heads + 1`` by position; neurons: ``d_mlp + 1``, ``pos·d_mlp + 1`` by position). Each part
-goes through every later MLP, so a token-level run costs about ``pos/2`` forward passes (DPA's
-sweep about one), and component levels repeat it for every layer. Attention runs in blocks of
-parts and the MLP in blocks of positions (the rules act per position and neuron, so blocks change
-no number), at most an eighth of them and `BLOCK_ELEMENTS` floats per temporary each, so memory
-beyond the parts stays bounded; a block starts at the first position where one of its parts is
-non-zero, which skips a token part's positions before its own.
+See docs/methods/depass.md for the rules, the levels, the cost and how they relate to DPA.
 """
 
 from __future__ import annotations
@@ -94,13 +24,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpa_lens.attribution import Attribution, Diagnostics
 from dpa_lens.errors import InputError, UnsupportedModelError
 from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import activation, heads_in, heads_out, pull_norm, push_norm
+from dpa_lens.results import Attribution, Diagnostics
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
 
 RULES: tuple[str, ...] = ("softmax", "taylor", "linear", "relu", "max")
@@ -143,7 +73,7 @@ def mlp_shares(
     The remainder is the last part. ``pin`` marks, per row, the position of the first token, whose
     part is the first: its ``g`` is set to 1 there and (``ignore_first``) to 0 everywhere else. Then
     the remainder's ``g`` is zeroed below 1e-5 and set to 1 where no part contributes; only parts with
-    ``g ≠ 0`` take a share (rules in the module doc). Shares of a neuron sum to 1 (``relu``,
+    ``g ≠ 0`` take a share (rules in docs/methods/depass.md). Shares of a neuron sum to 1 (``relu``,
     ``linear``: slightly less; ``relu``: 0 where no ``g`` is positive). ``g`` is modified in place.
     """
     if pin is not None:
@@ -443,7 +373,7 @@ def depass(
         target: token id, single-token string, ``(correct, incorrect)`` pair, direction
             ``[d_model]``, or one per row (see `dpa_lens.targets`).
         position: answer position (negative: from each row's last real token), or one per row.
-        level: ``"tokens"``, ``"heads"`` or ``"neurons"``: what the parts are (module doc).
+        level: ``"tokens"``, ``"heads"`` or ``"neurons"``: what the parts are (docs/methods/depass.md).
         start_layer: tokens: split ``blocks.{start_layer}.hook_resid_pre``; heads/neurons: score
             the layers from ``start_layer`` on (NaN below).
         mlp_rule: ``"softmax"`` (default), ``"taylor"``, ``"linear"``, ``"relu"`` or ``"max"``.
@@ -472,6 +402,8 @@ def depass(
           ``target_value``.
 
         With ``unassigned="drop"`` the sums fall short by what the rules dropped.
+
+    See docs/methods/depass.md for the MLP rules, the levels, the cost and how they relate to DPA.
     """
     view = ModelView(model)
     view.check_supported("DePass")

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import KINDS, Attribution
 from dpa_lens.forward import read_forward
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import pull_norm
+from dpa_lens.results import KINDS, Attribution
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 
 

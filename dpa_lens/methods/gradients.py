@@ -22,12 +22,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import KINDS, Attribution, Kind
+from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
 from dpa_lens.methods._autograd import forward_with_grads, prepare_run
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
+from dpa_lens.results import KINDS, Attribution, Kind
 from dpa_lens.targets import Metric
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
 
@@ -77,10 +78,12 @@ def _gradient_method(model, text, target, position, attention_mask, logit, kinds
     )
 
 
-@register(MethodSpec(name="gradient", input="tokens", scores=KINDS, summary="‖∂f/∂a‖: how sensitive the target is to each unit (unsigned)"))
+@register(MethodSpec(name="gradient", input="tokens", scores=KINDS, metric=True,
+                     summary="‖∂f/∂a‖: how sensitive the target is to each unit (unsigned)"))
+@renamed(tokens="prompt")
 def gradient(
     model: TLModel,
-    tokens: PromptLike,
+    prompt: PromptLike,
     target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
@@ -90,18 +93,19 @@ def gradient(
 ) -> Attribution:
     """Gradient magnitude of the target at each token embedding, head output and neuron.
 
-    ``tokens`` may be a string, a list of strings (padded as ``model.to_tokens`` would) or ids.
+    ``prompt`` may be a string, a list of strings (padded as ``model.to_tokens`` would) or ids.
     Returns ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``,
     ``neurons [batch, layer, pos, d_mlp]``, all ≥ 0.
     """
-    return _gradient_method(model, tokens, target, position, attention_mask, logit, kinds, signed=False, method="gradient")
+    return _gradient_method(model, prompt, target, position, attention_mask, logit, kinds, signed=False, method="gradient")
 
 
-@register(MethodSpec(name="input_x_gradient", input="tokens", scores=KINDS,
+@register(MethodSpec(name="input_x_gradient", input="tokens", scores=KINDS, metric=True,
                      summary="a · ∂f/∂a: the first-order share of the target carried by each unit (signed)"))
+@renamed(tokens="prompt")
 def input_x_gradient(
     model: TLModel,
-    tokens: PromptLike,
+    prompt: PromptLike,
     target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
@@ -110,4 +114,4 @@ def input_x_gradient(
     kinds: Iterable[Kind] = KINDS,
 ) -> Attribution:
     """Activation · gradient of the target at each token embedding, head output and neuron (signed)."""
-    return _gradient_method(model, tokens, target, position, attention_mask, logit, kinds, signed=True, method="input_x_gradient")
+    return _gradient_method(model, prompt, target, position, attention_mask, logit, kinds, signed=True, method="input_x_gradient")

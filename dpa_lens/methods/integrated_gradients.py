@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpa_lens.attribution import Attribution, Diagnostics
+from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
 from dpa_lens.inputs import RunInputs, leading_bos
 from dpa_lens.methods._autograd import forward_with_grads, prepare_run
 from dpa_lens.methods.quadrature import QUADRATURES, Quadrature, adaptive_rule, fixed_rule, quadrature_rule
 from dpa_lens.methods.registry import MethodSpec, register
+from dpa_lens.results import Attribution, Diagnostics
 from dpa_lens.targets import Metric
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
 
@@ -83,10 +84,11 @@ class _Path:
 
 
 @register(MethodSpec(name="integrated_gradients", input="tokens", scores=("tokens",), options={"progress": False},
-                     summary="integrated gradients over the token embeddings from a zero baseline (BOS kept), adaptive quadrature"))
+                     metric=True, summary="integrated gradients over the token embeddings from a zero baseline (BOS kept), adaptive quadrature"))
+@renamed(tokens="prompt")
 def integrated_gradients(
     model: TLModel,
-    tokens: PromptLike,
+    prompt: PromptLike,
     target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
@@ -147,7 +149,7 @@ def integrated_gradients(
         alpha_min = 1e-4 if quadrature == "adaptive" else 1e-2
     if not 0 < alpha_min < 1:
         raise InputError(f"alpha_min must lie in (0, 1), got {alpha_min}")
-    view, tok, mask, inputs, positions, resolved = prepare_run(model, tokens, target, position, attention_mask, logit, "integrated_gradients")
+    view, tok, mask, inputs, positions, resolved = prepare_run(model, prompt, target, position, attention_mask, logit, "integrated_gradients")
     b, n = inputs.batch, inputs.seq_len
     device = tok.device
     base, keep = _baseline(model, baseline, inputs, (b, n, view.d_model), device, keep_bos)

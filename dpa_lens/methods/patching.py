@@ -28,15 +28,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpa_lens.attribution import Attribution, Diagnostics
+from dpa_lens.deprecation import renamed
 from dpa_lens.errors import CacheError, InputError
-from dpa_lens.inputs import prepare_pair, resolve_positions
+from dpa_lens.forward import read_pair
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
-from dpa_lens.models.view import ModelView
-from dpa_lens.targets import Metric, MetricTarget, resolve_target, target_values
+from dpa_lens.results import Attribution, Diagnostics
+from dpa_lens.targets import Metric, MetricTarget, target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
-from dpa_lens.validation import require_eval
 
 Unit = Literal["heads_by_pos", "heads", "neurons", "tokens"]
 UNITS: tuple[str, ...] = ("heads_by_pos", "heads", "neurons", "tokens")
@@ -79,12 +78,13 @@ def _patch_hook(unit: str, copies: Tensor, pos: Tensor, idx: Tensor, clean: Tens
     return hook
 
 
-@register(MethodSpec(name="activation_patching", input="pair", scores=("heads",), options={"unit": "heads"}, reference=True,
+@register(MethodSpec(name="activation_patching", input="pair", scores=("heads",), options={"unit": "heads"}, reference=True, metric=True,
                      summary="exact denoising patching: f(corrupted with the unit's clean value) − f(corrupted)"))
+@renamed(clean_tokens="prompt", corrupted_tokens="corrupted")
 def activation_patching(
     model: TLModel,
-    clean_tokens: PromptLike,
-    corrupted_tokens: PromptLike,
+    prompt: PromptLike,
+    corrupted: PromptLike,
     target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
@@ -114,8 +114,9 @@ def activation_patching(
         raise InputError(f"unit must be one of {UNITS}, got {unit!r}")
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
-    view = ModelView(model)
-    require_eval(model, "activation patching")
+    pair = read_pair(model, prompt, corrupted, target, position, method="activation patching", attention_mask=attention_mask, logit=logit,
+                     metric=True)
+    view = pair.view
     L = view.n_layers
     if unit == "neurons" and not view.rules.has_mlp:
         raise InputError("unit='neurons': this model is attention-only (attn_only=True), it has no neurons; patch heads or tokens")
@@ -128,9 +129,8 @@ def activation_patching(
     bad = [l for l in layer_list if not 0 <= l < L]
     if bad:
         raise InputError(f"layers {bad} are out of range (the model has {L})")
-    clean_tok, corr_tok, mask, clean_in, corr_in = prepare_pair(model, view, clean_tokens, corrupted_tokens, attention_mask)
-    positions = resolve_positions(position, corr_in)
-    resolved = resolve_target(model, view, target, corr_in.batch, logit=logit, metric=True)
+    clean_tok, corr_tok, mask, resolved, positions = pair.tokens, pair.corrupted_tokens, pair.mask, pair.target, pair.positions
+    clean_in, corr_in = pair.clean, pair.corrupted
     metric = isinstance(resolved, MetricTarget)
     ln_f = view.norm_weight("ln_final")
 

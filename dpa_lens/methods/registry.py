@@ -1,14 +1,16 @@
 """Every attribution method by name, with its contract, and one way to run any of them.
 
 Each method registers a `MethodSpec`: what it takes (``"cache"``: a model's ``ActivationCache``;
-``"tokens"``: a prompt it runs itself; ``"pair"``: a clean and a corrupted prompt), what it scores,
-the hooks it reads from a cache, and fixed options for variants (``"atp*"`` is ``atp`` with
-``qk_fix=True``). `run` calls any method the same way, so the report, the command line, the
-benchmarks and the notebooks keep no tables of their own::
+``"tokens"``: a prompt it runs itself; ``"pair"``: a clean and a corrupted prompt), what it returns
+(scores of units, an `Attribution`; or of edges, a `Circuit`), what it scores, the hooks it reads
+from a cache, and fixed options for variants (``"atp*"`` is ``atp`` with ``qk_fix=True``). `run`
+calls any method the same way, so the report, the command line, the benchmarks and the notebooks
+keep no tables of their own::
 
     dpa_lens.run("dpa", model, prompt, (" Mary", " John"))
     dpa_lens.run("atp*", model, prompt, target, corrupted=corrupted_prompt)
     dpa_lens.run("dla", model, prompt, target, cache=cache)   # reuse a cache you have
+    dpa_lens.run("edge_atp", model, prompt, target, corrupted=corrupted_prompt)   # a Circuit
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution, Kind
 from dpa_lens.errors import InputError
+from dpa_lens.results import Attribution, Circuit, Kind
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
 
 Input = Literal["cache", "tokens", "pair"]
 INPUTS: tuple[str, ...] = ("cache", "tokens", "pair")
+Returns = Literal["units", "edges"]
+RETURNS: tuple[str, ...] = ("units", "edges")
+Result = Attribution | Circuit
+# the parameters of the three call shapes: not options
+_CALL = ("model", "cache", "prompt", "corrupted", "target", "position")
 
 
 @dataclass(frozen=True)
@@ -38,15 +45,20 @@ class MethodSpec:
         name: the name `run` and `get_method` know it by.
         input: ``"cache"`` (``fn(model, cache, target, position, **options)``), ``"tokens"``
             (``fn(model, prompt, target, position, **options)``) or ``"pair"``
-            (``fn(model, clean, corrupted, target, position, **options)``).
-        scores: the kinds of scores it returns by default.
+            (``fn(model, prompt, corrupted, target, position, **options)``).
+        scores: the kinds of unit scores it returns by default (none for an edge method).
         summary: one line: what a score means.
+        returns: ``"units"`` (an `Attribution`) or ``"edges"`` (a `Circuit` on the graph of
+            `dpa_lens.graph`).
         hook_names: for cache methods, ``model -> hook names`` it may read (any option included).
         options: options `run` passes unless the caller sets them (a variant's defining options,
             or what the report and benches want by default).
         fixed: options that define a variant and cannot be overridden.
         target: whether the score depends on the target (attention baselines do not).
         reference: an exact measurement the approximations are compared with (exact patching).
+        metric: it accepts a metric callable ``metric(logits) -> scalar`` as its target.
+        contrast: for a cache method that can compare with a corrupted prompt, the option that takes
+            the corrupted prompt's cache (`run` makes it from ``corrupted=``).
         fn: the function.
     """
 
@@ -59,13 +71,31 @@ class MethodSpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     target: bool = True
     reference: bool = False
-    fn: Callable[..., Attribution] | None = None
+    returns: Returns = "units"
+    metric: bool = False
+    contrast: str | None = None
+    fn: Callable[..., Result] | None = None
 
     def __post_init__(self) -> None:
         if self.input not in INPUTS:
             raise ValueError(f"MethodSpec.input must be one of {INPUTS}, got {self.input!r}")
+        if self.returns not in RETURNS:
+            raise ValueError(f"MethodSpec.returns must be one of {RETURNS}, got {self.returns!r}")
         if self.input == "cache" and self.hook_names is None:
             raise ValueError(f"cache method {self.name!r} must say which hooks it reads (hook_names)")
+        if self.contrast is not None and self.input != "cache":
+            raise ValueError(f"contrast names a cache method's option; {self.name!r} takes {self.input!r}")
+
+    @property
+    def takes_corrupted(self) -> bool:
+        """Whether the method takes a corrupted prompt (it needs one, or it can compare with one)."""
+        return self.input == "pair" or self.contrast is not None
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether `run` can give the method a cache of the prompt (cache methods read it, pair methods
+        take it as the clean run; a method that runs the model itself on the prompt cannot)."""
+        return self.input != "tokens"
 
     def names_filter(self, model: TLModel) -> Callable[[str], bool]:
         """A ``run_with_cache`` filter caching what this method reads (cache methods only)."""
@@ -77,10 +107,10 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(spec: MethodSpec) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
+def register(spec: MethodSpec) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
     """Decorator: make a method findable by ``spec.name``."""
 
-    def add(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
+    def add(fn: Callable[..., Result]) -> Callable[..., Result]:
         known = _REGISTRY.get(spec.name)
         if known is not None and known.fn is not fn:
             raise ValueError(f"an attribution method named {spec.name!r} is already registered")
@@ -104,15 +134,17 @@ def get_method(name: str) -> MethodSpec:
         raise InputError(f"no attribution method {name!r}; available: {', '.join(available_methods())}") from None
 
 
-def available_methods(input: Input | None = None) -> list[str]:
-    """Names of the registered methods (those taking ``input``, if given)."""
-    return sorted(n for n, s in _REGISTRY.items() if input is None or s.input == input)
+def available_methods(input: Input | None = None, *, returns: Returns | None = None, metric: bool | None = None) -> list[str]:
+    """Names of the registered methods (those taking ``input``, returning ``returns``, accepting a metric, if given)."""
+    return sorted(n for n, s in _REGISTRY.items()
+                  if (input is None or s.input == input) and (returns is None or s.returns == returns)
+                  and (metric is None or s.metric == metric))
 
 
 def method_table() -> list[dict[str, Any]]:
-    """One row per method: name, input, scores, summary (for docs and ``dpa-lens methods``)."""
-    return [{"method": s.name, "input": s.input, "scores": ", ".join(s.scores), "summary": s.summary}
-            for s in sorted(_REGISTRY.values(), key=lambda s: s.name)]
+    """One row per method: name, input, what it returns, scores, summary (for docs and ``dpa-lens methods``)."""
+    return [{"method": s.name, "input": s.input, "returns": s.returns, "scores": ", ".join(s.scores) or "edges",
+             "summary": s.summary} for s in sorted(_REGISTRY.values(), key=lambda s: s.name)]
 
 
 def names_filter(model: TLModel, *methods: str) -> Callable[[str], bool]:
@@ -181,7 +213,7 @@ def _options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(merged) - set(params))
         if unknown:
-            accepted = [p for p in params if p not in ("model", "cache", "tokens", "target", "position", "clean_tokens", "corrupted_tokens")]
+            accepted = [p for p in params if p not in _CALL]
             raise InputError(f"{spec.name} has no option {', '.join(unknown)}; its options: {', '.join(accepted)}")
     return merged
 
@@ -197,20 +229,24 @@ def run(
     position: PositionLike = -1,
     progress: bool | None = None,
     **options: Any,
-) -> Attribution:
+) -> Result:
     """Run any registered method on a prompt, the same way for every method.
 
     Args:
-        method: a name of `available_methods` (``"dpa"``, ``"atp*"``, ...).
+        method: a name of `available_methods` (``"dpa"``, ``"atp*"``, ``"edge_atp"``, ...).
         prompt: a string, a list of strings (padded as ``model.to_tokens`` pads) or token ids.
         target: what to explain (see `dpa_lens.targets`); methods that explain no target accept None.
-        corrupted: the corrupted prompt, for methods that take a clean/corrupted pair.
+        corrupted: the corrupted prompt, for methods that take a clean/corrupted pair, and for those
+            that can compare with one (``dpa_edges``: contrastive edges).
         cache: an ``ActivationCache`` of ``prompt`` you already have: cache methods read it, pair
             methods use it as the clean run; without one, cache methods run the model once
             (`cache_for`: caching only what they read, computing no logits).
         position: the answer position (see `dpa_lens.inputs.resolve_positions`).
         progress: show (or hide) progress bars, for methods that have them.
         options: the method's own options (see its docstring).
+
+    Returns:
+        an `Attribution` (scores of units) or, for an edge method, a `Circuit` (``get_method(name).returns``).
     """
     from dpa_lens.inputs import prepare_tokens
 
@@ -222,13 +258,21 @@ def run(
         raise InputError(f"{spec.name} explains a target: pass one (a token, a (correct, incorrect) pair or a direction)")
     if spec.input == "pair" and corrupted is None:
         raise InputError(f"{spec.name} compares a clean and a corrupted prompt: pass corrupted=...")
+    if corrupted is not None and not spec.takes_corrupted:
+        raise InputError(f"{spec.name} takes no corrupted prompt (methods that do: "
+                         f"{', '.join(n for n in available_methods() if get_method(n).takes_corrupted)})")
     if spec.input == "cache":
         tokens, mask = prepare_tokens(model, prompt)
         if cache is None:
             cache = cache_for(model, tokens, spec.name, attention_mask=mask)
         if mask is not None:
             kwargs.setdefault("attention_mask", mask)
+        if corrupted is not None:
+            corrupted_tokens, corrupted_mask = prepare_tokens(model, corrupted)
+            kwargs[spec.contrast] = cache_for(model, corrupted_tokens, spec.name, attention_mask=corrupted_mask)
         return spec.fn(model, cache, target, position, **kwargs)
+    if cache is not None and not spec.uses_cache:
+        raise InputError(f"{spec.name} runs the model itself on the prompt (with gradients): it takes no cache; drop cache=")
     if spec.input == "tokens":
         return spec.fn(model, prompt, target, position, **kwargs)
     if cache is not None:
@@ -236,7 +280,7 @@ def run(
     return spec.fn(model, prompt, corrupted, target, position, **kwargs)
 
 
-def attribute(method: str, *args: Any, **kwargs: Any) -> Attribution:
+def attribute(method: str, *args: Any, **kwargs: Any) -> Result:
     """Call the function registered as ``method`` with its own signature (see `run` for the uniform one)."""
     spec = get_method(method)
     return spec.fn(*args, **{**kwargs, **spec.fixed})

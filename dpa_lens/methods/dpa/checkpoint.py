@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpa_lens.blocks import attn_write, mlp_post, mlp_write
 from dpa_lens.errors import CacheError
 from dpa_lens.forward import CachedForward
 from dpa_lens.methods.dpa.hooks import check_checkpointable, checkpoint_hook_names, layer_internals
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.ops import activation, heads_in, heads_out, rotate
+from dpa_lens.ops import heads_in, normalize, rotate
 from dpa_lens.types import Cache
 
 Rotary = Callable[[int], "tuple[Tensor, Tensor] | None"]
@@ -52,15 +53,6 @@ def _eps(module: object, default: float) -> float:
         if isinstance(value, (int, float)):
             return float(value)
     return default
-
-
-def _normalise(x: Tensor, eps: float, gain: Tensor | None, center: bool) -> tuple[Tensor, Tensor]:
-    """``(normalised x times gain, scale [..., 1])`` of a LayerNorm (``center``) or an RMSNorm."""
-    if center:
-        x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    y = x / scale
-    return (y * gain.to(y.device) if gain is not None else y), scale
 
 
 def _check_rows(n: int, device: torch.device) -> Tensor:
@@ -130,7 +122,7 @@ class RecomputedCache(Mapping):
         b, n, d = resid.shape
         dev = resid.device
         acts: dict[str, Tensor] = {}
-        x, acts[hooks.norm_scale(layer, "ln1")] = _normalise(resid, self.eps[layer, "ln1"], view.norm_weight("ln1", layer), center)
+        x, acts[hooks.norm_scale(layer, "ln1")] = normalize(resid, self.eps[layer, "ln1"], view.norm_weight("ln1", layer), center)
         a = view.attn(layer)
         # the three projections as one product: [d_model, (H + 2K) d_head]
         W = torch.cat([heads_in(w) for w in (a.W_Q, a.W_K, a.W_V)], dim=1).to(dev)
@@ -142,8 +134,8 @@ class RecomputedCache(Mapping):
         q, k, v = q.reshape(b, n, H, dh), k.reshape(b, n, K, dh), v.reshape(b, n, K, dh)
         acts[hooks.attn(layer, "q")], acts[hooks.attn(layer, "k")], acts[hooks.attn(layer, "v")] = q, k, v
         if rules.qk_norm:
-            q, q_scale = _normalise(q, self.eps[layer, "q"], view.qk_norm_weight(layer, "q"), center=False)
-            k, k_scale = _normalise(k, self.eps[layer, "k"], view.qk_norm_weight(layer, "k"), center=False)
+            q, q_scale = normalize(q, self.eps[layer, "q"], view.qk_norm_weight(layer, "q"), center=False)
+            k, k_scale = normalize(k, self.eps[layer, "k"], view.qk_norm_weight(layer, "k"), center=False)
             acts[hooks.qk_norm(layer, "q")] = q_scale.transpose(1, 2)  # [batch, head, pos, 1], as the bridge caches it
             acts[hooks.qk_norm(layer, "k")] = k_scale.transpose(1, 2)
         if rules.rotary:
@@ -151,23 +143,21 @@ class RecomputedCache(Mapping):
             q, k = rotate(q, cos, sin, view.adjacent_pairs), rotate(k, cos, sin, view.adjacent_pairs)
             acts[hooks.attn(layer, "rot_q")], acts[hooks.attn(layer, "rot_k")] = q, k
         z = acts[hooks.attn(layer, "z")] = self._attend(layer, q, k, v)
-        after = resid + z.reshape(b, n, H * dh) @ heads_out(a.W_O).to(dev)
-        if a.b_O is not None:
-            after = after + a.b_O.to(dev)
+        after = resid + attn_write(view, layer, z)
         rows = _check_rows(n, dev)
         if rules.has_mlp:
-            x2, acts[hooks.norm_scale(layer, "ln2")] = _normalise(resid if rules.parallel else after, self.eps[layer, "ln2"],
+            x2, acts[hooks.norm_scale(layer, "ln2")] = normalize(resid if rules.parallel else after, self.eps[layer, "ln2"],
                                                                   view.norm_weight("ln2", layer), center)
             m = view.mlp(layer)
             if rules.gated:  # gate and up projections as one product
                 pre, pre_linear = (x2 @ torch.cat([m.W_gate, m.W_in], dim=1).to(dev)).split(view.d_mlp, dim=-1)
                 acts[hooks.mlp(layer, "pre_linear")] = pre_linear
-                post = activation(rules.act, pre[:, rows])[0] * pre_linear[:, rows]
+                post = mlp_post(rules, pre[:, rows], pre_linear[:, rows])
             else:
                 pre = x2 @ m.W_in.to(dev) + (m.b_in.to(dev) if m.b_in is not None else 0.0)
-                post = activation(rules.act, pre[:, rows])[0]
+                post = mlp_post(rules, pre[:, rows])
             acts[hooks.mlp(layer, "pre")] = pre
-            after = after[:, rows] + post @ m.W_out.to(dev) + (m.b_out.to(dev) if m.b_out is not None else 0.0)
+            after = after[:, rows] + mlp_write(view, layer, post)
         else:
             after = after[:, rows]
         self._check(layer, after, rows)

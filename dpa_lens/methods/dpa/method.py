@@ -9,7 +9,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import KINDS, Attribution, Kind
 from dpa_lens.errors import InputError
 from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.methods.dpa.checkpoint import is_checkpointed, recomputed
@@ -21,6 +20,7 @@ from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import pull_norm
+from dpa_lens.results import KINDS, Attribution, Kind
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 from dpa_lens.validation import check_cache_object
 

@@ -117,7 +117,7 @@ class Propagator:
         z = fwd.act(hooks.attn(layer, "z"))  # [b, q, H, dh]
         if a.b_V is not None:  # heads and keys score the values without their bias, an output bias (see below)
             v = v - a.b_V
-            z = z - self._pattern_mass(layer)[..., None] * a.b_V.repeat_interleave(G, dim=0)
+            z = z - self.fwd.pattern_mass(layer)[..., None] * a.b_V.repeat_interleave(G, dim=0)
         lam = (t_out @ heads_out(a.W_O).T).view(b, n, H, dh)  # W_O t per head
         if head_mask is not None:
             lam = lam * head_mask.to(lam)[None, None, :, None]
@@ -158,15 +158,6 @@ class Propagator:
                  if weight]
         update = _sum_of_products(terms) if terms else grad_q.new_zeros(b, n, d)
         return AttentionStep(update=self.in_norm(update, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
-
-    def _pattern_mass(self, layer: int) -> Float[Tensor, "batch pos head"]:
-        """Σ_j α_ij per query and head: 1 where a query attends anywhere, 0 on padding rows."""
-        name = hooks.attn(layer, "pattern")
-        if name in self.fwd.cache:
-            return self.fwd.act(name).sum(-1).transpose(1, 2)
-        real = self.fwd.inputs.real.to(self.fwd.device)
-        attends = (real.cumsum(-1) > 0).float()  # some real key at or before the query
-        return attends[:, :, None].expand(self.b, self.n, self.view.n_heads)
 
     def _pull_qk(self, grad: Tensor, layer: int, which: str, rot: tuple[Tensor, Tensor] | None) -> Tensor:
         """From the rotated, normed query or key back to the projection's output (rotary undone,

@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from dpa_lens.forward import CachedForward
+from dpa_lens.graph import head_name, mlp_name
 from dpa_lens.methods.unpack.rules import DT, RULE_SETS, SAFE_EPS, Preset, marginal, normalized, rotate_at, safe_split
 from dpa_lens.models import hooks
 from dpa_lens.ops import activation
@@ -124,7 +125,7 @@ class Decomposition:
             W_O = a.W_O.to(fwd.device, DT)
             z = r.act(hooks.attn(layer, "z"))
             self.head_index.append(list(range(len(self.names), len(self.names) + view.n_heads)))
-            self.names += [f"L{layer}H{h}" for h in range(view.n_heads)]
+            self.names += [head_name(layer, h) for h in range(view.n_heads)]
             vecs.append(torch.einsum("phe,hed->hpd", z, W_O))
             order += [float(layer)] * view.n_heads
             if a.b_O is not None:
@@ -132,7 +133,7 @@ class Decomposition:
                 vecs.append(a.b_O.to(fwd.device, DT).expand(r.n, -1)[None])
                 order.append(float(layer))
             self.mlp_index.append(len(self.names))
-            self.names.append(f"L{layer}.mlp")
+            self.names.append(mlp_name(layer))
             vecs.append(r.act(hooks.mlp_out(layer))[None])
             order.append(layer + (0.0 if self.parallel else 0.5))
         self.vecs = torch.cat(vecs)

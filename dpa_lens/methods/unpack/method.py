@@ -9,16 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpa_lens.attribution import Attribution, Diagnostics
-from dpa_lens.circuits.paths import Hop, Path
 from dpa_lens.errors import InputError, TargetError, UnsupportedModelError
 from dpa_lens.forward import CachedForward, read_forward
+from dpa_lens.graph import head_name, mlp_name
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.methods.unpack.decomposition import AttentionLayer, Decomposition
 from dpa_lens.methods.unpack.rules import DT, PRESETS, Preset, normalized, rotate_at
 from dpa_lens.methods.unpack.sweep import RowTrace, trace
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
+from dpa_lens.results import Attribution, Diagnostics, Hop, Path
 from dpa_lens.targets import token_id
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 
@@ -107,7 +107,7 @@ def _parse_root(root: str, view: ModelView) -> tuple[str, int | None]:
     layer, head, pos = int(m[1]), m[2], m[3]
     if layer >= view.n_layers or (head is not None and int(head) >= view.n_heads):
         raise InputError(f"root {root!r} names no unit of this model ({view.n_layers} layers of {view.n_heads} heads)")
-    return (f"L{layer}H{head}" if head is not None else f"L{layer}.mlp"), (None if pos is None else int(pos))
+    return (head_name(layer, int(head)) if head is not None else mlp_name(layer)), (None if pos is None else int(pos))
 
 
 def _targets(model: TLModel, fwd: CachedForward, distractor: TargetLike | None) -> tuple[list[int], list[int | None]]:
@@ -155,18 +155,16 @@ def unpack(
 ) -> Attribution:
     """Unpack: the target's credit split backwards through what every component read, down to the tokens.
 
-    Credit starts at the *seeds*: every component's marginal logit-lens score at the answer position
-    (its write through the final norm, scale frozen, onto the target's unembedding minus the
-    vocabulary mean), or 1 on a chosen ``root``. Each component hands its credit to the components it
-    read (`dpa_lens.methods.unpack.decomposition` has the rules): a head first to its source
-    positions, then, with fixed branch weights, to the components its keys (K), queries (Q) and
-    values (V) read, by their shares of the centred attention logit or of ``<v_c, v>``; an MLP to the
-    components it read at its position, by their shares along a direction in its input. Each share is
-    taken over a safe denominator (``|den| >= β·Σ|v|``, so credit can be lost); biases carry no input
-    information and drop theirs. Token credit is what reaches the embeddings in an unpruned sweep;
-    paths come from a recursion that follows every chain whose credit stays ``>= min_frac``.
+    Credit starts at every component's logit-lens score at the answer position (or 1 on ``root``).
+    Each component hands its credit to the components it read: a head to its source positions, then
+    through its keys, queries and values; an MLP along a direction in its input. Biases drop their
+    share. A token's score is the credit that reaches its embedding; paths are the strongest chains.
 
     Args:
+        model: the TransformerLens model that made the cache (GPT-2, GPT-NeoX, Llama or Qwen2 blocks).
+        cache: ``ActivationCache`` of ``model.run_with_cache(tokens)`` (all hooks, or
+            ``names_filter=dpa_lens.names_filter(model, "unpack")``).
+        position, tokens, attention_mask: as for `dpa_lens.dpa`.
         target: a token, or a ``(target, distractor)`` pair (the same as ``distractor=``); None: the
             top prediction. A distractor turns the depth-0 splits toward target minus distractor.
         preset: one of `PRESETS` (``"kqv_aligned"``, Unpack's default; ``"k_only_weighted"``,
@@ -175,10 +173,12 @@ def unpack(
             optionally ``"@{position}"`` (default: the answer position). It gets credit 1 and is split
             with the depth-0 rules (still toward the target).
         top_paths: how many paths to keep per row (strongest first).
+        distractor: a token to explain the target against (not with a ``(target, distractor)`` pair).
         min_frac: the recursion's pruning threshold on a path's credit, in logit units (absolute, as
             the reference's; it does not prune token credit).
         max_depth: the deepest hop a path may take.
-        quirks: reproduce Unpack's reference code (default; see below), or its consistent variant.
+        quirks: reproduce Unpack's reference code (default), or its consistent variant (the
+            differences are in docs/methods/unpack.md).
         units: ``"percent"``: every score in % of the positive token mass (Unpack's token
             attribution; the tokens' positive scores add up to 100); ``"logit"``: raw credit, in units
             of the explained logit.
@@ -196,34 +196,15 @@ def unpack(
           logit@t``: each hop names the unit that read the previous one, through ``q``, ``k``, ``v``
           or ``mlp``, at its (query) position. ``score`` is in ``units``, ``extra`` has ``"percent"``
           and ``"logit"``. A path's percent is over the positive mass of the recursion's token credit
-          (as Unpack reports it; one path can exceed 100). Hops that the reference lists twice, once
-          per source position a Q read came from and once each for the token embedding and the
-          learned position, are one path here, their credit summed. A rerooted path ends with its
-          root, then ``logit``, which stands for the root's credit (``… → L1H2[v]@9 → logit@9``), as
-          in `dpa_lens.dpa_paths`;
+          (one path can exceed 100). A rerooted path ends with its root, then ``logit``, which stands
+          for the root's credit (``… → L1H2[v]@9 → logit@9``), as in `dpa_lens.dpa_paths`;
         * ``settings``: the options; ``diagnostics``: per row ``mlp_flow [batch, layer]`` (credit through
           each layer's MLP, summed over positions, in ``units``), ``suppress_ratio`` (negative over total
           token mass) and ``paths_found``.
 
-    Processed weights: TransformerLens folds the norms' biases into the next biases, the value bias
-    into the output bias (``b_V·W_O`` leaves the heads for ``L{l}.attn_bias``, a constant whose credit
-    is dropped) and centres every write (which changes the output-aligned splits, whose inner
-    products are not centred). This cannot be undone from processed weights, so Unpack here is
-    Unpack of the processed model: it equals the reference run on TransformerLens's processed weights
-    (``tests/oracles/unpack_ref.py`` with ``processed=True``), not on the raw ``transformers`` model.
-
-    Quirks (``quirks=True``, the reference code's behaviour): a sequential MLP is read at its block's
-    input, not at the stream after attention; MLP rows are not centred; the seeds ignore the
-    distractor; the recursion keeps bias rows and the value bias in its denominators (the sweep does
-    not); branch weights are 0.333, and a K-only head passes on 0.333 of its credit in the
-    recursion, 0.3 in the sweep. ``quirks=False``: the real MLP input, centred rows, seeds on target
-    minus distractor, no bias row in any denominator, weights 1/3 (kqv) and 1 (K only). In both, a
-    head at position 0 sees one key: its centred K and Q logits vanish and those branches drop their
-    share.
-
-    Beyond the reference's GPT-2 and GPT-NeoX (Llama, Qwen2): RMSNorm reads without centring;
-    grouped-query heads read their key/value head; a gated MLP ``act(g)·u`` splits each neuron half
-    by its gate and half by its up projection (``w_j/(2g_j)·w_gate_j + w_j/(2u_j)·w_in_j``).
+    Unpack here reads TransformerLens's processed weights: it is Unpack of the processed model, not
+    of the raw ``transformers`` model. See docs/methods/unpack.md for the rules, the quirks of the
+    reference code, processed weights and the families beyond GPT-2 and GPT-NeoX.
     """
     name, P = _preset(preset)
     if units not in UNITS:

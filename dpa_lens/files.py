@@ -1,0 +1,55 @@
+"""Writing files a user keeps: every write goes through `write_atomic`, so that a failure never leaves a
+fragment where a good file was.
+
+The content is written to a temporary file in the destination's folder, flushed and synced to disk,
+then renamed over the destination (an atomic step on one file system); on any failure the temporary
+file is removed and the earlier file, if any, is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from dpa_lens.errors import InputError
+
+
+def destination(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with ``~`` expanded, or `InputError` when it cannot be written as a file (``what``: for the message)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"cannot save {what} to {path}: it is a folder; pass a file name in it")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot save {what} to {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, what: str = "the file") -> Path:
+    """Write a file through ``write(handle)`` (a binary handle) so that ``path`` holds either its earlier
+    content or the whole new one, never a part. Returns the path written."""
+    path = destination(path, what)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise InputError(f"cannot save {what} to {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, what: str = "the file") -> Path:
+    """`write_atomic` of a UTF-8 text."""
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), what=what)

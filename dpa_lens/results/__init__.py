@@ -1,0 +1,9 @@
+"""What methods return: `Attribution` (scores of tokens, heads and neurons), `Circuit` (scores of edges),
+`Path` and `Hop` (named chains to the logit), on the shared row behaviour of `dpa_lens.results.rows`."""
+
+from dpa_lens.results.attribution import KINDS, Attribution, Kind
+from dpa_lens.results.circuit import Circuit
+from dpa_lens.results.paths import Hop, Path
+from dpa_lens.results.rows import Diagnostics
+
+__all__ = ["KINDS", "Attribution", "Circuit", "Diagnostics", "Hop", "Kind", "Path"]

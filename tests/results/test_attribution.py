@@ -1,0 +1,94 @@
+"""The shared result type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpa_lens
+from dpa_lens import Attribution
+from tests.helpers import IOI_PROMPT, make_tiny
+
+
+@pytest.fixture(scope="module")
+def attr():
+    model, _ = make_tiny("llama", seed=4)
+    _, cache = model.run_with_cache([IOI_PROMPT, "The Eiffel Tower is in"], padding_side="left")
+    return dpa_lens.dpa(model, cache, (" Mary", " John"), head_keys=True, effective_targets=True)
+
+
+def test_shapes_and_metadata(attr):
+    b, n = attr.tokens.shape
+    assert attr.heads.shape == (b, 2, n, 4)
+    assert attr.neurons.shape == (b, 2, n, 96)
+    assert attr.head_keys.shape == (b, 2, 4, n, n)
+    assert len(attr.str_tokens) == b and len(attr.str_tokens[0]) == n
+    assert attr.method == "dpa" and attr.settings["mu"]["v"] == 0.5
+    assert "heads=[2, 2, 15, 4]" in repr(attr)
+
+
+def test_top_heads_are_sorted_and_labelled(attr):
+    top = attr.top(5, "heads")
+    assert list(top.columns[:1]) == ["unit"] and len(top) == 5
+    assert top["score"].is_monotonic_decreasing
+    flat = attr.heads[0].flatten()
+    assert top["score"].iloc[0] == pytest.approx(float(flat.max()))
+    row = top.iloc[0]
+    assert row["unit"] == f"L{row['layer']}H{row['head']}@{row['pos']}"
+    assert attr.heads[0, row["layer"], row["pos"], row["head"]] == pytest.approx(row["score"])
+
+
+def test_top_by_absolute_value_and_summed_positions(attr):
+    top = attr.top(3, "neurons", absolute=True, row=1)
+    assert top["score"].abs().iloc[0] == pytest.approx(float(attr.neurons[1].abs().max()))
+    summed = attr.top(4, "heads", sum_positions=True)
+    totals = attr.sum_over_positions("heads")[0]
+    assert summed["score"].iloc[0] == pytest.approx(float(totals.max()))
+    assert summed["unit"].iloc[0] == f"L{summed['layer'].iloc[0]}H{summed['head'].iloc[0]}"
+
+
+def test_top_tokens(attr):
+    top = attr.top(3, "tokens")
+    assert top["score"].iloc[0] == pytest.approx(float(attr.tokens[0].max()))
+    assert top["token"].iloc[0] == attr.str_tokens[0][top["pos"].iloc[0]]
+
+
+def test_dataframe_round_trip(attr):
+    df = attr.to_dataframe()
+    assert set(df["kind"]) == {"tokens", "heads", "neurons"}
+    heads = df[df["kind"] == "heads"]
+    assert len(heads) == attr.heads.numel()
+    assert heads["score"].sum() == pytest.approx(float(attr.heads.sum()), rel=1e-4)
+    r = heads.iloc[37]
+    assert attr.heads[r["row"], r["layer"], r["pos"], r["head"]] == pytest.approx(r["score"])
+
+
+def test_totals_and_row_selection(attr):
+    torch.testing.assert_close(attr.total("heads"), attr.heads.sum(dim=(1, 2, 3)))
+    one = attr[1]
+    assert one.batch == 1 and one.str_tokens == attr.str_tokens[1:]
+    torch.testing.assert_close(one.heads[0], attr.heads[1])
+    assert one.target["labels"] == attr.target["labels"][1:]
+    assert one.effective_targets["blocks.0.hook_resid_pre"].shape[0] == 1
+
+
+def test_missing_kind_is_a_clear_error(attr):
+    only_tokens = Attribution(method="x", tokens=attr.tokens)
+    with pytest.raises(ValueError, match="no heads scores"):
+        only_tokens.top(3, "heads")
+    with pytest.raises(ValueError, match="kind must be"):
+        attr.scores("edges")
+
+
+def test_save_and_load(attr, tmp_path):
+    path = tmp_path / "attr.pt"
+    attr.save(path)
+    back = Attribution.load(path)
+    for name in ("tokens", "heads", "neurons", "head_keys", "bias", "target_value", "positions", "token_ids"):
+        torch.testing.assert_close(getattr(back, name), getattr(attr, name))
+    assert back.str_tokens == attr.str_tokens
+    assert back.target == attr.target and back.settings == attr.settings
+    torch.testing.assert_close(back.effective_targets["blocks.1.hook_resid_mid"], attr.effective_targets["blocks.1.hook_resid_mid"])
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a saved dpa_lens Attribution"):
+        Attribution.load(tmp_path / "other.pt")
