@@ -87,10 +87,10 @@ def agreement_edges(circuits: dict, top: int, n_random: int, seed: int) -> list[
     first = circuits["DPA"]
     chosen: dict[tuple[int, int], None] = {}
     for name in ("DPA", "contrastive DPA", "edge AtP"):
-        flat = circuits[name].scores[0].abs().masked_fill(~first.mask, -1.0).flatten()
+        flat = circuits[name].scores[0].abs().masked_fill(~first.in_graph, -1.0).flatten()
         chosen.update(dict.fromkeys(divmod(int(i), len(first.readers)) for i in flat.argsort(descending=True, stable=True)[:top]))
     is_head = lambda n: n.startswith("L") and "H" in n  # noqa: E731
-    pool = [(w, r) for w, r in torch.nonzero(first.mask).tolist()
+    pool = [(w, r) for w, r in torch.nonzero(first.in_graph).tolist()
             if is_head(first.writers[w]) and is_head(first.readers[r][0]) and (w, r) not in chosen]
     gen = torch.Generator().manual_seed(seed)
     chosen.update(dict.fromkeys(pool[i] for i in torch.randperm(len(pool), generator=gen)[:n_random].tolist()))
@@ -183,12 +183,14 @@ def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
     import torch
 
     import dpa_lens
-    from dpa_lens.graph import graph
+    from dpa_lens.graph import Graph
+    from dpa_lens.models.view import ModelView
 
     model = dpa_lens.load_model("smollm2-135m")
     clean, corrupted = random_pair(model, length)
     target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
-    writers, readers, exists = graph(model.cfg.n_layers, model.cfg.n_heads, parallel=False)
+    g = Graph.of(ModelView(model))
+    writers, readers, exists = g.writers, g.readers, g.mask
     patched = torch.nonzero(exists[:, :-1]).tolist()  # edges that take a forward (logit edges are free)
     gen = torch.Generator().manual_seed(length)
     edges = [(writers[w], *readers[r]) for w, r in (patched[i] for i in torch.randperm(len(patched), generator=gen)[:sample].tolist())]

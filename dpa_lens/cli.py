@@ -59,6 +59,7 @@ def summary(report, top: int) -> str:
 def explain(model_name: str, prompt: str, target: str, contrast: str | None, corrupted: str | None,
             methods: Sequence[str], out: Path | None, top: int) -> int:
     import dpa_lens
+    from dpa_lens.files import write_text_atomic
     from dpa_lens.report import build_report
 
     started = time.perf_counter()
@@ -68,7 +69,7 @@ def explain(model_name: str, prompt: str, target: str, contrast: str | None, cor
                           methods=methods, model_name=model_name)
     print(summary(report, top))
     if out is not None:
-        out.write_text(report.html(top=top), encoding="utf-8")
+        write_text_atomic(out, report.html(top=top), what="the report")
         print(f"\nreport written to {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
     print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0

@@ -30,12 +30,13 @@ def destination(path: str | os.PathLike, what: str) -> Path:
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, what: str = "the file") -> Path:
     """Write a file through ``write(handle)`` (a binary handle) so that ``path`` holds either its earlier
     content or the whole new one, never a part. Returns the path written."""
-    path = destination(path, what)
+    path = destination(path, what).resolve()  # through a symbolic link: the file it points to is replaced
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise InputError(f"cannot save {what} to {path}: {err.strerror or err}") from None
     try:
+        os.fchmod(fd, _mode(path))  # mkstemp makes the file private: give it the mode a plain write would
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -48,6 +49,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, 
             pass
         raise
     return path
+
+
+def _mode(path: Path) -> int:
+    """The earlier file's permissions, or what the umask gives a new file."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, what: str = "the file") -> Path:

@@ -163,6 +163,7 @@ class Graph:
 
     def read_by_mlp(self, layer: int) -> int:
         """How many writers a layer's MLP reads: also its own layer's heads unless the block is parallel."""
+        self.mlp_reader(layer)  # an attention-only model's layers have none
         return self.read_by_heads(layer) + (0 if self.parallel else self.n_heads)
 
     def writer_unit(self, writer: int) -> tuple[int, int]:
@@ -187,7 +188,9 @@ class Graph:
                 raise InputError(f"an edge is a tuple (writer, reader, path) of strings such as ('L0H1', 'L2H3', 'k'), got {edge!r}")
             writer, reader, path = edge
             if writer not in w_index:
-                raise InputError(f"unknown writer {writer!r}: writers are 'embed', 'L{{layer}}H{{head}}' and 'L{{layer}}.mlp' "
+                raise InputError(f"unknown writer {writer!r}: writers are 'embed', 'L{{layer}}H{{head}}'"
+                                 + (" and 'L{layer}.mlp'" if self.has_mlp else " (an attention-only model: no MLPs)")
+                                 + " "
                                  f"({len(self.writers)} in this model, from {self.writers[0]!r} to {self.writers[-1]!r})")
             if (reader, path) not in r_index:
                 raise InputError(f"unknown reader {reader!r} with path {path!r}: readers are ('L{{layer}}H{{head}}', 'q'|'k'|'v'), "

@@ -174,7 +174,10 @@ def prepare_tokens(
 
     Strings are tokenized one by one as ``model.to_tokens`` does, then padded on
     ``padding_side`` (default: the tokenizer's), so each row is exactly its own tokenization.
-    Token tensors are used as they are; pass ``attention_mask`` for left-padded ones.
+    Token tensors are used as they are; pass ``attention_mask`` for left-padded ones. A prompt longer
+    than the model's context, empty token ids, or ids outside the vocabulary are an `InputError`
+    (``model.to_tokens`` would cut a long prompt to its first ``n_ctx`` tokens, and the answer explained
+    would be another token's).
     """
     device = model.cfg.device
     if hasattr(text, "keys") and hasattr(text, "__getitem__") and not isinstance(text, Tensor):
@@ -185,7 +188,8 @@ def prepare_tokens(
     if isinstance(text, (list, tuple)) and not text:
         raise InputError("the list of prompts is empty")
     if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
-        rows = [model.to_tokens(t)[0].cpu() for t in text]
+        rows = [model.to_tokens(t, truncate=False)[0].cpu() for t in text]
+        _check_length(model, max(len(r) for r in rows), "prompt")
         n = max(len(r) for r in rows)
         if all(len(r) == n for r in rows):
             return torch.stack(rows).to(device), None
@@ -205,7 +209,22 @@ def prepare_tokens(
         raise InputError(f"expected a string, a list of strings or token ids [batch, pos], got {type(text).__name__}")
     if tokens.ndim == 1:
         tokens = tokens[None]
+    if tokens.shape[-1] == 0 or tokens.shape[0] == 0:
+        raise InputError(f"the token ids are empty (shape {tuple(tokens.shape)}): pass at least one token per row")
+    vocab = getattr(model.cfg, "d_vocab", None)
+    if tokens.numel() and (int(tokens.min()) < 0 or (vocab is not None and int(tokens.max()) >= vocab)):
+        raise InputError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got ids from {int(tokens.min())} to "
+                         f"{int(tokens.max())}")
+    _check_length(model, tokens.shape[-1], "input")
     return tokens.to(device), (None if attention_mask is None else torch.as_tensor(attention_mask).to(device))
+
+
+def _check_length(model: Any, n: int, what: str) -> None:
+    """`InputError` when ``n`` tokens are more than the model's context."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and n > n_ctx:
+        raise InputError(f"the {what} is {n} tokens long and the model's context is {n_ctx}: shorten it (the model would "
+                         f"read only its first {n_ctx} tokens, and the answer explained would be another token's)")
 
 
 def prepare_pair(

@@ -34,6 +34,8 @@ from torch import Tensor
 
 from dpa_lens.errors import InputError
 from dpa_lens.evaluation.agreement import correlation
+from dpa_lens.evaluation.circuit_faithfulness import CircuitCurve
+from dpa_lens.evaluation.faithfulness import Curves
 from dpa_lens.graph import head_name, node_layer
 from dpa_lens.results import Attribution, Circuit, Path
 from dpa_lens.results.rows import register_figure
@@ -295,21 +297,26 @@ def flow(attr: Attribution, *, row: int = 0, title: str | None = None) -> go.Fig
 
 def scatter(
     x_attr: Attribution, y_attr: Attribution, kind: Literal["tokens", "heads", "neurons"] = "heads", *, row: int = 0,
-    sum_positions: bool = True, title: str | None = None
+    sum_positions: bool = True, labels: int = 6, title: str | None = None
 ) -> go.Figure:
-    """Scatter of two methods' scores for the same units, with Pearson r and Spearman ρ."""
-    x, labels = x_attr.flat(kind, row, sum_positions)
+    """Scatter of two methods' scores for the same units, with Pearson r and Spearman ρ; the ``labels``
+    points farthest from the origin carry their unit's name (``L24H5``), so that a static image says which
+    units the outliers are (every point names its unit on hover)."""
+    x, names = x_attr.flat(kind, row, sum_positions)
     y, _ = y_attr.flat(kind, row, sum_positions)
     if x.shape != y.shape:
         raise ValueError(f"the two attributions score different units ({tuple(x.shape)} vs {tuple(y.shape)}); "
                          "heads per position against heads summed? use sum_positions=True")
     pearson, spearman = correlation(x, y)
     lim = _symmetric([x, y])
+    far = set((x.abs() / x.abs().max().clamp_min(1e-30) + y.abs() / y.abs().max().clamp_min(1e-30)).argsort(descending=True)[:labels].tolist())
     fig = go.Figure(
         [
             go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", line=dict(color="#bbbbbb", dash="dot"), hoverinfo="skip", showlegend=False),
-            go.Scatter(x=x.numpy(), y=y.numpy(), mode="markers", text=labels, marker=dict(size=7, color="#4a6fa5", opacity=0.75),
-                       hovertemplate="%{text}<br>x %{x:.4g}<br>y %{y:.4g}<extra></extra>", showlegend=False),
+            go.Scatter(x=x.numpy(), y=y.numpy(), mode="markers+text", customdata=names,
+                       text=[n if i in far else "" for i, n in enumerate(names)], textposition="top center", textfont=dict(size=10),
+                       marker=dict(size=7, color="#4a6fa5", opacity=0.75),
+                       hovertemplate="%{customdata}<br>x %{x:.4g}<br>y %{y:.4g}<extra></extra>", showlegend=False),
         ]
     )
     fig.update_layout(
@@ -323,17 +330,30 @@ def scatter(
     return fig
 
 
-def faithfulness(curves: Sequence[Any], *, axis: Literal["linear", "log"] | None = None, title: str | None = None) -> go.Figure:
-    """Disruption (left) and recovery (right) curves of several methods, mean ± one standard error.
+_PALETTE = ["#4a6fa5", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c", "#30638e", "#e07a5f", "#3d405b", "#81b29a", "#f2cc8f"]
 
-    ``curves``: `dpa_lens.evaluation.Curves`, one per method. The legend gives each method's AUCs
-    (on ``axis``: log for component units, linear for tokens, by default).
+
+def faithfulness(curves: Any, *, axis: Literal["linear", "log"] | None = None, title: str | None = None) -> go.Figure:
+    """Faithfulness curves of several methods, mean ± one standard error over the prompts.
+
+    ``curves``: `dpa_lens.evaluation.Curves` (node attributions), one per method: disruption (left) and
+    recovery (right), the legend with each method's AUCs (on ``axis``: log for component units, linear
+    for tokens, by default). Or `dpa_lens.evaluation.CircuitCurve` (circuits, from
+    `dpa_lens.circuit_faithfulness`), one or a list: MIB's faithfulness ``f`` of the circuit against the
+    fraction of edges kept, the legend with CPR and CMD (on ``axis``: MIB's linear one by default; the
+    fraction axis is drawn on a log scale either way, where the grid's points are spread).
     """
-    curves = list(curves)
+    curves = [curves] if isinstance(curves, (Curves, CircuitCurve)) else list(curves)
     if not curves:
-        raise ValueError("no curves to plot")
+        raise InputError("no curves to plot: pass the Curves or CircuitCurve of each method")
+    kinds = {type(c) for c in curves}
+    if len(kinds) > 1 or not kinds <= {Curves, CircuitCurve}:
+        raise InputError(f"plot.faithfulness takes Curves (node methods) or CircuitCurve (circuits), one kind at a time, got "
+                         f"{sorted(k.__name__ for k in kinds)}")
+    if kinds == {CircuitCurve}:
+        return _circuit_faithfulness(curves, axis or "linear", title)
     axis = axis or ("linear" if curves[0].unit == "tokens" else "log")
-    palette = ["#4a6fa5", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c", "#30638e", "#e07a5f", "#3d405b", "#81b29a", "#f2cc8f"]
+    palette = _PALETTE
     titles = ["disruption: top-k ablated (lower is better)", "recovery: all but top-k ablated (higher is better)"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for i, c in enumerate(curves):
@@ -360,6 +380,31 @@ def faithfulness(curves: Sequence[Any], *, axis: Literal["linear", "log"] | None
     return fig
 
 
+def _circuit_faithfulness(curves: list[CircuitCurve], axis: Literal["linear", "log"], title: str | None) -> go.Figure:
+    fig = go.Figure()
+    for i, c in enumerate(curves):
+        color = _PALETTE[i % len(_PALETTE)]
+        x = c.fractions.double().numpy()
+        f = c.faithfulness.double()
+        mean = c.curve().double()
+        se = f.std(0) / f.shape[0] ** 0.5 if f.shape[0] > 1 else torch.zeros_like(mean)
+        fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list((mean + se).numpy()) + list((mean - se).numpy()[::-1]),
+                                 fill="toself", fillcolor=color, opacity=0.15, line=dict(width=0), hoverinfo="skip",
+                                 showlegend=False, legendgroup=c.method))
+        fig.add_trace(go.Scatter(x=x, y=mean.numpy(), mode="lines+markers", line=dict(color=color), marker=dict(size=5),
+                                 name=f"{c.method} (CPR {c.cpr(axis):.2f}, CMD {c.cmd(axis):.2f})", legendgroup=c.method,
+                                 customdata=c.n_edges.numpy(),
+                                 hovertemplate=c.method + "<br>%{customdata} edges (%{x:.3g})<br>f %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=1.0, line=dict(color="#999999", dash="dot"))
+    first = curves[0]
+    fig.update_xaxes(title_text=f"fraction of the {first.n_total:,} edges kept", type="log")
+    fig.update_yaxes(title_text="faithfulness f = (m(C) − m(∅)) / (m(M) − m(∅))")
+    fig.update_layout(title=title or f"Circuit faithfulness: {first.ablation} ablation, {first.values.shape[0]} prompt"
+                      f"{'s' if first.values.shape[0] != 1 else ''} (CPR/CMD on the {axis} axis)",
+                      width=900, height=450, legend=dict(title="edges ranked by"))
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- circuits
 def _node_xy(node: str, n_layers: int, n_heads: int) -> tuple[float, float]:
     """Layers left to right (embed, then each layer's heads and MLP, then the logit): heads stacked
@@ -370,8 +415,12 @@ def _node_xy(node: str, n_layers: int, n_heads: int) -> tuple[float, float]:
     return x, (n_heads - 1 - int(node.split("H")[1]) if "H" in node else -1.0)
 
 
-def circuit(circ: Circuit, *, row: int = 0, top_n: int | None = 40, threshold: float | None = None, title: str | None = None) -> go.Figure:
+def circuit(circ: Circuit, *, row: int = 0, top_n: int | None = 40, threshold: float | None = None, title: str | None = None,
+            width: int | None = None) -> go.Figure:
     """The ``top_n`` strongest edges of one row (and/or those with ``|score| ≥ threshold``) as a graph.
+
+    The figure fills its container (a notebook cell, the report) unless ``width`` (pixels) is given, as
+    for a static image (``fig.write_image``).
 
     Layers run left to right (``embed``, each layer's heads then its MLP, ``logit``); an edge goes
     from its writer to the input of its reader it reaches (query, key and value enter a head at three
@@ -401,18 +450,22 @@ def circuit(circ: Circuit, *, row: int = 0, top_n: int | None = 40, threshold: f
                                  line=dict(color=PATH_COLORS[label], width=3)))
     nodes = sorted({"embed", "logit", *table["writer"], *table["reader"]}, key=lambda n: (xy(n)[0], xy(n)[1]))
     node_scores = dict(zip(circ.writers, circ.nodes[circ.row_index(row)].tolist())) if circ.nodes is not None else {}
+    # the bottom row (embed, the MLPs, logit) is crowded: its labels alternate above and below the nodes
+    bottom = [n for n in nodes if xy(n)[1] == -1.0]
+    where = ["bottom center" if n in bottom and bottom.index(n) % 2 else "top center" for n in nodes]
     fig.add_trace(go.Scatter(
-        x=[xy(n)[0] for n in nodes], y=[xy(n)[1] for n in nodes], mode="markers+text", text=nodes, textposition="top center",
+        x=[xy(n)[0] for n in nodes], y=[xy(n)[1] for n in nodes], mode="markers+text", text=nodes, textposition=where,
         marker=dict(size=11, color="#f4f4f4", line=dict(color="#555555", width=1.2)), name="nodes", showlegend=False,
         customdata=[f"{n}" + (f"<br>node score {node_scores[n]:.4g}" if n in node_scores else "") for n in nodes],
         hovertemplate="%{customdata}<extra></extra>"))
-    ticks = [0] + [1 + 2 * l for l in range(n_layers)] + [2 * n_layers + 2]
-    fig.update_xaxes(tickvals=ticks, ticktext=["embed"] + [f"L{l}" for l in range(n_layers)] + ["logit"], showgrid=False, zeroline=False)
-    fig.update_yaxes(visible=False)
+    step = max(1, math.ceil(n_layers / 12))  # at most a dozen layer ticks; embed and logit are labelled nodes
+    fig.update_xaxes(tickvals=[1 + 2 * l for l in range(0, n_layers, step)], ticktext=[f"L{l}" for l in range(0, n_layers, step)],
+                     range=[-1.0, 2.0 * n_layers + 3], showgrid=False, zeroline=False)
+    fig.update_yaxes(visible=False, range=[-2.0, n_heads])
     labels, b = circ.target.get("labels") or [], circ.row_index(row)
     fig.update_layout(
         title=title or f"{circ.method}: top {len(table)} edges" + (f" for {labels[b]}" if len(labels) > b else ""),
-        width=max(700, min(1800, 60 * (2 * n_layers + 2))), height=max(420, 45 * n_heads + 320), plot_bgcolor="white",
+        autosize=width is None, width=width, height=max(420, 45 * n_heads + 320), plot_bgcolor="white",
         legend=dict(title="path (dotted: negative)"), hovermode="closest")
     fig.layout.meta = {"edges": table.to_dict("records")}
     return fig

@@ -62,8 +62,8 @@ def build_report(
 ) -> Report:
     """Run ``methods`` on one prompt and collect their attributions and figures.
 
-    Cache methods share one forward pass (caching what they read), which pair methods take as their
-    clean run. Methods that need a corrupted prompt are skipped without one; the others never get it.
+    Cache methods share one forward pass (caching what they read); pair methods run their own clean and
+    corrupted forwards. Methods that need a corrupted prompt are skipped without one; the others never get it.
     """
     specs = [get_method(m) for m in methods]  # unknown names fail here, before any work
     if corrupted is None:
@@ -90,7 +90,7 @@ def build_report(
         _log(f"[{done}/{steps}] {spec.name} ...", quiet)
         start = time.perf_counter()
         report.attributions[spec.name] = run(spec.name, model, prompt, target, corrupted=corrupted if spec.input == "pair" else None,
-                                             cache=cache if spec.uses_cache else None, progress=not quiet)
+                                             cache=cache if spec.input == "cache" else None, progress=not quiet)
         report.timings[spec.name] = time.perf_counter() - start
     explained = next((a for a in report.attributions.values() if a.target.get("labels")), None)
     if explained is not None:

@@ -139,7 +139,11 @@ class MetricTarget:
                 raise TargetError(f"the metric {self.name} must return a scalar tensor for one row's logits [1, pos, vocab], "
                                   f"got {got}")
             values.append(value.reshape(()).float())
-        return torch.stack(values)
+        out = torch.stack(values)
+        if not bool(torch.isfinite(out.detach()).all()):
+            raise TargetError(f"the metric {self.name} returned {out.detach().tolist()} (not finite) for these logits: its scores "
+                              "would be NaN; check the metric (a division by zero, a log of 0?)")
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"labels": [f"metric {self.name}"] * self.batch, "token_ids": [[-1, -1]] * self.batch, "logit": ["metric"] * self.batch}

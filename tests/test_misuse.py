@@ -167,6 +167,30 @@ def test_a_cache_where_a_prompt_belongs_is_refused(tiny):
         dpa_lens.gradient(model, [], PAIR)
 
 
+@pytest.mark.parametrize("method", ["dpa", "atp", "edge_atp", "gradient"])
+def test_a_prompt_longer_than_the_context_is_refused_with_its_length(tiny, method):
+    """``model.to_tokens`` cuts a long prompt to its first ``n_ctx`` tokens: the answer explained would be a filler token's."""
+    model = tiny[0]
+    n_ctx = model.cfg.n_ctx
+    long = " ".join(["word"] * (n_ctx + 10)) + " to"
+    corrupted = long if dpa_lens.get_method(method).input == "pair" else None
+    with pytest.raises(InputError, match=rf"is \d+ tokens long and the model's context is {n_ctx}"):
+        dpa_lens.run(method, model, long, PAIR, corrupted=corrupted, progress=False)
+    with pytest.raises(InputError, match=f"context is {n_ctx}"):
+        dpa_lens.run(method, model, torch.zeros(1, n_ctx + 1, dtype=torch.long), PAIR,
+                     corrupted=torch.zeros(1, n_ctx + 1, dtype=torch.long) if corrupted else None, progress=False)
+
+
+def test_token_ids_outside_the_vocabulary_or_empty_are_refused(tiny):
+    model = tiny[0]
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 512\)"):
+        dpa_lens.run("dpa", model, torch.tensor([[1, 2, 100000]]), PAIR)
+    with pytest.raises(InputError, match="token ids must be in"):
+        dpa_lens.run("atp", model, torch.tensor([[1, -3, 2]]), PAIR, corrupted=torch.tensor([[1, 2, 2]]))
+    with pytest.raises(InputError, match="empty"):
+        dpa_lens.run("dpa", model, torch.zeros(1, 0, dtype=torch.long), PAIR)
+
+
 def test_random_seed_must_be_an_int(tiny):
     model, _, cache = tiny
     with pytest.raises(InputError, match="seed must be an int"):
@@ -268,3 +292,14 @@ def test_report_tables_rank_by_absolute_score(tiny):
     strongest = attr.neurons[0].abs().max()
     value = float(attr.neurons[0].flatten()[attr.neurons[0].abs().argmax()])
     assert f"{value:+.4f}" in html and float(strongest) == abs(value)
+
+
+def test_a_cache_of_another_prompt_given_to_run_is_refused(tiny):
+    """``run(name, model, prompt, cache=...)``: the cache must be the prompt's (it explained the cache's own prompt)."""
+    model, _, cache = tiny
+    with pytest.raises(CacheError, match="another input"):
+        dpa_lens.run("dpa", model, CORRUPTED, PAIR, cache=cache)  # same length, other tokens
+    with pytest.raises(CacheError, match="another input"):
+        dpa_lens.run("dla", model, [IOI_PROMPT, IOI_PROMPT], PAIR, cache=cache)  # two rows, a cache of one
+    same = dpa_lens.run("dpa", model, IOI_PROMPT, PAIR, cache=cache)
+    torch.testing.assert_close(same.tokens, dpa_lens.dpa(model, cache, PAIR).tokens)

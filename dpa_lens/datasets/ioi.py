@@ -9,14 +9,18 @@ prompt has a corrupted partner of exactly the same token length:
   flips, so the logit difference changes sign);
 * ``corruption="abc"``: the second mention becomes a third name (no repeated name to copy).
 
-The target of a prompt is the pair ``(correct, incorrect)`` = (IO, S).
+The target of a prompt is the pair ``(correct, incorrect)`` = (IO, S). ``corrupt(prompt, io, s)`` makes
+the same partner for a sentence of your own.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from dpa_lens.errors import InputError
 
 TEMPLATES = [
     "When {X} and {Y} went to the {place}, {S2} gave a {obj} to",
@@ -85,3 +89,39 @@ def ioi_dataset(
             continue
         prompts.append(IOIPrompt(clean, corrupted, " " + io, " " + s, order, t))
     return prompts
+
+
+def corrupt(
+    prompt: str, io: str, s: str, *, corruption: Literal["flip", "abc"] = "flip", third: str | None = None, model: Any = None
+) -> IOIPrompt:
+    """The IOI prompt of a sentence of your own, with its corrupted partner.
+
+    ``prompt`` names the indirect object ``io`` once and the subject ``s`` twice, the second time near the
+    end (``"When Mary and John went to the store, John gave a drink to"``, ``io="Mary"``, ``s="John"``).
+    The corrupted prompt replaces the last mention of ``s`` by ``io`` (``"flip"``: the answer flips) or by
+    ``third`` (``"abc"``). With ``model``, the two prompts must tokenize to the same length (patching
+    compares them position by position), and each name must be one token with its leading space.
+    """
+    if corruption not in ("flip", "abc"):
+        raise InputError(f"corruption must be 'flip' or 'abc', got {corruption!r}")
+    if corruption == "abc" and not third:
+        raise InputError("corruption='abc' replaces the subject's second mention by a third name: pass third='...'")
+    io, s = io.strip(), s.strip()
+    word = lambda name: re.compile(rf"(?<![\w]){re.escape(name)}(?![\w])")  # noqa: E731
+    where_io, where_s = [m.start() for m in word(io).finditer(prompt)], [m for m in word(s).finditer(prompt)]
+    if len(where_io) != 1 or len(where_s) != 2:
+        raise InputError(f"an IOI prompt names the indirect object once and the subject twice; {prompt!r} names {io!r} "
+                         f"{len(where_io)} time(s) and {s!r} {len(where_s)} time(s)")
+    last = where_s[-1]
+    corrupted = prompt[: last.start()] + (io if corruption == "flip" else third.strip()) + prompt[last.end():]
+    if model is not None:
+        lone = [n for n in (io, s) + ((third.strip(),) if corruption == "abc" else ()) if n not in single_token_names(model, [n])]
+        if lone:
+            raise InputError(f"{', '.join(repr(' ' + n) for n in lone)} is not one token for this model's tokenizer: the logit "
+                             "difference of IOI needs single-token names")
+        a, b = model.to_tokens(prompt).shape[-1], model.to_tokens(corrupted).shape[-1]
+        if a != b:
+            raise InputError(f"the corrupted prompt {corrupted!r} has {b} tokens and the prompt {a}: they must align position "
+                             "by position; choose names of the same token length")
+    order: Literal["ABB", "BAB"] = "ABB" if where_io[0] < where_s[0].start() else "BAB"
+    return IOIPrompt(prompt, corrupted, " " + io, " " + s, order, -1)

@@ -45,6 +45,7 @@ product per copy.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -181,7 +182,7 @@ class _Ablator:
 
     def _forward(self, row: int, keeps: Tensor) -> Tensor:
         view, device = self.view, self.corr.device
-        H, L, W, R = view.n_heads, view.n_layers, len(self.writers), len(self.readers)
+        H, L, W = view.n_heads, view.n_layers, len(self.writers)
         c, n, d = keeps.shape[0], self.tokens.shape[1], view.d_model
         drop = (self.exists & ~keeps).to(device=device, dtype=self.ablated.dtype)  # [c, W, R]
         real = self.corr.inputs.real[row].to(device=device, dtype=self.ablated.dtype)[None, None, :, None]
@@ -233,7 +234,7 @@ class _Ablator:
         kwargs = {} if mask is None else {"attention_mask": mask}
         with torch.no_grad():
             self.model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **kwargs)
-            at_answer = torch.einsum("cw,cwd->cd", drop[:, :, R - 1], written(W)[:, :, position])
+            at_answer = torch.einsum("cw,cwd->cd", drop[:, :, self.graph.logit_reader], written(W)[:, :, position])
             target = self.target.rows(torch.full((c,), row))
             value = target_values(target, live.act(hooks.FINAL_NORMALIZED), live.positions, view.norm_weight("ln_final"))
             return (value + final_value_change(live, target, copies, at_answer)).cpu()
@@ -373,3 +374,13 @@ def _check_circuit(circuit: Circuit, ab: _Ablator, batch: int) -> None:
         raise InputError(f"the circuit has {circuit.batch} rows for {batch} prompts: pass one row for all prompts or one per prompt")
     if circuit.batch > 1 and circuit.token_ids is not None and not torch.equal(circuit.token_ids.cpu(), ab.tokens.cpu()):
         raise InputError("the circuit's rows were computed on other prompts than clean: pass the circuit of these prompts")
+    scores = circuit.scores.detach().float().cpu()[:, ab.exists]  # [row, existing edge]
+    if not bool(torch.isfinite(scores).all()):
+        raise InputError(f"the {circuit.method} circuit has NaN or infinite edge scores: they cannot be ranked")
+    held = circuit.in_graph.cpu() & ab.exists
+    if not bool(held.any()) or not bool((scores != 0).any()):
+        raise InputError(f"the {circuit.method} circuit scores no edge (it is empty or all zero): there is nothing to rank")
+    unscored = int(ab.exists.sum() - held.sum())
+    if unscored:
+        warnings.warn(f"{unscored} of the model's {int(ab.exists.sum())} edges are not in the {circuit.method} circuit (unscored): they "
+                      "rank last, in graph order", stacklevel=3)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from dpa_lens.deprecation import renamed
 from dpa_lens.inputs import leading_bos, prepare_tokens
 from dpa_lens.models import hooks
 from dpa_lens.results import Attribution
@@ -162,15 +163,16 @@ def _replacement(kind: str, ablation: str, clean: Tensor, other: Tensor | None, 
     return other  # resample: the corrupted run's activation
 
 
+@renamed(tokens="prompt", corrupted_tokens="corrupted")
 def faithfulness_curves(
     model: Any,
-    tokens: Any,
+    prompt: Any,
     attr: Attribution,
     *,
     unit: Unit = "tokens",
     fractions: Sequence[float] | None = None,
     ablation: Ablation = "zero",
-    corrupted_tokens: Any = None,
+    corrupted: Any = None,
     absolute: bool = False,
     keep_bos: bool = False,
     batch_size: int = 32,
@@ -178,12 +180,12 @@ def faithfulness_curves(
     """Disruption and recovery curves of ``attr`` on the prompts it explains.
 
     Args:
-        tokens: the prompts ``attr`` was computed on (strings or ids), one per batch row.
+        prompt: the prompts ``attr`` was computed on (strings or ids), one per batch row.
         unit: what to rank and ablate (see the module docstring).
         fractions: of the units ablated (disrupt) or kept (recover); default: the authors' grid
             for the unit (0.1 … 1.0 for tokens, a log grid from 4e-8 to 0.45 otherwise).
         ablation: ``"zero"`` (the authors'), ``"mean"`` (the unit's mean over the prompt's
-            positions) or ``"resample"`` (its value on ``corrupted_tokens``). Attention entries
+            positions) or ``"resample"`` (its value on ``corrupted``). Attention entries
             are always zeroed.
         absolute: rank by absolute score instead of signed score (highest first).
         keep_bos: never rank or ablate a leading BOS token (its embedding, and its position's heads,
@@ -198,8 +200,8 @@ def faithfulness_curves(
     require_eval(model, "faithfulness curves")
     if ablation not in ("zero", "mean", "resample"):
         raise ValueError(f"ablation must be 'zero', 'mean' or 'resample', got {ablation!r}")
-    if ablation == "resample" and corrupted_tokens is None:
-        raise ValueError("ablation='resample' takes the ablated values from corrupted_tokens: pass them")
+    if ablation == "resample" and corrupted is None:
+        raise ValueError("ablation='resample' takes the ablated values from the corrupted prompt: pass corrupted=")
     default = TOKEN_FRACTIONS if unit == "tokens" else COMPONENT_FRACTIONS
     fr = torch.tensor(list(fractions) if fractions is not None else default, dtype=torch.float64)
     if bool((fr <= 0).any() or (fr > 1).any()):
@@ -208,14 +210,14 @@ def faithfulness_curves(
     if not ids or any(row[0] < 0 for row in ids):
         raise ValueError("faithfulness curves need a token target (the answer's probability is measured)")
     n_layers = model.cfg.n_layers
-    tok, mask = prepare_tokens(model, tokens)
+    tok, mask = prepare_tokens(model, prompt)
     if attr.token_ids is not None and not torch.equal(tok.cpu(), attr.token_ids.cpu()):
-        raise ValueError("tokens differ from the tokens the attribution was computed on")
+        raise ValueError("the prompt's tokens differ from the tokens the attribution was computed on")
     other_tok = None
-    if corrupted_tokens is not None:
-        other_tok, _ = prepare_tokens(model, corrupted_tokens)
+    if corrupted is not None:
+        other_tok, _ = prepare_tokens(model, corrupted)
         if other_tok.shape != tok.shape:
-            raise ValueError("corrupted_tokens must have the same shape as tokens")
+            raise ValueError("the corrupted prompt must have the same shape as the prompt")
     real_all = torch.ones_like(tok, dtype=torch.bool).cpu() if mask is None else mask.bool().cpu()
     kept = leading_bos(model, tok, real_all) if keep_bos else torch.zeros_like(real_all)
     kwargs = {} if mask is None else {"attention_mask": mask}

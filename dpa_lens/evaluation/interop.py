@@ -17,8 +17,9 @@ from typing import Any, get_args
 
 import torch
 
+from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
-from dpa_lens.graph import node_layer
+from dpa_lens.graph import node_layer, writer_kind
 from dpa_lens.results import Attribution, Circuit
 
 
@@ -52,7 +53,8 @@ def to_transformer_lens(attr: Attribution, row: int = 0) -> Any:
     return ap.AttributionResult(node_scores=scores)
 
 
-def circuit_edges(model: Any, clean_tokens: Any, nodes: Iterable[Any]) -> list[tuple[Any, Any]]:
+@renamed(clean_tokens="prompt")
+def circuit_edges(model: Any, prompt: Any, nodes: Iterable[Any]) -> list[tuple[Any, Any]]:
     """All edges of TransformerLens's graph whose writer is one of ``nodes`` (a node circuit as edges).
 
     For ``transformer_lens.tools.analysis.attribution_patching.faithfulness`` (TransformerLens 4.x,
@@ -66,7 +68,7 @@ def circuit_edges(model: Any, clean_tokens: Any, nodes: Iterable[Any]) -> list[t
     keep = set(nodes)
     names = ap._edge_hook_names(model.cfg.n_layers)
     with ap._edge_hook_flags(model):
-        cache = ap.cache_activation_and_gradient(model, clean_tokens, lambda logits: logits[0, -1].sum(),
+        cache = ap.cache_activation_and_gradient(model, prompt, lambda logits: logits[0, -1].sum(),
                                                  names_filter=lambda n: n in names, compute_gradient=False)
         edges = ap.enumerate_edges(model, cache)
     return [(w, r) for w, r in edges if w in keep]
@@ -114,7 +116,7 @@ def circuit_to_transformer_lens(circuit: Circuit, row: int = 0) -> Any:
         return ap.Node(kinds[label], p, layer, int(name.split("H")[1])) if "H" in name else ap.Node("mlp_in", p, layer)
 
     mask = circuit.in_graph.clone()
-    mask[[i for i, w in enumerate(circuit.writers) if "N" in w]] = False  # neurons ("L{l}N{n}")
+    mask[[i for i, w in enumerate(circuit.writers) if writer_kind(w) == "neuron"]] = False
     scores = circuit.per_position[b].detach().double().cpu()  # [pos, writer, reader]
     w_idx, r_idx = torch.nonzero(mask, as_tuple=True)
     writers = sorted(set(w_idx.tolist()))

@@ -5,7 +5,7 @@ EAP linearises exact edge patching (`dpa_lens.edge_patching`): an edge ``u → r
     Σ_p Δ_u[p] · ∂f/∂x_r[p]
 
 where ``Δ_u = out_u(clean) − out_u(corrupted)`` is the writer's output difference (the writers of
-`dpa_edges`: embeddings, a head's ``z W_O``, an MLP's ``post W_out``; through Gemma's output norms with
+`dpa_lens.graph`: embeddings, a head's ``z W_O``, an MLP's ``post W_out``; through Gemma's output norms with
 each run's scale frozen) and ``∂f/∂x_r`` is the gradient of the explained quantity with respect to
 the reader's private copy of the stream on the corrupted run: the head's query, key or value input, the
 MLP's input, or the final norm's input. It is the derivative at ``ε = 0`` of patching ``ε Δ_u`` into the

@@ -112,20 +112,20 @@ def edge_patching(
         deltas = writer_deltas(clean_fwd, corr)  # [b, n, W, d]
         corr_value = target_values(resolved, corr.act(hooks.FINAL_NORMALIZED), corr.positions, view.norm_weight("ln_final"))
         clean_value = target_values(resolved, clean_fwd.act(hooks.FINAL_NORMALIZED), corr.positions, view.norm_weight("ln_final"))
-    b, R = corr.batch, len(readers)
-    scores = torch.zeros(b, len(writers), R, device=corr.device)
+    b, logit = corr.batch, g.logit_reader
+    scores = torch.zeros(b, len(writers), len(readers), device=corr.device)
 
     # logit edges: the final norm and the target, recomputed at the answer position
-    w_logit = torch.nonzero(chosen[:, R - 1]).flatten().to(corr.device)
+    w_logit = torch.nonzero(chosen[:, logit]).flatten().to(corr.device)
     if len(w_logit):
         rows = torch.arange(b).repeat_interleave(len(w_logit))
         at_answer = deltas[torch.arange(b, device=corr.device), corr.positions.to(corr.device)]  # [b, W, d]
         with torch.no_grad():
             change = final_value_change(corr, resolved.rows(rows), rows, at_answer[:, w_logit].reshape(-1, view.d_model))
-        scores[:, w_logit, R - 1] = change.view(b, -1)
+        scores[:, w_logit, logit] = change.view(b, -1)
 
     # every other edge: one patched copy of the corrupted row per edge, many copies per forward
-    pairs = [(w, r) for w, r in torch.nonzero(chosen[:, : R - 1]).tolist()]
+    pairs = [(w, r) for w, r in torch.nonzero(chosen[:, :logit]).tolist()]
     jobs = [(row, pairs[i : i + batch_size]) for row in range(b) for i in range(0, len(pairs), batch_size)]
     for row, chunk in tqdm(jobs, desc="edge patching", disable=not progress, leave=False):
         c = len(chunk)

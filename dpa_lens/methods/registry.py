@@ -93,9 +93,11 @@ class MethodSpec:
 
     @property
     def uses_cache(self) -> bool:
-        """Whether `run` can give the method a cache of the prompt (cache methods read it, pair methods
-        take it as the clean run; a method that runs the model itself on the prompt cannot)."""
-        return self.input != "tokens"
+        """Whether `run` can give the method a cache of the prompt: cache methods read it, pair methods that
+        take a clean run (``clean_cache=``) use it as theirs; the others run the model themselves."""
+        if self.input == "pair":
+            return self.fn is not None and "clean_cache" in inspect.signature(self.fn).parameters
+        return self.input == "cache"
 
     def names_filter(self, model: TLModel) -> Callable[[str], bool]:
         """A ``run_with_cache`` filter caching what this method reads (cache methods only)."""
@@ -265,6 +267,8 @@ def run(
         tokens, mask = prepare_tokens(model, prompt)
         if cache is None:
             cache = cache_for(model, tokens, spec.name, attention_mask=mask)
+        elif "tokens" in inspect.signature(spec.fn).parameters:  # a cache given: it must be the prompt's run
+            kwargs.setdefault("tokens", tokens)
         if mask is not None:
             kwargs.setdefault("attention_mask", mask)
         if corrupted is not None:
@@ -272,7 +276,7 @@ def run(
             kwargs[spec.contrast] = cache_for(model, corrupted_tokens, spec.name, attention_mask=corrupted_mask)
         return spec.fn(model, cache, target, position, **kwargs)
     if cache is not None and not spec.uses_cache:
-        raise InputError(f"{spec.name} runs the model itself on the prompt (with gradients): it takes no cache; drop cache=")
+        raise InputError(f"{spec.name} takes no cache of the prompt (it runs the model itself, or needs no run): drop cache=")
     if spec.input == "tokens":
         return spec.fn(model, prompt, target, position, **kwargs)
     if cache is not None:

@@ -10,7 +10,9 @@
 
 ``transformers`` dequantises GGUF weights on load; the float32 result is kept under `cache_root`
 (``$DPA_LENS_CACHE``, default ``~/.cache/dpa_lens``), keyed by the GGUF file's content, so that later
-loads take seconds.
+loads take seconds. The copy is written whole or not at all, with the size and SHA-256 of each of its
+files; a load checks them (about half a second for SmolLM2's 517 MB) and rebuilds a damaged copy with a
+warning instead of loading it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,13 +117,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("DPA_LENS_CACHE") or Path.home() / ".cache" / "dpa_lens").expanduser()
 
 
-def _content_key(path: Path) -> str:
-    """The file's size and the start of its SHA-256: the same file in any environment has the same key."""
+def _file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    return f"{path.stat().st_size}-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()
+
+
+def _content_key(path: Path) -> str:
+    """The file's size and the start of its SHA-256: the same file in any environment has the same key."""
+    return f"{path.stat().st_size}-{_file_digest(path)[:16]}"
 
 
 def _source_key(name: str) -> str:
@@ -191,9 +200,9 @@ def load_bundled_hf(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.fl
 
     keep = os.environ.get("DPA_LENS_CACHE") != "off"
     cached = cache_root() / f"{name}-{_source_key(name)}" if keep else None
-    if cached is not None and (cached / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(cached))
-        hf_model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+    loaded = _load_copy(cached, dtype) if cached is not None and cached.exists() else None
+    if loaded is not None:
+        hf_model, tok = loaded
     else:
         if importlib.util.find_spec("gguf") is None:
             raise ModelNotAvailableError(
@@ -239,9 +248,52 @@ def _bos_flag_as_applied(tok: Any) -> None:
         tok.add_bos_token = True
 
 
+MANIFEST = "dpa_lens_manifest.json"  # each file of a kept copy: its size and SHA-256, recorded when written
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """``{file: [size, sha256]}`` of every file of a copy (SmolLM2's 517 MB hash in about half a second)."""
+    return {p.name: [p.stat().st_size, _file_digest(p)] for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _damage(folder: Path) -> str | None:
+    """Why a kept copy cannot be trusted (None when every file is as it was written)."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no record of its content: made by an older dpa_lens, or interrupted"
+    for name, (size, digest) in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _file_digest(path) != digest:
+            return f"{name} is not the file that was written (its SHA-256 differs)"
+    return None
+
+
+def _load_copy(folder: Path, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """The kept copy, loaded after checking it against its manifest; a damaged or unreadable copy is
+    removed with a warning (the caller rebuilds it), never loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    why = _damage(folder)
+    if why is None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype), AutoTokenizer.from_pretrained(str(folder))
+        except Exception as err:
+            why = f"it does not load ({type(err).__name__}: {err})"
+    warnings.warn(f"the kept copy of the bundled model at {folder} is damaged ({why}): reading the GGUF file again "
+                  "and keeping a new copy", stacklevel=3)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
 def _keep_copy(hf_model: Any, tok: Any, where: Path) -> None:
-    """Save the dequantised model for the next load, atomically (written aside, then renamed); a
-    read-only or full disk only costs speed."""
+    """Save the dequantised model for the next load, atomically (written aside, then renamed) and with a
+    manifest of its files (sizes and SHA-256) that the next load checks; a read-only or full disk only
+    costs speed."""
     tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +303,7 @@ def _keep_copy(hf_model: Any, tok: Any, where: Path) -> None:
         tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=".partial-"))
         hf_model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp)))
         os.replace(tmp, where)  # whole or not at all: a reader never sees half a copy
     except OSError:
         if tmp is not None:

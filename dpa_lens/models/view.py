@@ -262,7 +262,7 @@ class ModelView:
             problems.append(f"architecture {self.architecture}")
         if str(getattr(cfg, "normalization_type", None)) not in ("RMS", "RMSPre", "LN", "LNPre"):
             problems.append(f"normalization {getattr(cfg, 'normalization_type', None)}")
-        if str(cfg.act_fn) not in ACTIVATIONS:
+        if str(cfg.act_fn) not in ACTIVATIONS and not getattr(cfg, "attn_only", False):  # an attention-only model needs none
             problems.append(f"activation {cfg.act_fn}")
         if getattr(cfg, "num_experts", None):
             problems.append("mixture of experts")

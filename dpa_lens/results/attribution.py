@@ -58,6 +58,8 @@ class Attribution(Rows):
         "target_value": ("batch",), "positions": ("batch",), "token_ids": ("batch", "pos"), "mask": ("batch", "pos"),
     }
     ROW_DICTS: ClassVar[tuple[str, ...]] = ("effective_targets",)
+    FILLS: ClassVar[dict[str, Any]] = {"mask": True}  # a row without a mask has no padding
+    EXTRAS: ClassVar[tuple[str, ...]] = ("head_keys", "flow", "effective_targets")
     FORMAT: ClassVar[tuple[str, int]] = ("dpa_lens_attribution", 2)
     READS: ClassVar[tuple[int, ...]] = (1,)
 
@@ -214,6 +216,8 @@ class Attribution(Rows):
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive int, got {k!r}")
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
         row = self.row_index(row)
         if kind != "tokens" and (sum_positions or getattr(self, kind) is None):
             t = self.totals(kind)[row].detach().float().cpu()  # [layer, unit]

@@ -48,7 +48,8 @@ class Circuit(Rows):
         "scores": ("batch", "writer", "reader"), "in_graph": ("writer", "reader"), "per_position": ("batch", "pos", "writer", "reader"),
         "nodes": ("batch", "writer"), "bias": ("batch",), "target_value": ("batch",), "positions": ("batch",), "token_ids": ("batch", "pos"),
     }
-    SHARED: ClassVar[tuple[str, ...]] = ("model_name", "writers", "readers")
+    SHARED: ClassVar[tuple[str, ...]] = ("model_name", "settings", "writers", "readers")
+    EXTRAS: ClassVar[tuple[str, ...]] = ("per_position",)
     FORMAT: ClassVar[tuple[str, int]] = ("dpa_lens_circuit", 2)
     READS: ClassVar[tuple[int, ...]] = (1,)
 
@@ -78,6 +79,7 @@ class Circuit(Rows):
         bad = [p for _, p in self.readers if p not in LABELS]
         if bad:
             raise ValueError(f"Circuit: reader paths must be among {LABELS}, got {sorted(set(bad))}")
+        self.in_graph = self.in_graph.to(self.scores.device)  # one device for the edges and their scores
         self.check_shapes()
 
     @property
@@ -145,6 +147,8 @@ class Circuit(Rows):
                 raise InputError(f"path must be one of {LABELS}, got {path!r}")
             df = df[df["path"] == path]
         if kind != "any":
+            if not any(kind_of(w) == _WRITER_KINDS[kind] for w in self.writers):
+                raise InputError(f"this circuit has no {kind} writers" + (": compute it with neurons=True (dpa_edges)" if kind == "neurons" else ""))
             df = df[df["writer"].map(kind_of) == _WRITER_KINDS[kind]]
         key = df["score"].abs() if absolute else df["score"]
         return df.loc[key.sort_values(ascending=False).index[:k]].reset_index(drop=True)
@@ -154,6 +158,8 @@ class Circuit(Rows):
         (of one row; scores of the others are kept on the same edges)."""
         if top_n is None and threshold is None:
             raise InputError("prune needs top_n or threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0):
+            raise InputError(f"threshold must be a number ≥ 0 (an |score|), got {threshold!r}")
         s = self.scores[self.row_index(row)].abs().masked_fill(~self.in_graph, -1.0)
         keep = self.in_graph.clone()
         if threshold is not None:
@@ -199,6 +205,7 @@ class Circuit(Rows):
         state = dict(state)
         if "mask" in state:  # files of version 1
             state["in_graph"] = state.pop("mask")
+            state["method"] = {"dpa": "dpa_edges", "dpa (contrastive)": "dpa_edges (contrastive)"}.get(state["method"], state["method"])
         corrupted = state.get("settings", {}).pop("corrupted_str_tokens", None)
         if corrupted is not None:  # version 1 kept them in settings
             state["diagnostics"] = replace(state["diagnostics"], corrupted_str_tokens=corrupted)

@@ -10,6 +10,7 @@ lists beside shared values; `Diagnostics` holds per-row numbers a method reports
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path as FilePath
@@ -50,7 +51,8 @@ class Diagnostics:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @staticmethod
-    def concat(parts: Sequence[Diagnostics]) -> Diagnostics:
+    def concat(parts: Sequence[Diagnostics], n: int | None = None) -> Diagnostics:
+        """The rows of ``parts`` (a number some parts lack is dropped); per-row token lists padded to ``n``."""
         out = {}
         for f in fields(Diagnostics):
             values = [getattr(p, f.name) for p in parts]
@@ -59,7 +61,7 @@ class Diagnostics:
             elif isinstance(values[0], Tensor):
                 out[f.name] = torch.cat([v.to(values[0].device) for v in values])
             else:
-                out[f.name] = [row for v in values for row in v]
+                out[f.name] = [row + [""] * ((n or 0) - len(row)) for v in values for row in v]
         return Diagnostics(**out)
 
 
@@ -89,7 +91,9 @@ class Rows:
     AXES: ClassVar[dict[str, tuple[str, ...]]]  # every tensor field and its axes
     ROW_LISTS: ClassVar[tuple[str, ...]] = ("str_tokens", "paths")
     ROW_DICTS: ClassVar[tuple[str, ...]] = ()
-    SHARED: ClassVar[tuple[str, ...]] = ("model_name",)  # other fields that rows to be merged must share
+    FILLS: ClassVar[dict[str, Any]] = {}  # [batch, pos] fields a part may lack, and the value that stands for them in `concat`
+    EXTRAS: ClassVar[tuple[str, ...]] = ()  # what a method computes on request: `concat` drops it (with a warning) when a part lacks it
+    SHARED: ClassVar[tuple[str, ...]] = ("model_name", "settings")  # other fields that rows to be merged must share
     FORMAT: ClassVar[tuple[str, int]]  # the key that marks a saved file, and its version
     READS: ClassVar[tuple[int, ...]] = ()  # earlier versions `load` still reads
 
@@ -188,14 +192,25 @@ class Rows:
             raise InputError(f"can only concatenate {cls.__name__.lower()}s of one method, got {sorted(methods)}")
         first = parts[0]
         shared = [name for name, axes in cls.AXES.items() if axes[0] != "batch"] + list(cls.SHARED)
-        for name in shared:  # what is not per row (the model, a circuit's graph) must agree
+        for name in shared:  # what is not per row (the model, the method's settings, a circuit's graph) must agree
             if any(not _same(getattr(p, name), getattr(first, name)) for p in parts[1:]):
                 raise InputError(f"can only concatenate {cls.__name__.lower()}s with the same {name} "
-                                 f"(of the same model and graph)")
+                                 f"(of the same model, method settings and graph)")
+        for name in cls._row_fields() + list(cls.ROW_DICTS):  # the same kinds of scores: none dropped without a word
+            held = [getattr(p, name) is not None for p in parts]
+            if not any(held) or all(held) or name in cls.FILLS:
+                continue
+            if name not in cls.EXTRAS:
+                raise InputError(f"can only concatenate {cls.__name__.lower()}s that hold the same scores: {name} is in "
+                                 f"{sum(held)} of the {len(parts)}")
+            warnings.warn(f"{cls.__name__}.concat: {name} is in {sum(held)} of the {len(parts)} parts only, so the result has none",
+                          stacklevel=2)
         n = max(p.seq_len for p in parts)
         out: dict[str, Any] = {}
         for name in cls._row_fields():
             values = [getattr(p, name) for p in parts]
+            if name in cls.FILLS and any(v is not None for v in values):
+                values = [torch.full((p.batch, p.seq_len), cls.FILLS[name]) if v is None else v for v, p in zip(values, parts)]
             if any(v is None for v in values):
                 out[name] = None
                 continue
@@ -205,15 +220,19 @@ class Rows:
             values = [getattr(p, name) for p in parts]
             rows = None if any(v is None for v in values) else [row for v in values for row in v]
             out[name] = rows if name != "str_tokens" or rows is None else [row + [""] * (n - len(row)) for row in rows]
-        for name in cls.ROW_DICTS:
+        for name in cls.ROW_DICTS:  # dicts of [batch, pos, ...] tensors, the same keys in every part
             values = [getattr(p, name) for p in parts]
-            out[name] = None if any(v is None for v in values) else {
-                k: torch.cat([pad(v[k], (1,), n, 0) for v in values]) for k in values[0]}
+            if any(v is None for v in values):
+                out[name] = None
+                continue
+            if any(set(v) != set(values[0]) for v in values):
+                raise InputError(f"can only concatenate {cls.__name__.lower()}s whose {name} hold the same hooks")
+            out[name] = {k: torch.cat([pad(v[k], (1,), n, 0).to(values[0][k].device) for v in values]) for k in values[0]}
         target: dict[str, Any] = {}
         for k in first.target:
             values = [p.target.get(k) for p in parts]
             target[k] = [x for v in values for x in v] if all(isinstance(v, list) for v in values) else values[0]
-        merged = replace(first, **out, target=target, diagnostics=Diagnostics.concat([p.diagnostics for p in parts]))
+        merged = replace(first, **out, target=target, diagnostics=Diagnostics.concat([p.diagnostics for p in parts], n))
         return merged._padded_from(parts, n)
 
     def _padded_from(self: R, parts: Sequence[R], n: int) -> R:

@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -342,3 +343,11 @@ def test_bad_arguments():
         run(circuit.scores)
     with pytest.raises(InputError, match="bool tensor"):
         circuit_values(model, IOI_PROMPT, CORRUPTED, PAIR, circuit.scores, progress=False)
+    for scores, why in ((circuit.scores * float("nan"), "NaN or infinite"), (circuit.scores * 0, "scores no edge")):
+        with pytest.raises(InputError, match=why):
+            run(dataclasses.replace(circuit, scores=scores))
+    with pytest.raises(InputError, match="scores no edge"):
+        run(dataclasses.replace(circuit, in_graph=torch.zeros_like(circuit.in_graph)))
+    partial = circuit.prune(top_n=10)  # an edge set with most edges unscored: they rank last, and that is said
+    with pytest.warns(UserWarning, match=rf"{int(circuit.in_graph.sum()) - 10} of the model's .* edges are not in the"):
+        run(partial, fractions=(0.5, 1.0))

@@ -142,7 +142,7 @@ def test_component_units_and_ablations_by_hand(tiny):
     assert float(mean.disruption[0, 0]) == pytest.approx(_prob(model, [(f"blocks.{layer}.attn.hook_z", set_z(z_mean))]) / p_clean, rel=1e-4)
     # resample: the corrupted run's value
     _, corr = model.run_with_cache(CORRUPTED)
-    res = faithfulness_curves(model, IOI_PROMPT, attr, unit="heads", fractions=[1e-9], ablation="resample", corrupted_tokens=CORRUPTED)
+    res = faithfulness_curves(model, IOI_PROMPT, attr, unit="heads", fractions=[1e-9], ablation="resample", corrupted=CORRUPTED)
     z_corr = corr[f"blocks.{layer}.attn.hook_z"][0, pos, head]
     assert float(res.disruption[0, 0]) == pytest.approx(_prob(model, [(f"blocks.{layer}.attn.hook_z", set_z(z_corr))]) / p_clean, rel=1e-4)
     # attention entries: only causal ones are units; the top one zeroed by hand
@@ -202,7 +202,7 @@ def test_curve_errors(tiny):
     attr = dpa_lens.dpa(model, cache, PAIR)
     with pytest.raises(ValueError, match="head_keys=True"):
         faithfulness_curves(model, IOI_PROMPT, attr, unit="attention")
-    with pytest.raises(ValueError, match="corrupted_tokens"):
+    with pytest.raises(ValueError, match="pass corrupted="):
         faithfulness_curves(model, IOI_PROMPT, attr, unit="heads", ablation="resample")
     with pytest.raises(ValueError, match="fractions"):
         faithfulness_curves(model, IOI_PROMPT, attr, fractions=[0.0, 0.5])

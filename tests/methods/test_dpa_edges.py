@@ -255,6 +255,11 @@ def test_circuit_figure_draws_the_top_edges(circuit):
     assert [e["score"] for e in fig.layout.meta["edges"]] == pytest.approx(top["score"].tolist())
     strong = plot.circuit(circuit, top_n=None, threshold=float(top["score"].abs().iloc[3]))
     assert len([t for t in strong.data if t.name and "→" in t.name]) == 4
+    # sized to its container (a width for a static image on request); crowded bottom-row labels alternate sides
+    assert fig.layout.autosize and fig.layout.width is None and plot.circuit(circuit, width=900).layout.width == 900
+    bottom = [p for n, p, y in zip(nodes.text, nodes.textposition, nodes.y) if y == -1.0]
+    assert tuple(bottom[:2]) == ("top center", "bottom center")[: len(bottom[:2])]
+    assert "embed" not in fig.layout.xaxis.ticktext and fig.layout.xaxis.ticktext[0] == "L0"
 
 
 def test_circuit_positions_and_paths_figures(circuit):

@@ -108,3 +108,12 @@ def test_a_metric_that_is_not_a_scalar_tensor_of_the_logits_is_refused(tiny):
         dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, lambda logits: float(logits[0, -1, 0]), progress=False)
     with pytest.raises(TargetError, match="does not depend on the logits"):
         dpa_lens.gradient(tiny, IOI_PROMPT, lambda logits: logits[0, -1, 0].detach())
+
+
+@pytest.mark.parametrize("name", dpa_lens.available_methods(metric=True))
+def test_a_metric_that_returns_nan_is_refused(tiny, name):
+    """Every method that takes a metric: a NaN (or infinite) metric value is an error, not NaN scores."""
+    nan = lambda logits: logits[0, -1, 0] * float("nan")  # noqa: E731
+    corrupted = CORRUPTED if dpa_lens.get_method(name).input == "pair" else None
+    with pytest.raises(TargetError, match="not finite"):
+        dpa_lens.run(name, tiny, IOI_PROMPT, nan, corrupted=corrupted, progress=False, **({"steps": 4} if "integrated" in name else {}))

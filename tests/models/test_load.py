@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -153,6 +155,49 @@ def test_an_unwritable_model_cache_only_costs_speed(tmp_path):
     load_module._keep_copy(hf, tok, tmp_path / "cache" / "copy")
     assert (tmp_path / "cache" / "copy" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["copy"]
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_kept_copy_is_checked_against_what_was_written(tmp_path):
+    """Each file's size and SHA-256 are recorded when the copy is written: a changed byte, a truncated file or a
+    missing record is damage, and a damaged copy is removed with a warning, never loaded."""
+    folder = tmp_path / "copy"
+    load_module._keep_copy(tiny_hf_model("llama"), tiny_tokenizer(), folder)
+    weights = folder / "model.safetensors"
+    assert load_module._damage(folder) is None
+    original = weights.read_bytes()
+    for damage, why in ((lambda: _flip_a_byte(weights), "SHA-256 differs"),
+                        (lambda: weights.write_bytes(original[: len(original) // 3]), "bytes, .* were written")):
+        damage()
+        assert re.search(why, load_module._damage(folder))
+        weights.write_bytes(original)
+        assert load_module._damage(folder) is None
+    (folder / load_module.MANIFEST).unlink()
+    assert "no record of its content" in load_module._damage(folder)
+    with pytest.warns(UserWarning, match="is damaged .*no record of its content.* reading the GGUF file again"):
+        assert load_module._load_copy(folder, torch.float32) is None
+    assert not folder.exists()
+
+
+@pytest.mark.smollm2
+def test_a_damaged_copy_of_the_bundled_model_is_rebuilt(smollm2_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPA_LENS_CACHE", str(tmp_path))
+    load_module.load_bundled_hf()
+    (copy_dir,) = tmp_path.iterdir()
+    _flip_a_byte(copy_dir / "model.safetensors")
+    with pytest.warns(UserWarning, match="SHA-256 differs"):
+        model, _ = load_module.load_bundled_hf()
+    reference, state = smollm2_hf[0].state_dict(), model.state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)  # the GGUF file's weights, not the damaged ones
+    assert load_module._damage(copy_dir) is None  # kept again, whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_module.load_bundled_hf()  # a sound copy loads without a word
 
 
 def test_the_dequantised_copy_is_keyed_by_content(tmp_path):

@@ -203,6 +203,17 @@ HAND_BUILT = [("LN", False), ("LN", True), ("LNPre", False), ("LNPre", True), ("
 
 
 @pytest.mark.skipif(not HOOKED, reason="HookedTransformer is TransformerLens 3.x")
+def test_an_attention_only_config_needs_no_activation():
+    """``HookedTransformerConfig(attn_only=True)`` is usually written without an ``act_fn``: it has no MLP to use one."""
+    model = hand_built("LN", True, act_fn=None)
+    ModelView(model).check_supported()
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    got = {name: run(name, model, cache=cache if dpa_lens.get_method(name).input == "cache" else None) for name in METHODS}
+    refused = sorted(name for name, r in got.items() if r is None)  # by the methods with no rules for it (`run`)
+    assert refused == ["depass", "unpack"], refused
+
+
+@pytest.mark.skipif(not HOOKED, reason="HookedTransformer is TransformerLens 3.x")
 @pytest.mark.parametrize("norm, attn_only", HAND_BUILT)
 def test_a_hand_built_config_runs_every_method(norm, attn_only):
     model = hand_built(norm, attn_only)

@@ -65,7 +65,8 @@ def test_heads_of_whole_head_results(attrs):
     with torch.no_grad():
         _, cache = model.run_with_cache("The Eiffel Tower is in the city of")
     other = dpa_lens.dpa(model, cache, PAIR)
-    mean = dpa_lens.Attribution.concat([attrs["dpa"], other]).mean()
+    with pytest.warns(UserWarning, match="flow is in 1 of the 2 parts only"):  # the first was computed with flow=True
+        mean = dpa_lens.Attribution.concat([attrs["dpa"], other]).mean()
     assert mean.heads is None and mean.head_totals is not None
     fig = plot.heads([mean, attrs["dla"]], normalize=False)
     np.testing.assert_allclose(fig.data[0].z, mean.totals("heads")[0].numpy(), rtol=1e-6)
@@ -132,6 +133,11 @@ def test_scatter_reports_the_correlations(attrs):
     assert fig.layout.meta["pearson"] == pytest.approx(pearson, abs=1e-6)
     assert fig.layout.meta["spearman"] == pytest.approx(spearman, abs=1e-6)
     assert f"{pearson:.3f}" in fig.layout.title.text
+    labelled = [t for t in fig.data[1].text if t]  # the units farthest out are named on the figure itself
+    x, names = a.flat("heads")
+    y, _ = b.flat("heads")
+    assert len(labelled) == 6 and set(labelled) <= set(names)
+    assert names[int((x.abs() / x.abs().max() + y.abs() / y.abs().max()).argmax())] in labelled
     per_pos = plot.scatter(a, b, "heads", sum_positions=False)
     assert len(per_pos.data[1].x) == a.heads[0].numel()
 
@@ -142,3 +148,20 @@ def test_show_returns_the_figure(attrs):
     assert a.show().layout.coloraxis.cmid == 0
     with pytest.raises(ValueError, match="kind must be"):
         a.show("edges")
+
+
+def test_circuit_faithfulness_curves_are_drawn_with_their_scores():
+    """`plot.faithfulness` of `dpa_lens.circuit_faithfulness`'s curves: f per fraction, CPR/CMD in the legend."""
+    model, _ = make_tiny("llama", seed=21)
+    circuits = [dpa_lens.run(m, model, IOI_PROMPT, PAIR, corrupted=CORRUPTED, progress=False) for m in ("edge_atp", "edge_random")]
+    curves = dpa_lens.circuit_faithfulness(model, IOI_PROMPT, CORRUPTED, PAIR, circuits, fractions=(0.1, 0.5, 1.0), progress=False)
+    fig = plot.faithfulness(curves)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == [f"{c.method} (CPR {c.cpr():.2f}, CMD {c.cmd():.2f})" for c in curves]
+    for t, c in zip(lines, curves):
+        np.testing.assert_allclose(t.y, c.curve().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(t.x, [0.1, 0.5, 1.0])
+    assert fig.layout.xaxis.type == "log" and lines[0].y[-1] == pytest.approx(1.0)  # every edge kept: the clean run
+    assert plot.faithfulness(curves[0]).data[-1].name == lines[0].name  # one curve alone
+    with pytest.raises(dpa_lens.InputError, match="one kind at a time"):
+        plot.faithfulness([curves[0], "not a curve"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,3 +94,23 @@ def test_save_and_load(attr, tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a saved dpa_lens Attribution"):
         Attribution.load(tmp_path / "other.pt")
+
+
+def test_concat_refuses_what_does_not_belong_together(attr):
+    """Results of other settings (another mu) or with other kinds of scores are not merged under the first's name;
+    a part without padding (no mask) joins a padded one as all real tokens."""
+    model, _ = make_tiny("llama", seed=4)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    lopsided = dpa_lens.dpa(model, cache, (" Mary", " John"), mu=dpa_lens.Mu(q=0.6, k=0.1, v=0.3, gate=0.8, up=0.2))
+    plain = dpa_lens.dpa(model, cache, (" Mary", " John"))
+    with pytest.raises(dpa_lens.InputError, match="same settings"):
+        Attribution.concat([plain, lopsided])
+    tokens_only = dpa_lens.dpa(model, cache, (" Mary", " John"), kinds=("tokens",))
+    with pytest.raises(dpa_lens.InputError, match="same scores: heads"):
+        Attribution.concat([plain, tokens_only])
+    padded = dataclasses.replace(attr[1], head_keys=None, effective_targets=None)  # a row of a padded batch: a mask
+    unmasked = dataclasses.replace(plain, mask=None)  # a prompt run alone
+    both = Attribution.concat([padded, unmasked])
+    assert torch.equal(both.mask[0], padded.mask[0]) and bool(both.mask[1, : unmasked.seq_len].all())
+    with pytest.raises(dpa_lens.InputError, match="kind must be"):
+        attr.top(5, "bogus")

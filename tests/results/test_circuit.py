@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -32,6 +33,9 @@ def test_rows_concat_and_mean(circuit):
     again = Circuit.concat([first, second])
     torch.testing.assert_close(again.scores, circuit.scores)
     assert again.target == circuit.target and again.diagnostics.corrupted_str_tokens == circuit.diagnostics.corrupted_str_tokens
+    # rows of other lengths: every per-row token list padded like str_tokens
+    short_first = Circuit.concat([second, first])
+    assert [len(r) for r in short_first.diagnostics.corrupted_str_tokens] == [len(r) for r in short_first.str_tokens] == [again.seq_len] * 2
     mean = circuit.mean()
     torch.testing.assert_close(mean.scores[0], circuit.scores.mean(0))
     torch.testing.assert_close(mean.target_value, circuit.target_value.mean(0, keepdim=True))
@@ -71,6 +75,14 @@ def test_save_replaces_the_file_whole_or_not_at_all(circuit, tmp_path, monkeypat
     assert back.readers == circuit.readers and torch.equal(back.in_graph, circuit.in_graph)
     with pytest.raises(InputError, match="is a folder"):
         circuit.save(tmp_path)
+    # the mode a plain write gives (mkstemp's files are private), and through a symbolic link, the file it points to
+    umask = os.umask(0)
+    os.umask(umask)
+    fresh = circuit.save(tmp_path / "fresh.pt")
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "link.pt").symlink_to(fresh)
+    circuit[0].save(tmp_path / "link.pt")
+    assert (tmp_path / "link.pt").is_symlink() and Circuit.load(fresh).batch == 1
 
 
 def test_a_file_of_the_first_format_still_loads(circuit, tmp_path):
@@ -112,3 +124,12 @@ def test_old_names_warn_and_still_work(model, circuit):
 def test_show_draws_the_registered_figure(circuit):
     fig = circuit.show(top_n=5)
     assert fig.layout.title.text.startswith("edge_atp: top")
+
+
+def test_reading_a_circuit_refuses_what_it_cannot_answer(circuit):
+    with pytest.raises(InputError, match="no neurons writers"):
+        circuit.top(5, kind="neurons")
+    for bad in (float("nan"), -1.0, "0.1"):
+        with pytest.raises(InputError, match="threshold must be"):
+            circuit.prune(threshold=bad)
+    assert int(circuit.prune(threshold=0.0).in_graph.sum()) == int(circuit.in_graph.sum())

@@ -127,7 +127,7 @@ def dpa_edges(
             raise CacheError(f"the corrupted cache is a run on {tuple(base.inputs.tokens.shape)} tokens, the clean one on "
                              f"{tuple(fwd.inputs.tokens.shape)}: contrastive scores need them aligned position by position")
     g = Graph.of(view, neuron_layers)
-    writers, readers, mask = g.writers, g.readers, g.mask.clone()
+    writers, readers, mask = g.writers, g.readers, g.mask.to(fwd.device, copy=True)
     b, n, R = fwd.batch, fwd.seq_len, len(readers)
     W0 = g.n_units  # writers that are not neurons
     with torch.no_grad():
@@ -176,8 +176,9 @@ def dpa_edges(
 
         result = sweep(fwd, start, mu, kinds={"tokens", "heads", "neurons"}, readers=True, on_layer=on_layer,
                        **({} if rooted is None else rooted.sweep_args))
-        add(slice(0, W0), slice(R - 1, R), start[:, :, None])
-        add_neurons(L, slice(R - 1, R), start[:, :, None])
+        logit = slice(g.logit_reader, g.logit_reader + 1)
+        add(slice(0, W0), logit, start[:, :, None])
+        add_neurons(L, logit, start[:, :, None])
         value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
         found = search_paths(fwd, start, mu, root=rooted, k=paths) if paths else None
     nodes = None
@@ -186,7 +187,7 @@ def dpa_edges(
         nodes = torch.cat([result.tokens.sum(-1, keepdim=True), torch.cat(units, dim=-1).reshape(b, -1),
                            *[result.neurons[:, l].sum(1) for l in neuron_layers]], dim=1)
     if rooted is not None:
-        mask &= _upstream(rooted, writers, readers, view.rules.parallel)
+        mask &= _upstream(rooted, writers, readers, view.rules.parallel).to(mask.device)
     if per_pos is not None:
         per_pos = per_pos * mask
     return Circuit(
