@@ -9,7 +9,8 @@ Blocks: ``faithfulness`` (bench/results/faithfulness_smollm2.json, with Gemma 3 
 faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``, ``speed-summary``, ``speed-checkpoint``,
 ``speed-answer``, ``speed-fixed`` and ``speed-gemma3``, ``speed-answer-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
-bench/results/faithfulness_smollm2.json).
+bench/results/faithfulness_smollm2.json), ``notebooks`` (bench/results/notebooks.json, written by
+``python notebooks/build.py --execute``), ``loading`` (bench/results/loading.json).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -255,6 +257,25 @@ def faithfulness_bos(*results: dict | None) -> str:
     return "\n".join(lines) + "\n\n" + text[:1].upper() + text[1:] + ".\n"
 
 
+def notebooks(r: dict) -> str:
+    names = sorted(r)
+    cpus = {r[n]["cpus"] for n in names}
+    times = ", ".join(f"`{n.split('_')[0]}` {r[n]['seconds'] / 60:.1f} min" for n in names)
+    return (f"Each runs top to bottom with its default settings in under {math.ceil(max(r[n]['seconds'] for n in names) / 60)} minutes on "
+            f"{'/'.join(map(str, sorted(cpus)))} CPU cores, kernel start and model load included ({times}; "
+            "[`bench/results/notebooks.md`](bench/results/notebooks.md)).\n")
+
+
+def loading(r: dict) -> str:
+    i, loads = r["imports"], r["loads"]
+    names = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+    first = "; ".join(f"{names.get(k, k)} {v['first']:.0f} s the first time, {v['later']:.0f} s later" for k, v in loads.items())
+    return (f"Loading a bundled model on {r['machine']['cpu_count']} CPU cores: {first} "
+            f"([`bench/results/loading.md`](bench/results/loading.md), `python -m bench.loading`). `import dpa_lens` takes "
+            f"{i['import dpa_lens']:.1f} s, `import transformer_lens` alone {i['import transformer_lens']:.1f} s "
+            f"(`import torch` {i['import torch']:.1f} s); `dpa-lens --help` {i['dpa-lens --help']:.1f} s.\n")
+
+
 # block -> (its result files, the renderer that takes them in that order; a missing optional file is None)
 SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "faithfulness": ((RESULTS / "faithfulness_smollm2.json", RESULTS / "faithfulness_gemma3.json"), faithfulness),
@@ -268,6 +289,8 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed-answer-gemma3": ((RESULTS / "speed_gemma3.json",), speed_answer),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
+    "notebooks": ((RESULTS / "notebooks.json",), notebooks),
+    "loading": ((RESULTS / "loading.json",), loading),
 }
 OPTIONAL = {RESULTS / "faithfulness_gemma3.json"}
 

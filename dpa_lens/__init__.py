@@ -10,7 +10,14 @@ Node methods return an `Attribution`, edge methods (``dpa_edges``, ``edge_atp``,
 (`available_methods` lists them, `get_method` tells what each takes and returns).
 """
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
+
+with warnings.catch_warnings():
+    # TransformerLens imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns "IProgress not found" and
+    # falls back to text bars: what dpa_lens's bars do there anyway (dpa_lens.progress), so the warning says nothing
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto  # noqa: F401
 
 from dpa_lens import datasets, evaluation, plot
 from dpa_lens.errors import (
@@ -38,6 +45,7 @@ from dpa_lens.methods.registry import MethodSpec, attribute, available_methods, 
 from dpa_lens.methods.unpack import unpack, unpack_validate
 from dpa_lens.models.fast_attention import fused_attention
 from dpa_lens.models.load import load_model
+from dpa_lens.models.tl import model_lock
 from dpa_lens.models.view import SUPPORTED_ARCHITECTURES
 from dpa_lens.results import KINDS, Attribution, Circuit, Diagnostics, Hop, Path
 from dpa_lens.types import TLModel
@@ -93,6 +101,7 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "load_model",
+    "model_lock",
     "method_table",
     "names_filter",
     "plot",

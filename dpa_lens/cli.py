@@ -8,12 +8,15 @@
 
 ``demo`` and ``explain`` print the top tokens, heads and neurons by DPA (or the first method) and
 write a self-contained HTML report (plotly.js embedded, nothing fetched) when ``--out`` is given.
-Every argument is checked before the model is loaded; a bad one is a one-line error.
+Every argument is checked before the model is loaded; a bad one is a one-line error (exit 2). The
+report is written once the work is done, atomically: a run that fails (exit 1) or is interrupted
+(Ctrl-C: ``interrupted``, exit 130) leaves an earlier file as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -86,8 +89,63 @@ def _positive(text: str) -> int:
 
 
 def _check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
-    if out is not None and not out.expanduser().resolve().parent.is_dir():
-        parser.error(f"--out {out}: the folder {out.expanduser().resolve().parent} does not exist")
+    """A file that can be written in an existing folder, checked now: the report is written after all the work."""
+    from dpa_lens.errors import InputError
+    from dpa_lens.files import check_writable
+
+    if out is None:
+        return
+    try:
+        check_writable(out.expanduser().resolve(), what="the report")
+    except InputError as err:
+        parser.error(f"--out: {err}")
+
+
+def _check_model(parser: argparse.ArgumentParser, name: str) -> None:
+    """A bundled model whose package is installed, a folder with a ``config.json``, or a hub name (cached, when offline)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    from dpa_lens.errors import ModelNotAvailableError
+    from dpa_lens.models.bundled import BUNDLED_MODELS, _package_dir
+
+    if name.strip().lower() in BUNDLED_MODELS:
+        try:
+            _package_dir(name.strip().lower())
+        except ModelNotAvailableError as err:
+            parser.error(f"--model {name!r}: {err}")
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            parser.error(f"--model {name!r}: the folder has no config.json; pass a folder written by save_pretrained")
+        return
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        parser.error(f"--model {name!r}: not a bundled model ({', '.join(BUNDLED_MODELS)}), a model folder, or a "
+                     "HuggingFace name such as 'HuggingFaceTB/SmolLM2-135M'")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        parser.error(f"--model {name!r}: HF_HUB_OFFLINE is set and it is not in the local HuggingFace cache; "
+                     f"unset HF_HUB_OFFLINE to download it, or use a bundled model ({', '.join(BUNDLED_MODELS)})")
+
+
+def _check_texts(parser: argparse.ArgumentParser, args: argparse.Namespace, methods: Sequence[str]) -> None:
+    """What can be told of the prompts and tokens without the tokenizer."""
+    from dpa_lens.methods.registry import get_method
+
+    for flag in ("prompt", "target", "contrast", "corrupted"):
+        text = getattr(args, flag)
+        if text is not None and (text == "" if flag in ("target", "contrast") else not text.strip()):  # ' ' is a token
+            parser.error(f"--{flag} is empty")
+    if args.contrast == args.target:
+        parser.error(f"--contrast {args.contrast!r} is the same token as --target: the logit difference is 0; pass another token")
+    if args.corrupted is not None:
+        if args.corrupted == args.prompt:
+            parser.error("--corrupted is the prompt itself: every patching score would be 0; pass a prompt that changes the answer")
+        if not any(get_method(m).input == "pair" for m in methods):
+            parser.error(f"--corrupted is given but none of the methods ({', '.join(methods)}) compares with it; add atp or "
+                         "activation_patching to --methods, or drop --corrupted")
 
 
 def _methods(parser: argparse.ArgumentParser, text: str | None, corrupted: str | None) -> list[str]:
@@ -110,6 +168,7 @@ def _methods(parser: argparse.ArgumentParser, text: str | None, corrupted: str |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dpa_lens.errors import DpaLensError
     from dpa_lens.methods.registry import available_methods, method_table
     from dpa_lens.report import DEFAULT_METHODS
 
@@ -119,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("report.html"), help="HTML report to write (default report.html)")
     demo.add_argument("--top", type=_positive, default=10)
     ex = sub.add_parser("explain", help="explain one prompt's answer")
-    ex.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (offline) or a HuggingFace model name")
+    ex.add_argument("--model", default="smollm2-135m",
+                    help="a bundled model (smollm2-135m, gemma3-270m: offline), a HuggingFace name, or a folder written by save_pretrained")
     ex.add_argument("--prompt", required=True)
     ex.add_argument("--target", required=True, help="the answer token, e.g. ' Mary' (mind the leading space)")
     ex.add_argument("--contrast", default=None, help="explain the target's logit minus this token's, e.g. ' John'")
@@ -136,9 +196,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _check_out(parser, args.out)
     if args.command == "demo":
-        return explain("smollm2-135m", IOI_PROMPT, " Mary", " John", IOI_CORRUPTED, DEFAULT_METHODS, args.out, args.top)
-    methods = _methods(parser, args.methods, args.corrupted)
-    return explain(args.model, args.prompt, args.target, args.contrast, args.corrupted, methods, args.out, args.top)
+        run = ("smollm2-135m", IOI_PROMPT, " Mary", " John", IOI_CORRUPTED, DEFAULT_METHODS)
+    else:
+        methods = _methods(parser, args.methods, args.corrupted)
+        _check_texts(parser, args, methods)
+        run = (args.model, args.prompt, args.target, args.contrast, args.corrupted, methods)
+    _check_model(parser, run[0])
+    try:
+        return explain(*run, args.out, args.top)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (DpaLensError, OSError) as err:  # a model not found, a target of two tokens, a full disk
+        print(f"dpa-lens: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def destination(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str = "the file") -> Path:
+    """`destination`, and its folder writable by this process: checked before long work whose result it keeps."""
+    path = destination(path, what)
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot save {what} to {path}: the folder {path.parent} is not writable; pass a file name in one that is")
+    return path
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, what: str = "the file") -> Path:
     """Write a file through ``write(handle)`` (a binary handle) so that ``path`` holds either its earlier
     content or the whole new one, never a part. Returns the path written."""

@@ -249,6 +249,7 @@ def read_forward(
     """
     view = ModelView(model)
     with record_function("dpa_lens.checks"):
+        require_eval(model, method, dropout_only=True)  # a forward with dropout made a random cache
         check_cache_object(cache, method)
         hook_names = [n for n in hook_names if n != hooks.TOKENS]
         check_cache_shape(view, cache, hook_names)

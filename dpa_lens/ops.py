@@ -51,6 +51,14 @@ def unrotate(
     return torch.cat([head * cos - rotate_half(head * sin, adjacent_pairs), tail], dim=-1)
 
 
+def rotary_invariant(x: Tensor, r: int, adjacent_pairs: bool = False) -> Tensor:
+    """What a rotary embedding of the first ``r`` dimensions leaves unchanged, at any position: the length of
+    each rotated pair (GPT-NeoX halves, or GPT-J pairs), then the dimensions it does not rotate."""
+    head, tail = x[..., :r], x[..., r:]
+    pairs = head.unflatten(-1, (r // 2, 2)) if adjacent_pairs else head.unflatten(-1, (2, r // 2)).transpose(-1, -2)
+    return torch.cat([pairs.square().sum(-1).sqrt(), tail], dim=-1)
+
+
 def heads_in(W: Float[Tensor, "head d_model d_head"]) -> Float[Tensor, "d_model head_x_d_head"]:
     """A per-head input weight (W_Q, W_K, W_V) as one matrix: ``x @ heads_in(W)`` is every head's
     projection side by side, head-major. A view where the layout allows (a bridge's weights)."""

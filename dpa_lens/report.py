@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import inspect
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from dpa_lens import plot
 from dpa_lens.methods.registry import get_method, names_filter, run
 from dpa_lens.models import hooks
 from dpa_lens.models.fast_attention import fused_attention
+from dpa_lens.models.tl import locked
 from dpa_lens.results import KINDS, Attribution, Circuit
 from dpa_lens.types import TargetLike, TLModel
 
@@ -50,6 +52,7 @@ def _log(message: str, quiet: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+@locked
 def build_report(
     model: TLModel,
     prompt: str,
@@ -90,7 +93,8 @@ def build_report(
         _log(f"[{done}/{steps}] {spec.name} ...", quiet)
         start = time.perf_counter()
         report.attributions[spec.name] = run(spec.name, model, prompt, target, corrupted=corrupted if spec.input == "pair" else None,
-                                             cache=cache if spec.input == "cache" else None, progress=not quiet)
+                                             cache=cache if spec.input == "cache" else None, progress=not quiet,
+                                             **({"flow": True} if "flow" in inspect.signature(spec.fn).parameters else {}))
         report.timings[spec.name] = time.perf_counter() - start
     explained = next((a for a in report.attributions.values() if a.target.get("labels")), None)
     if explained is not None:

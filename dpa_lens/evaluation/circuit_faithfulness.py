@@ -53,7 +53,6 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
@@ -62,6 +61,8 @@ from dpa_lens.graph import Graph, all_writer_outputs, head_outputs, writer_hook_
 from dpa_lens.inputs import inputs_from_tokens
 from dpa_lens.interventions import final_value_change, pair_forwards, private_input_hooks, reader_hook_names
 from dpa_lens.models import hooks
+from dpa_lens.models.tl import locked
+from dpa_lens.progress import progress_bar as tqdm
 from dpa_lens.results import Circuit
 from dpa_lens.targets import target_values
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel, typechecked
@@ -242,6 +243,7 @@ class _Ablator:
 
 # ---------------------------------------------------------------------------------------------- public
 @renamed(clean="prompt")
+@locked
 def circuit_values(
     model: TLModel,
     prompt: PromptLike,
@@ -288,6 +290,7 @@ def kept_counts(fractions: Sequence[float], n_total: int) -> list[int]:
 
 
 @renamed(clean="prompt")
+@locked
 def circuit_faithfulness(
     model: TLModel,
     prompt: PromptLike,

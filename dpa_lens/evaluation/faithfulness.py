@@ -37,6 +37,7 @@ from torch import Tensor
 from dpa_lens.deprecation import renamed
 from dpa_lens.inputs import leading_bos, prepare_tokens
 from dpa_lens.models import hooks
+from dpa_lens.models.tl import locked
 from dpa_lens.results import Attribution
 from dpa_lens.validation import require_eval
 
@@ -164,6 +165,7 @@ def _replacement(kind: str, ablation: str, clean: Tensor, other: Tensor | None, 
 
 
 @renamed(tokens="prompt", corrupted_tokens="corrupted")
+@locked
 def faithfulness_curves(
     model: Any,
     prompt: Any,

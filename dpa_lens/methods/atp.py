@@ -39,7 +39,7 @@ from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
 def atp_names(view: ModelView, qk_fix: bool) -> list[str]:
     names = []
     for layer in range(view.n_layers):
-        names += [hooks.attn(layer, "z")] + ([hooks.mlp(layer, "post")] if view.rules.has_mlp else [])
+        names += [hooks.attn(layer, "z")] + ([hooks.mlp(layer, "post")] if view.has_neurons else [])
         if qk_fix:
             names += [hooks.attn(layer, n) for n in ("v", "pattern", "attn_scores")] + view.qk_hook_names(layer)
     return names
@@ -140,7 +140,7 @@ def atp(
 
     Returns:
         `Attribution` with ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``,
-        ``neurons [batch, layer, pos, d_mlp]`` (None for an attention-only model);
+        ``neurons [batch, layer, pos, d_mlp]`` (None for an attention-only model or a mixture of experts);
         ``target_value = f(clean) − f(corrupted)``. Without ``qk_fix`` the head scores equal
         TransformerLens's ``attribution_patch``.
     """
@@ -164,7 +164,7 @@ def atp(
     else:
         heads = torch.stack([(d(hooks.attn(l, "z")) * run.grads[hooks.attn(l, "z")].float()).sum(-1) for l in range(L)], 1)
     neurons = None
-    if view.rules.has_mlp:
+    if view.has_neurons:
         neurons = torch.stack([d(hooks.mlp(l, "post")) * run.grads[hooks.mlp(l, "post")].float() for l in range(L)], 1)
     return Attribution(
         method="atp*" if qk_fix else "atp",

@@ -44,7 +44,7 @@ def _attention_method(model, cache, target, position, tokens, attention_mask, me
     return _result(fwd, method, tokens=scores)
 
 
-def _result(fwd: CachedForward, method: str, **scores: Tensor) -> Attribution:
+def _result(fwd: CachedForward, method: str, **scores: Tensor | None) -> Attribution:
     return Attribution(
         method=method,
         **scores,
@@ -116,7 +116,7 @@ def random_baseline(model: TLModel, cache: Cache, target: TargetLike | None = No
         fwd, "random",
         tokens=torch.randn(b, n, generator=gen) * real,
         heads=torch.randn(b, view.n_layers, n, view.n_heads, generator=gen) * real[:, None, :, None],
-        neurons=torch.randn(b, view.n_layers, n, view.d_mlp, generator=gen) * real[:, None, :, None],
+        neurons=torch.randn(b, view.n_layers, n, view.d_mlp, generator=gen) * real[:, None, :, None] if view.has_neurons else None,
     )
     attr.settings["seed"] = seed
     return attr

@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.errors import InputError, UnsupportedModelError
 from dpa_lens.forward import CachedForward, read_forward
@@ -30,6 +29,7 @@ from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import activation, heads_in, heads_out, pull_norm, push_norm
+from dpa_lens.progress import progress_bar as tqdm
 from dpa_lens.results import Attribution, Diagnostics
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
 

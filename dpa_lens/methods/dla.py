@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpa_lens.errors import UnsupportedModelError
 from dpa_lens.forward import read_forward
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
@@ -55,8 +56,13 @@ def dla(
 
     Returns ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``, ``neurons [batch, layer,
     pos, d_mlp]`` (None for an attention-only model) that are zero except at each row's answer
-    position, and ``bias [batch]``; they add up to ``target_value``.
+    position, and ``bias [batch]``; they add up to ``target_value``. A mixture of experts is refused:
+    its MLPs' writes are no sum over one set of neurons.
     """
+    if ModelView(model).experts:
+        raise UnsupportedModelError("DLA in dpa_lens does not support a mixture of experts: its scores add up to the target through "
+                                    "each MLP's neurons, and a token's neurons here are its experts'. Score the tokens and heads "
+                                    "with run('gradient' or 'input_x_gradient', ...), or with run('atp', ..., corrupted=...).")
     fwd = read_forward(model, cache, target, position, method="DLA", hook_names=dla_hook_names(model),
                        filter_hint="dpa_lens.names_filter(model, 'dla')", tokens=tokens, attention_mask=attention_mask, logit=logit)
     view, b, n = fwd.view, fwd.batch, fwd.seq_len

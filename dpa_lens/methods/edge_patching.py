@@ -23,7 +23,6 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
@@ -32,6 +31,7 @@ from dpa_lens.interventions import HeadDeltas, final_value_change, pair_forwards
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
+from dpa_lens.progress import progress_bar as tqdm
 from dpa_lens.results import Circuit, Diagnostics
 from dpa_lens.targets import target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel

@@ -11,8 +11,9 @@ token ids, and return the same `Attribution` as DPA.
 
 Units: tokens are the embeddings fed to the first block, heads the per-head outputs
 ``blocks.L.attn.hook_z`` (per query position), neurons ``blocks.L.mlp.hook_post`` (none in an
-attention-only model). ``target`` is any target form, or a metric ``metric(logits) -> scalar``
-applied to each row's logits (see `dpa_lens.targets.MetricTarget`).
+attention-only model or a mixture of experts, where ``kinds`` naming them is refused). ``kinds`` picks
+what to score (default: every kind the model has). ``target`` is any target form, or a metric
+``metric(logits) -> scalar`` applied to each row's logits (see `dpa_lens.targets.MetricTarget`).
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ def _component_names(view: ModelView, kinds: set[str]) -> list[str]:
     for layer in range(view.n_layers):
         if "heads" in kinds:
             names.append(hooks.attn(layer, "z"))
-        if "neurons" in kinds and view.rules.has_mlp:
+        if "neurons" in kinds and view.has_neurons:
             names.append(hooks.mlp(layer, "post"))
     return names
 
 
 def _gradient_method(model, text, target, position, attention_mask, logit, kinds, signed: bool, method: str) -> Attribution:
-    kinds = set(kinds)
+    asked, kinds = kinds is not None, set(KINDS if kinds is None else kinds)
     if not kinds <= set(KINDS):
         raise InputError(f"kinds must be among {KINDS}, got {sorted(kinds)}")
     view, tokens, mask, inputs, positions, resolved = prepare_run(model, text, target, position, attention_mask, logit, method)
+    if asked and "neurons" in kinds:
+        view.check_neurons(f"kinds={tuple(sorted(kinds))}", "ask for kinds=('tokens', 'heads')")
     run = forward_with_grads(model, view, tokens, resolved, positions, _component_names(view, kinds), attention_mask=mask)
 
     def score(name: str, vector: bool) -> Tensor:
@@ -62,7 +65,7 @@ def _gradient_method(model, text, target, position, attention_mask, logit, kinds
         embed, grad = run.embed.float(), run.embed_grad.float()
         tokens_out = (embed * grad).sum(-1) if signed else grad.norm(dim=-1)
     heads = torch.stack([score(hooks.attn(l, "z"), True) for l in range(L)], 1) if "heads" in kinds else None
-    neurons = torch.stack([score(hooks.mlp(l, "post"), False) for l in range(L)], 1) if "neurons" in kinds and view.rules.has_mlp else None
+    neurons = torch.stack([score(hooks.mlp(l, "post"), False) for l in range(L)], 1) if "neurons" in kinds and view.has_neurons else None
     return Attribution(
         method=method,
         tokens=tokens_out,
@@ -89,13 +92,13 @@ def gradient(
     *,
     attention_mask: Tensor | None = None,
     logit: str = "auto",
-    kinds: Iterable[Kind] = KINDS,
+    kinds: Iterable[Kind] | None = None,
 ) -> Attribution:
     """Gradient magnitude of the target at each token embedding, head output and neuron.
 
     ``prompt`` may be a string, a list of strings (padded as ``model.to_tokens`` would) or ids.
     Returns ``tokens [batch, pos]``, ``heads [batch, layer, pos, head]``,
-    ``neurons [batch, layer, pos, d_mlp]``, all ≥ 0.
+    ``neurons [batch, layer, pos, d_mlp]`` (None for an attention-only model or a mixture of experts), all ≥ 0.
     """
     return _gradient_method(model, prompt, target, position, attention_mask, logit, kinds, signed=False, method="gradient")
 
@@ -111,7 +114,7 @@ def input_x_gradient(
     *,
     attention_mask: Tensor | None = None,
     logit: str = "auto",
-    kinds: Iterable[Kind] = KINDS,
+    kinds: Iterable[Kind] | None = None,
 ) -> Attribution:
     """Activation · gradient of the target at each token embedding, head output and neuron (signed)."""
     return _gradient_method(model, prompt, target, position, attention_mask, logit, kinds, signed=True, method="input_x_gradient")

@@ -13,7 +13,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
@@ -21,6 +20,7 @@ from dpa_lens.inputs import RunInputs, leading_bos
 from dpa_lens.methods._autograd import forward_with_grads, prepare_run
 from dpa_lens.methods.quadrature import QUADRATURES, Quadrature, adaptive_rule, fixed_rule, quadrature_rule
 from dpa_lens.methods.registry import MethodSpec, register
+from dpa_lens.progress import progress_bar as tqdm
 from dpa_lens.results import Attribution, Diagnostics
 from dpa_lens.targets import Metric
 from dpa_lens.types import PositionLike, PromptLike, TargetLike, TLModel
@@ -83,8 +83,8 @@ class _Path:
         return torch.cat(values), torch.cat(shares)
 
 
-@register(MethodSpec(name="integrated_gradients", input="tokens", scores=("tokens",), options={"progress": False},
-                     metric=True, summary="integrated gradients over the token embeddings from a zero baseline (BOS kept), adaptive quadrature"))
+@register(MethodSpec(name="integrated_gradients", input="tokens", scores=("tokens",), metric=True,
+                     summary="integrated gradients over the token embeddings from a zero baseline (BOS kept), adaptive quadrature"))
 @renamed(tokens="prompt")
 def integrated_gradients(
     model: TLModel,

@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.deprecation import renamed
 from dpa_lens.errors import CacheError, InputError
 from dpa_lens.forward import read_pair
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
+from dpa_lens.progress import progress_bar as tqdm
 from dpa_lens.results import Attribution, Diagnostics
 from dpa_lens.targets import Metric, MetricTarget, target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
@@ -78,7 +78,7 @@ def _patch_hook(unit: str, copies: Tensor, pos: Tensor, idx: Tensor, clean: Tens
     return hook
 
 
-@register(MethodSpec(name="activation_patching", input="pair", scores=("heads",), options={"unit": "heads"}, reference=True, metric=True,
+@register(MethodSpec(name="activation_patching", input="pair", scores=("heads",), reference=True, metric=True,
                      summary="exact denoising patching: f(corrupted with the unit's clean value) − f(corrupted)"))
 @renamed(clean_tokens="prompt", corrupted_tokens="corrupted")
 def activation_patching(
@@ -88,7 +88,7 @@ def activation_patching(
     target: TargetLike | Metric,
     position: PositionLike = -1,
     *,
-    unit: Unit = "heads_by_pos",
+    unit: Unit = "heads",
     layers: Iterable[int] | None = None,
     batch_size: int = 32,
     clean_cache: Cache | None = None,
@@ -100,7 +100,7 @@ def activation_patching(
 
     Args:
         target: any target form, or a metric ``metric(logits) -> scalar`` (see the module's note).
-        unit: ``"heads_by_pos"`` (default), ``"heads"``, ``"neurons"`` or ``"tokens"``.
+        unit: ``"heads"`` (default: each head at every position at once), ``"heads_by_pos"``, ``"neurons"`` or ``"tokens"``.
         layers: layers to measure (default all; required for ``"neurons"``, whose cost is one
             forward per neuron).
         batch_size: patched copies per forward pass.
@@ -120,6 +120,8 @@ def activation_patching(
     L = view.n_layers
     if unit == "neurons" and not view.rules.has_mlp:
         raise InputError("unit='neurons': this model is attention-only (attn_only=True), it has no neurons; patch heads or tokens")
+    if unit == "neurons":
+        view.check_neurons("unit='neurons'", "patch heads or tokens")
     if unit == "neurons" and layers is None:
         raise InputError(
             f"unit='neurons' needs layers=[...]: it costs one forward per neuron ({view.d_mlp} per layer, "

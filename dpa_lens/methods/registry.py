@@ -11,6 +11,10 @@ keep no tables of their own::
     dpa_lens.run("atp*", model, prompt, target, corrupted=corrupted_prompt)
     dpa_lens.run("dla", model, prompt, target, cache=cache)   # reuse a cache you have
     dpa_lens.run("edge_atp", model, prompt, target, corrupted=corrupted_prompt)   # a Circuit
+
+Every registered method, `run` and `cache_for` hold the model's lock (`dpa_lens.models.tl.model_lock`)
+for the whole call: TransformerLens keeps a forward's hooks on the model, so a model shared by
+threads runs one dpa_lens call at a time, each on its own prompt.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from jaxtyping import Int
 from torch import Tensor
 
 from dpa_lens.errors import InputError
+from dpa_lens.models.tl import locked
 from dpa_lens.results import Attribution, Circuit, Kind
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
+from dpa_lens.validation import require_eval
 
 Input = Literal["cache", "tokens", "pair"]
 INPUTS: tuple[str, ...] = ("cache", "tokens", "pair")
@@ -51,9 +57,8 @@ class MethodSpec:
         returns: ``"units"`` (an `Attribution`) or ``"edges"`` (a `Circuit` on the graph of
             `dpa_lens.graph`).
         hook_names: for cache methods, ``model -> hook names`` it may read (any option included).
-        options: options `run` passes unless the caller sets them (a variant's defining options,
-            or what the report and benches want by default).
-        fixed: options that define a variant and cannot be overridden.
+        fixed: options that define a variant and cannot be overridden (a method's other options
+            keep the function's own defaults: `run` and a direct call give the same result).
         target: whether the score depends on the target (attention baselines do not).
         reference: an exact measurement the approximations are compared with (exact patching).
         metric: it accepts a metric callable ``metric(logits) -> scalar`` as its target.
@@ -67,7 +72,6 @@ class MethodSpec:
     scores: tuple[Kind, ...]
     summary: str
     hook_names: Callable[[TLModel], list[str]] | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     target: bool = True
     reference: bool = False
@@ -114,10 +118,11 @@ def register(spec: MethodSpec) -> Callable[[Callable[..., Result]], Callable[...
 
     def add(fn: Callable[..., Result]) -> Callable[..., Result]:
         known = _REGISTRY.get(spec.name)
-        if known is not None and known.fn is not fn:
+        if known is not None and getattr(known.fn, "__wrapped__", known.fn) is not fn:
             raise ValueError(f"an attribution method named {spec.name!r} is already registered")
-        _REGISTRY[spec.name] = replace(spec, fn=fn)
-        return fn
+        call = locked(fn)  # one call at a time on a model (TransformerLens's hooks live on it)
+        _REGISTRY[spec.name] = replace(spec, fn=call)
+        return call
 
     return add
 
@@ -171,6 +176,7 @@ def _reading(model: TLModel, specs: list[MethodSpec]) -> Callable[[str], bool]:
     return lambda name: name in wanted
 
 
+@locked
 def cache_for(
     model: TLModel,
     tokens: Int[Tensor, "batch pos"],
@@ -196,6 +202,7 @@ def cache_for(
     if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point():
         raise InputError(f"cache_for takes token ids [batch, pos], got {type(tokens).__name__}: tokenize first, "
                          "tokens = model.to_tokens(prompt) (or dpa_lens.inputs.prepare_tokens(model, prompts) for padded rows)")
+    require_eval(model, ", ".join(methods) or "cache_for", dropout_only=True)
     if names_filter is None:
         names_filter = _filter(model, methods or ("dpa",))
     elif methods:
@@ -210,7 +217,7 @@ def _options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     clash = sorted(set(options) & set(spec.fixed))
     if clash:
         raise InputError(f"{spec.name} fixes {', '.join(f'{k}={spec.fixed[k]!r}' for k in clash)}; it cannot be changed")
-    merged = {**spec.options, **options, **spec.fixed}
+    merged = {**options, **spec.fixed}
     params = inspect.signature(spec.fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(merged) - set(params))
@@ -220,6 +227,7 @@ def _options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+@locked
 def run(
     method: str,
     model: TLModel,

@@ -7,10 +7,15 @@ these helpers instead of importing either class directly.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import threading
+import weakref
+from collections.abc import Callable
 from functools import cache
 from importlib.metadata import version
-from typing import Any
+from typing import Any, TypeVar
 
 import transformer_lens
 
@@ -62,6 +67,40 @@ def lean_logits(model: Any) -> dict[str, Any]:
     return {"logits_to_keep": 1} if hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its RLock, gone with the model
+_LOCKS_GUARD = threading.Lock()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def model_lock(model: Any) -> Any:
+    """The re-entrant lock that dpa_lens holds on ``model`` while one of its calls runs it.
+
+    TransformerLens keeps a forward's hooks on the model itself: two forwards with hooks at once (two
+    threads sharing a model) would each cache, or patch, the other's activations. Holding the lock, a
+    second thread's call waits for the first. An object that cannot be a model gets no lock (a
+    ``nullcontext``): the call itself then says what is wrong."""
+    try:
+        with _LOCKS_GUARD:
+            lock = _LOCKS.get(model)
+            if lock is None:
+                lock = _LOCKS[model] = threading.RLock()
+            return lock
+    except TypeError:  # not hashable or not weakly referable: no model
+        return contextlib.nullcontext()
+
+
+def locked(fn: F) -> F:
+    """``fn`` called holding `model_lock` of its ``model`` argument (by position or by name)."""
+    position = list(inspect.signature(fn).parameters).index("model")
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with model_lock(args[position] if len(args) > position else kwargs.get("model")):
+            return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 def default_line() -> str:
     """The model class `load_model` builds: "hooked" on 3.x, "bridge" on 4.x."""
     return "hooked" if hooked_transformer_class() is not None else "bridge"
@@ -77,5 +116,7 @@ __all__ = [
     "is_hooked_transformer",
     "is_tl_model",
     "lean_logits",
+    "locked",
+    "model_lock",
     "transformer_lens",
 ]

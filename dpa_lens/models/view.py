@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpa_lens.errors import UnsupportedModelError
+from dpa_lens.errors import InputError, UnsupportedModelError
 from dpa_lens.models import hooks, tl
 from dpa_lens.ops import ACTIVATIONS, rotate
 
@@ -161,6 +161,7 @@ class ModelView:
         self.d_model: int = cfg.d_model
         self.d_mlp: int = 0 if getattr(cfg, "attn_only", False) else cfg.d_mlp
         self.d_vocab: int = cfg.d_vocab
+        self.experts: int = getattr(cfg, "num_experts", None) or 0  # a mixture of experts (Mixtral): its MLPs have no one set of neurons
         self.name: str = getattr(cfg, "model_name", "") or type(model).__name__
         self._read: dict[tuple[str, int | None], Any] = {}  # attn, mlp and norm gains, as first read
         first = next(iter(model.parameters()), None)
@@ -197,6 +198,18 @@ class ModelView:
             sliding_window=local,
             has_mlp=not getattr(cfg, "attn_only", False),
         )
+
+    @property
+    def has_neurons(self) -> bool:
+        """Whether each layer's MLP writes through one set of neurons, ``blocks.L.mlp.hook_post [batch, pos,
+        d_mlp]``: not in an attention-only model, nor in a mixture of experts (a token's neurons are its experts')."""
+        return self.rules.has_mlp and not self.experts
+
+    def check_neurons(self, asked: str, fix: str) -> None:
+        """Raise `InputError` when neuron scores (``asked``: the argument) are asked of a mixture of experts."""
+        if self.experts:
+            raise InputError(f"{asked}: this model is a mixture of experts ({self.experts} a layer), whose MLPs have no one set of "
+                             f"neurons (each token's are its experts'); {fix}")
 
     def _fires_rot_hooks(self, attn: Any) -> bool:
         """Whether the forward fills ``hook_rot_q``/``hook_rot_k``: HookedTransformer's rotary attention
@@ -264,7 +277,7 @@ class ModelView:
             problems.append(f"normalization {getattr(cfg, 'normalization_type', None)}")
         if str(cfg.act_fn) not in ACTIVATIONS and not getattr(cfg, "attn_only", False):  # an attention-only model needs none
             problems.append(f"activation {cfg.act_fn}")
-        if getattr(cfg, "num_experts", None):
+        if self.experts:
             problems.append("mixture of experts")
         if problems:
             supported = "; ".join(SUPPORTED_ARCHITECTURES.values())

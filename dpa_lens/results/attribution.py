@@ -26,6 +26,7 @@ slicing, ``concat``, ``to`` and ``save``/``load`` are those of every result (`dp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
@@ -38,7 +39,7 @@ from torch import Tensor
 from dpa_lens.errors import InputError
 from dpa_lens.graph import unit_name
 from dpa_lens.results.paths import Path
-from dpa_lens.results.rows import Diagnostics, Rows, figure, pad
+from dpa_lens.results.rows import Diagnostics, Rows, aligned_positions, figure, pad
 from dpa_lens.types import typechecked
 
 Kind = Literal["tokens", "heads", "neurons"]
@@ -144,33 +145,41 @@ class Attribution(Rows):
             return replace(self, mask=mask)
         return self
 
-    def mean(self) -> Attribution:
+    def mean(self, per_position: bool | None = None) -> Attribution:
         """The mean over rows, as an attribution of one row.
 
-        Unit totals (`totals`), ``bias`` and ``target_value`` are averaged. Per-position scores are
-        averaged only when every row has the same tokens: positions of different prompts do not
-        correspond, so otherwise only the totals are kept (``heads`` and ``neurons`` become
-        ``head_totals`` and ``neuron_totals``)."""
-        same = self.token_ids is None or bool((self.token_ids == self.token_ids[:1]).all())
+        Unit totals (`totals`), ``bias`` and ``target_value`` are averaged. Per-position scores (tokens,
+        heads and neurons by position, head keys, flow) are averaged too when the rows align: the same
+        real positions and answer position in every row, as prompts of one template have (``str_tokens``
+        then read ``"a|b"`` where the rows' tokens differ). Rows that do not align keep only unit totals
+        (``heads`` and ``neurons`` become ``head_totals`` and ``neuron_totals``), with a warning naming
+        what was dropped. ``per_position=False`` asks for the unit totals only (no warning);
+        ``per_position=True`` refuses rows that do not align."""
         avg = lambda t: None if t is None else t.float().mean(0, keepdim=True)  # noqa: E731
         out: dict[str, Any] = {name: avg(getattr(self, name)) for name in ("bias", "target_value")}
-        if same:
-            for name in ("tokens", "heads", "neurons", "head_keys", "flow", "head_totals", "neuron_totals"):
+        kept = aligned_positions(self, self.mask) if per_position is not False else None
+        if per_position and kept is None:
+            raise InputError("mean(per_position=True): the rows' prompts have their tokens or answers at other positions; "
+                             "average prompts of one template, or pass per_position=False for the unit totals")
+        by_position = ("tokens", "heads", "neurons", "head_keys", "flow")
+        if kept is not None:
+            for name in (*by_position, "head_totals", "neuron_totals"):
                 out[name] = avg(getattr(self, name))
-            for name in ("positions", "token_ids", "mask"):
-                value = getattr(self, name)
-                out[name] = None if value is None else value[:1]
-            out["str_tokens"] = self.str_tokens[:1] if self.str_tokens else None
+            out.update(positions=kept["positions"], token_ids=kept["token_ids"], str_tokens=kept["str_tokens"], mask=kept["real"])
             out["effective_targets"] = None if self.effective_targets is None else {k: avg(v) for k, v in self.effective_targets.items()}
         else:
-            for name in ("tokens", "heads", "neurons", "head_keys", "flow", "positions", "token_ids", "mask", "str_tokens", "effective_targets"):
+            if not self.has("heads") and not self.has("neurons"):
+                raise InputError(f"{self.method} scores only tokens, and these rows are prompts of other lengths: their token scores "
+                                 "cannot be averaged position by position (average prompts of one template, or compare them side by side)")
+            dropped = [name for name in (*by_position, "effective_targets") if getattr(self, name) is not None]
+            if dropped and per_position is None:
+                warnings.warn(f"Attribution.mean: the rows' prompts have their tokens or answers at other positions, so only unit "
+                              f"totals are averaged; dropped the per-position {', '.join(dropped)}", UserWarning, stacklevel=2)
+            for name in (*by_position, "positions", "token_ids", "mask", "str_tokens", "effective_targets"):
                 out[name] = None
-            out["head_totals"] = None if self.heads is None and self.head_totals is None else avg(self.totals("heads"))
-            out["neuron_totals"] = None if self.neurons is None and self.neuron_totals is None else avg(self.totals("neurons"))
+            out["head_totals"] = avg(self.totals("heads")) if self.has("heads") else None
+            out["neuron_totals"] = avg(self.totals("neurons")) if self.has("neurons") else None
         out["paths"] = None
-        if not same and out["head_totals"] is None and out["neuron_totals"] is None:
-            raise InputError(f"{self.method} scores only tokens, and these rows are different prompts: their token scores "
-                             "cannot be averaged position by position (average rows of one prompt, or compare them side by side)")
         labels = self.target.get("labels") or []
         target = {"labels": [labels[0] if len(set(labels)) == 1 else f"mean of {self.batch} rows"]} if labels else {}
         settings = {**self.settings, "mean_of_rows": self.batch}
@@ -206,13 +215,15 @@ class Attribution(Rows):
         *,
         row: int = 0,
         sum_positions: bool = False,
-        absolute: bool = False,
+        absolute: bool = True,
     ) -> pd.DataFrame:
-        """The k highest-scoring units of a kind for one batch row, as a table.
+        """The k strongest units of a kind for one batch row, as a table (columns ``unit``, ``layer``,
+        ``head``/``neuron``, ``pos``, ``token``, ``score``).
 
         Args:
             sum_positions: rank heads/neurons by their score over all positions (`totals`).
-            absolute: rank by absolute value (largest effect either way); the sign stays in ``score``.
+            absolute: rank by |score| (default: the largest effect either way, as `Circuit.top`);
+                ``False`` ranks by signed score, highest first. The sign stays in ``score``.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive int, got {k!r}")

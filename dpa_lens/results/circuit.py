@@ -32,7 +32,7 @@ from dpa_lens.errors import InputError
 from dpa_lens.graph import LABELS
 from dpa_lens.graph import writer_kind as kind_of
 from dpa_lens.results.paths import Path
-from dpa_lens.results.rows import Diagnostics, Rows, figure
+from dpa_lens.results.rows import Diagnostics, Rows, aligned_positions, figure
 from dpa_lens.types import typechecked
 
 WriterKind = Literal["any", "embed", "heads", "mlp", "neurons"]
@@ -178,15 +178,19 @@ class Circuit(Rows):
 
     def mean(self) -> Circuit:
         """The mean over rows, as a circuit of one row: edge scores, node scores, ``bias`` and
-        ``target_value`` averaged (the circuit of a dataset). Per-position scores are averaged only when
-        every row has the same tokens (positions of different prompts do not correspond)."""
-        same = self.token_ids is None or bool((self.token_ids == self.token_ids[:1]).all())
+        ``target_value`` averaged (the circuit of a dataset). Per-position scores are averaged too when
+        every row has the same tokens (a circuit holds no padding mask to align prompts by); else they
+        are dropped, with a warning."""
         avg = lambda t: None if t is None else t.float().mean(0, keepdim=True)  # noqa: E731
         out: dict[str, Any] = {name: avg(getattr(self, name)) for name in ("scores", "nodes", "bias", "target_value")}
-        out["per_position"] = avg(self.per_position) if same else None
+        same = self.token_ids is None or bool((self.token_ids == self.token_ids[:1]).all())
+        kept = aligned_positions(self, None) if same else None
+        if kept is None and self.per_position is not None:
+            warnings.warn("Circuit.mean: the rows are other prompts, so only the edges' totals are averaged; "
+                          "dropped per_position", UserWarning, stacklevel=2)
+        out["per_position"] = avg(self.per_position) if kept is not None else None
         for name in ("positions", "token_ids", "str_tokens"):
-            value = getattr(self, name)
-            out[name] = None if value is None or not same else value[:1]
+            out[name] = None if kept is None else kept[name]
         labels = self.target.get("labels") or []
         target = {"labels": [labels[0] if len(set(labels)) == 1 else f"mean of {self.batch} rows"]} if labels else {}
         return replace(self, **out, paths=None, target=target, diagnostics=Diagnostics(),

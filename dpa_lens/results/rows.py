@@ -286,6 +286,29 @@ class Rows:
         return state
 
 
+def aligned_positions(result: Rows, real: Tensor | None) -> dict[str, Any] | None:
+    """What the mean of a result's rows keeps of its positions, or None when the rows do not align.
+
+    Rows align when every row has its real tokens (``real [batch, pos]``) and its answer at the same
+    positions (prompts of one template: IOI sentences of one length): position ``p`` then means the
+    same slot in every row. Kept: the first row's ``positions``, ``real`` and ``token_ids`` (None where
+    rows hold other tokens) and ``str_tokens`` labelled ``"a|b"`` at the slots where they differ."""
+    same = lambda t: t is None or bool((t == t[:1]).all())  # noqa: E731
+    if not (same(real) and same(result.positions)):
+        return None
+    first = lambda t: None if t is None else t[:1]  # noqa: E731
+    kept = {"positions": first(result.positions), "token_ids": first(result.token_ids) if same(result.token_ids) else None}
+    if result.str_tokens:
+        labels = []
+        for column in zip(*result.str_tokens):
+            distinct = list(dict.fromkeys(column))
+            labels.append(distinct[0] if len(distinct) == 1 else "|".join(distinct[:3]) + ("|…" if len(distinct) > 3 else ""))
+        kept["str_tokens"] = [labels]
+    else:
+        kept["str_tokens"] = None
+    return {**kept, "real": first(real)}
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))

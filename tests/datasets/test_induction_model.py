@@ -46,6 +46,7 @@ def test_loads_and_matches_transformers(model, data):
         ref = hf(tokens, attention_mask=torch.ones_like(tokens)).logits
     # TransformerLens centres the unembedding, which shifts each position's logits by a constant
     torch.testing.assert_close(logits.float().cpu().log_softmax(-1), ref.log_softmax(-1), rtol=0, atol=5e-4)
+    assert not model.cfg.attn_only and model.cfg.d_mlp == 16  # as the README says: MLPs that are there, and add nothing
     for layer in range(model.cfg.n_layers):  # attention-only: the MLPs add exactly zero
         assert float(cache[f"blocks.{layer}.hook_mlp_out"].abs().max()) == 0.0
 

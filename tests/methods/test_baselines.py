@@ -376,7 +376,7 @@ def test_patching_equals_transformer_lens_patching(line):
     with torch.no_grad():
         base = float(metric(model(corrupted)))
     ref = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, lambda lg: metric(lg) - base)
-    ours = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, batch_size=7, progress=False)
+    ours = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="heads_by_pos", batch_size=7, progress=False)
     torch.testing.assert_close(ours.heads[0], ref.float(), rtol=1e-4, atol=1e-5)
     ref_all = patching.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, lambda lg: metric(lg) - base)
     heads = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="heads", progress=False)
@@ -394,7 +394,7 @@ def test_one_unit_patched_by_hand(line):
             x[index] = clean[name][index]
         return _patched_value(model, CORRUPTED, name, edit) - base
 
-    heads = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, batch_size=64, progress=False)
+    heads = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="heads_by_pos", batch_size=64, progress=False)
     assert float(heads.heads[0, 1, 10, 3]) == pytest.approx(by_hand("blocks.1.attn.hook_z", (0, 10, 3)), abs=1e-5)
     neurons = dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="neurons", layers=[1], progress=False)
     assert float(neurons.neuron_totals[0, 1, 5]) == pytest.approx(by_hand("blocks.1.mlp.hook_post", (0, slice(None), 5)), abs=1e-5)

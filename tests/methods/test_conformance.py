@@ -11,6 +11,7 @@ registered method is checked without touching this file.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def PAIR_IDS(model) -> tuple[int, int]:
 @pytest.mark.parametrize("name", METHODS)
 def test_run_equals_calling_the_function(name, tiny):
     spec = dpa_lens.get_method(name)
-    options = {**spec.options, **FAST.get(name, {}), **spec.fixed}
+    options = {**FAST.get(name, {}), **spec.fixed}
     if "progress" in inspect.signature(spec.fn).parameters:
         options["progress"] = False
     if spec.input == "cache":
@@ -202,15 +203,24 @@ def test_rows_concat_and_save_load_round_trip(name, tiny, tmp_path):
         assert mean.batch == 1
         torch.testing.assert_close(mean.scores[0], attr.scores.float().mean(0))
         return
-    units = [k for k in dpa_lens.get_method(name).scores if k != "tokens"]
-    if not units:  # different prompts: token scores cannot be averaged position by position
-        with pytest.raises(InputError, match="different prompts"):
-            attr.mean()
-        return
-    mean = attr.mean()
+    mean = attr.mean()  # two IOI prompts of one template: slot by slot, every score is averaged
     assert mean.batch == 1
-    for kind in units:  # only whole-unit totals survive the mean of different prompts
-        torch.testing.assert_close(mean.totals(kind)[0], attr.totals(kind).float().mean(0), equal_nan=True)
+    for field in ("tokens", "heads", "neurons", "head_totals", "neuron_totals"):
+        if getattr(attr, field) is not None:
+            torch.testing.assert_close(getattr(mean, field)[0], getattr(attr, field).float().mean(0), equal_nan=True)
+    longer = kind.concat([attr[0], _run(name, tiny, "The Eiffel Tower is in the city of", "The Eiffel Tower is in the city to")])
+    if not any(k != "tokens" for k in dpa_lens.get_method(name).scores):  # other lengths: token scores cannot be averaged
+        with pytest.raises(InputError, match="other lengths"):
+            longer.mean()
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = longer.mean()
+    per_position = [f for f in ("tokens", "heads", "neurons") if getattr(longer, f) is not None]
+    assert any("dropped the per-position" in str(w.message) for w in caught) == bool(per_position)
+    for kind_ in ("heads", "neurons"):  # only whole-unit totals survive the mean of prompts of other lengths
+        if longer.has(kind_):
+            torch.testing.assert_close(whole.totals(kind_)[0], longer.totals(kind_).float().mean(0), equal_nan=True)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -63,9 +63,9 @@ def test_patching_with_a_metric_equals_transformer_lens_patching(tiny):
     ref = patching.get_act_patch_attn_head_out_by_pos(tiny, corrupted, clean_cache, metric)
     with torch.no_grad():
         base = metric(tiny(corrupted))
-    ours = dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, metric, batch_size=16, progress=False)
+    ours = dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, metric, unit="heads_by_pos", batch_size=16, progress=False)
     torch.testing.assert_close(ours.heads[0], (ref - base).float(), rtol=1e-4, atol=1e-5)
-    assert_same(ours, dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, PAIR, batch_size=16, progress=False))
+    assert_same(ours, dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, PAIR, unit="heads_by_pos", batch_size=16, progress=False))
     with_cache = dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, metric, unit="tokens", clean_cache=clean_cache,
                                               progress=False)
     assert_same(with_cache, dpa_lens.activation_patching(tiny, IOI_PROMPT, CORRUPTED, PAIR, unit="tokens", progress=False))

@@ -2,7 +2,8 @@
 
 On tiny GPT-2 and GPT-NeoX, on both TransformerLens lines: token credit, head and MLP flow, and the
 strongest paths equal the oracle run on TransformerLens's processed weights (``processed=True``), for
-three presets, with and without a distractor, with the reference's quirks and without, and rerooted.
+three presets, with and without a distractor, with the reference's quirks and without, and rerooted;
+on ``load_model(..., processed=False)`` they equal the oracle run on the raw ``transformers`` model.
 Unpack's closure checks hold at the reference's tolerances (and fail on a tampered cache); paths are
 well formed; on Llama (grouped-query heads, rotary, RMSNorm, gated MLP), with consistent rules and
 β = 0, the tokens get all of the target's credit but what position 0 drops; bad input gets a dpa_lens
@@ -21,6 +22,7 @@ import dpa_lens
 from dpa_lens import Attribution, InputError, TargetError, UnsupportedModelError
 from dpa_lens.graph import LABELS
 from dpa_lens.methods.unpack import CLOSURE_TOLERANCES, PRESETS, Preset, unpack, unpack_validate
+from dpa_lens.models.testing import tiny_hf_model, tiny_tokenizer
 from dpa_lens.results import Hop, Path
 from tests.helpers import IOI_PROMPT, PAIR, make_tiny
 from tests.oracles import unpack_ref as U
@@ -30,22 +32,24 @@ _MODELS: dict[tuple[str, str], tuple] = {}
 _ORACLE: dict[tuple, U.UnpackRef] = {}
 
 
-def _tiny(family: str, line: str):
-    """(TL model, HF reference, token ids [1, n], cache, target id, distractor id), built once."""
-    if (family, line) not in _MODELS:
-        model, ref = make_tiny(family, line, seed=0)
+def _tiny(family: str, line: str, processed: bool = True):
+    """(TL model, HF reference, token ids [1, n], cache, target id, distractor id), built once; the reference
+    is the model given to `load_model`, which leaves it as it was."""
+    if (family, line, processed) not in _MODELS:
+        ref = tiny_hf_model(family, seed=0)
+        model = dpa_lens.load_model(ref, tokenizer=tiny_tokenizer(), line=line, processed=processed)
         tokens = model.to_tokens(IOI_PROMPT)
         _, cache = model.run_with_cache(tokens)
         target, distractor = (model.to_single_token(t) for t in PAIR)
-        _MODELS[family, line] = (model, ref, tokens, cache, target, distractor)
-    return _MODELS[family, line]
+        _MODELS[family, line, processed] = (model, ref, tokens, cache, target, distractor)
+    return _MODELS[family, line, processed]
 
 
-def _oracle(family: str, ref, tokens, **kw) -> U.UnpackRef:
-    """The oracle on TransformerLens's processed weights (the same on both lines: run once)."""
-    key = (family, tuple(tokens[0].tolist()), tuple(sorted(kw.items())))
+def _oracle(family: str, ref, tokens, processed: bool = True, **kw) -> U.UnpackRef:
+    """The oracle on TransformerLens's processed weights, or on the raw model's (the same on both lines: run once)."""
+    key = (family, processed, tuple(tokens[0].tolist()), tuple(sorted(kw.items())))
     if key not in _ORACLE:
-        _ORACLE[key] = U.unpack_reference(ref, tokens[0], processed=True, top_paths=10**9, **kw)
+        _ORACLE[key] = U.unpack_reference(ref, tokens[0], processed=processed, top_paths=10**9, **kw)
     return _ORACLE[key]
 
 
@@ -139,6 +143,28 @@ def test_another_answer_position_equals_the_oracle(line):
     o = _oracle("neox", ref, tokens, target=target, distractor=distractor, preset="kqv_weighted", quirks=True, position=t)
     assert _rel(attr.tokens[0], o.token_credit) <= TOL and not attr.tokens[0, t + 1:].any()
     _same_paths(attr.paths[0], o)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox"])
+@pytest.mark.parametrize("preset,quirks", [("kqv_aligned", True), ("kqv_aligned", False), ("k_only_l2", True)])
+def test_the_raw_model_equals_the_oracle_on_the_transformers_model(family, preset, quirks, line):
+    """``load_model(..., processed=False)``: Unpack of the raw model is the reference run on the raw
+    ``transformers`` model (tokens, head and MLP flow, paths), which Unpack of the processed model is not."""
+    model, ref, tokens, cache, target, distractor = _tiny(family, line, processed=False)
+    attr = unpack(model, cache, (target, distractor), preset=preset, quirks=quirks)
+    o = _oracle(family, ref, tokens, processed=False, target=target, distractor=distractor, preset=preset, quirks=quirks)
+    assert _rel(attr.tokens[0], o.token_credit) <= TOL
+    _same_paths(attr.paths[0], o)
+    assert float(attr.diagnostics.suppress_ratio[0]) == pytest.approx(o.suppress_ratio, abs=TOL)
+    flow = unpack(model, cache, target, preset=preset, quirks=quirks, units="logit")
+    o = _oracle(family, ref, tokens, processed=False, target=target, distractor=None, preset=preset, quirks=quirks)
+    L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
+    heads = torch.stack([torch.stack([o.component_flow_pos.get(f"attn_{l}_head_{h}", torch.zeros(n, dtype=torch.float64))
+                                      for h in range(H)], -1) for l in range(L)])
+    assert _rel(flow.heads[0], heads) <= TOL and _rel(flow.tokens[0], o.token_credit_raw) <= TOL
+    assert _rel(flow.diagnostics.mlp_flow[0], torch.tensor([o.component_flow[f"mlp_{l}"] for l in range(L)])) <= TOL
+    processed = _oracle(family, ref, tokens, target=target, distractor=distractor, preset=preset, quirks=quirks)
+    assert _rel(attr.tokens[0], processed.token_credit) > 100 * TOL  # the processed model's credit is another
 
 
 # ---------------------------------------------------------------------------------------------- properties

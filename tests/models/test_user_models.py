@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import warnings
 
 import pytest
@@ -242,6 +243,13 @@ def test_a_hand_built_config_runs_every_method(norm, attn_only):
     torch.testing.assert_close(total, dla.target_value, rtol=1e-4, atol=1e-4)
     with pytest.raises(dpa_lens.InputError, match="attention-only") if attn_only else contextlib.nullcontext():
         dpa_lens.activation_patching(model, IOI_PROMPT, CORRUPTED, PAIR, unit="neurons", layers=[1], progress=False)
+    # the circuit functions that are not methods: paths and circuit faithfulness
+    paths = dpa_lens.dpa_paths(model, cache, PAIR, k=8)[0]
+    assert paths and all(math.isfinite(p.score) for p in paths)
+    assert (not any(hop.node.endswith(".mlp") for p in paths for hop in p.hops)) is attn_only
+    circuit = dpa_lens.dpa_edges(model, cache, PAIR)
+    curve = dpa_lens.circuit_faithfulness(model, IOI_PROMPT, CORRUPTED, PAIR, circuit, fractions=(0.1, 1.0), progress=False)
+    assert float(curve.curve()[-1]) == pytest.approx(1.0, abs=1e-3)  # every edge kept: the clean model
 
 
 @pytest.mark.skipif(not HOOKED, reason="HookedTransformer is TransformerLens 3.x")

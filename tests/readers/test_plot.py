@@ -66,7 +66,9 @@ def test_heads_of_whole_head_results(attrs):
         _, cache = model.run_with_cache("The Eiffel Tower is in the city of")
     other = dpa_lens.dpa(model, cache, PAIR)
     with pytest.warns(UserWarning, match="flow is in 1 of the 2 parts only"):  # the first was computed with flow=True
-        mean = dpa_lens.Attribution.concat([attrs["dpa"], other]).mean()
+        both = dpa_lens.Attribution.concat([attrs["dpa"], other])
+    with pytest.warns(UserWarning, match="dropped the per-position tokens, heads, neurons"):  # prompts of other lengths
+        mean = both.mean()
     assert mean.heads is None and mean.head_totals is not None
     fig = plot.heads([mean, attrs["dla"]], normalize=False)
     np.testing.assert_allclose(fig.data[0].z, mean.totals("heads")[0].numpy(), rtol=1e-6)

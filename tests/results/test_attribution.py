@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -32,25 +33,34 @@ def test_shapes_and_metadata(attr):
 def test_top_heads_are_sorted_and_labelled(attr):
     top = attr.top(5, "heads")
     assert list(top.columns[:1]) == ["unit"] and len(top) == 5
-    assert top["score"].is_monotonic_decreasing
+    assert top["score"].abs().is_monotonic_decreasing
     flat = attr.heads[0].flatten()
-    assert top["score"].iloc[0] == pytest.approx(float(flat.max()))
+    assert top["score"].iloc[0] == pytest.approx(float(flat[flat.abs().argmax()]))
     row = top.iloc[0]
     assert row["unit"] == f"L{row['layer']}H{row['head']}@{row['pos']}"
     assert attr.heads[0, row["layer"], row["pos"], row["head"]] == pytest.approx(row["score"])
 
 
-def test_top_by_absolute_value_and_summed_positions(attr):
-    top = attr.top(3, "neurons", absolute=True, row=1)
+def test_top_ranks_by_absolute_score_unless_signed_is_asked_for(attr):
+    """The strongest negative units are as much the answer as the positive ones: |score| by default,
+    as Circuit.top, the CLI and the report rank."""
+    heads = torch.tensor([[[0.5, -1.3, 0.1], [1.0, -0.2, -0.9]]])  # [batch, layer, head]
+    totals = Attribution(method="x", head_totals=heads)
+    assert totals.top(3, "heads")["unit"].tolist() == ["L0H1", "L1H0", "L1H2"]
+    assert totals.top(3, "heads")["score"].tolist() == pytest.approx([-1.3, 1.0, -0.9])
+    assert totals.top(3, "heads", absolute=False)["unit"].tolist() == ["L1H0", "L0H0", "L0H2"]
+    assert dpa_lens.run("dla", *_tiny_run()).top(5, "heads", sum_positions=True)["score"].abs().is_monotonic_decreasing
+    top = attr.top(3, "neurons", row=1)
     assert top["score"].abs().iloc[0] == pytest.approx(float(attr.neurons[1].abs().max()))
-    summed = attr.top(4, "heads", sum_positions=True)
-    totals = attr.sum_over_positions("heads")[0]
-    assert summed["score"].iloc[0] == pytest.approx(float(totals.max()))
-    assert summed["unit"].iloc[0] == f"L{summed['layer'].iloc[0]}H{summed['head'].iloc[0]}"
+
+
+def _tiny_run():
+    model, _ = make_tiny("llama", seed=4)
+    return model, IOI_PROMPT, (" Mary", " John")
 
 
 def test_top_tokens(attr):
-    top = attr.top(3, "tokens")
+    top = attr.top(3, "tokens", absolute=False)
     assert top["score"].iloc[0] == pytest.approx(float(attr.tokens[0].max()))
     assert top["token"].iloc[0] == attr.str_tokens[0][top["pos"].iloc[0]]
 
@@ -114,3 +124,39 @@ def test_concat_refuses_what_does_not_belong_together(attr):
     assert torch.equal(both.mask[0], padded.mask[0]) and bool(both.mask[1, : unmasked.seq_len].all())
     with pytest.raises(dpa_lens.InputError, match="kind must be"):
         attr.top(5, "bogus")
+
+
+def test_mean_of_prompts_of_one_template_keeps_tokens_and_positions():
+    """IOI prompts of one template line up slot by slot: their mean keeps token and per-position scores
+    (plot.tokens draws it), labelled "a|b" where the names differ; prompts of other lengths keep only
+    unit totals, and say so."""
+    model, _ = make_tiny("llama", seed=4)
+    prompts = ["When Mary and John went to the store, John gave a drink to",
+               "When Anna and Bob went to the store, Bob gave a drink to"]
+    toks = model.to_tokens(prompts)
+    assert toks.shape[1] == model.to_tokens(prompts[0]).shape[1], "the two prompts should tokenise to one length"
+    _, cache = model.run_with_cache(toks)
+    a = dpa_lens.dpa(model, cache, [(" Mary", " John"), (" Anna", " Bob")], flow=True)
+    mean = a.mean()
+    torch.testing.assert_close(mean.tokens[0], a.tokens.mean(0))
+    torch.testing.assert_close(mean.heads[0], a.heads.mean(0))
+    torch.testing.assert_close(mean.flow[0], a.flow.mean(0))
+    labels = mean.str_tokens[0]
+    assert labels[0] == a.str_tokens[0][0] and any(lab == f"{x}|{y}" for lab, x, y in zip(labels, *a.str_tokens) if x != y)
+    assert mean.token_ids is None and mean.positions.tolist() == a.positions[:1].tolist()
+    from dpa_lens import plot
+
+    assert plot.tokens(mean) is not None
+    _, other = model.run_with_cache([prompts[0], "The Eiffel Tower is in"], padding_side="left")
+    b = dpa_lens.dpa(model, other, " Mary")
+    with pytest.warns(UserWarning, match="dropped the per-position tokens, heads, neurons"):
+        whole = b.mean()
+    assert whole.tokens is None and whole.heads is None
+    torch.testing.assert_close(whole.head_totals[0], b.totals("heads").mean(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        totals = b.mean(per_position=False)
+        assert totals.tokens is None and torch.equal(totals.head_totals, whole.head_totals)
+        assert a.mean(per_position=False).tokens is None
+    with pytest.raises(dpa_lens.InputError, match="per_position=True"):
+        b.mean(per_position=True)

@@ -124,7 +124,7 @@ def sweep(
 
 
 @register(MethodSpec(name="dpa", input="cache", scores=KINDS, hook_names=lambda model: dpa_hook_names(model, flow=True, patterns=False),
-                     options={"flow": True}, summary="Dual Path Attribution: activation · effective target, from one top-down sweep"))
+                     summary="Dual Path Attribution: activation · effective target, from one top-down sweep"))
 def dpa(
     model: TLModel,
     cache: Cache,

@@ -21,7 +21,6 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.errors import InputError
 from dpa_lens.forward import CachedForward, read_forward
@@ -32,6 +31,7 @@ from dpa_lens.methods.dpa.mu import Mu
 from dpa_lens.methods.dpa.root import Root, parse_root
 from dpa_lens.methods.dpa.rules import Propagator
 from dpa_lens.models.view import ModelView
+from dpa_lens.progress import progress_bar as tqdm
 from dpa_lens.results import Hop, Path
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel, typechecked
 

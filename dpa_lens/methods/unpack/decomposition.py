@@ -297,7 +297,10 @@ class AttentionLayer:
         dev = r.fwd.device
         a = view.attn(layer)
         self.W_Q, self.W_K, self.W_V, self.W_O = (w.to(dev, DT) for w in (a.W_Q, a.W_K, a.W_V, a.W_O))
-        self.b_V = None if a.b_V is None else a.b_V.to(dev, DT)
+        # the value bias row (see `heads`) is the model's own bias: an unfolded ln1 bias β adds β·W_V to `a.b_V`,
+        # which the reference reads as the norm's constant, in no denominator
+        beta = view.norm_bias("ln1", layer)
+        self.b_V = None if a.b_V is None else a.b_V.to(dev, DT) - (0.0 if beta is None else torch.einsum("d,gde->ge", beta.to(dev, DT), self.W_V))
         self.group = view.n_heads // view.n_kv_heads
         self.scale = view.attn_scale(layer)
         self.adjacent = view.adjacent_pairs

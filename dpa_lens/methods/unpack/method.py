@@ -202,9 +202,10 @@ def unpack(
           each layer's MLP, summed over positions, in ``units``), ``suppress_ratio`` (negative over total
           token mass) and ``paths_found``.
 
-    Unpack here reads TransformerLens's processed weights: it is Unpack of the processed model, not
-    of the raw ``transformers`` model. See docs/methods/unpack.md for the rules, the quirks of the
-    reference code, processed weights and the families beyond GPT-2 and GPT-NeoX.
+    Unpack reads the model's weights as they are: on a processed model (`load_model`'s default) it is
+    Unpack of the processed model; on ``load_model(..., processed=False)`` it is Unpack of the raw
+    ``transformers`` model, as the reference implementation computes it. See docs/methods/unpack.md for
+    the rules, the quirks of the reference code, processed weights and the families beyond GPT-2 and GPT-NeoX.
     """
     name, P = _preset(preset)
     if units not in UNITS:

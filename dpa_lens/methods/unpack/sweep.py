@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpa_lens.methods.unpack.decomposition import Decomposition, HeadTables, MLPTables
 from dpa_lens.methods.unpack.rules import branch_weights
+from dpa_lens.progress import progress_bar as tqdm
 
 LABELS: tuple[str | None, ...] = (None, "k", "q", "v", "mlp")
 CODE = {label: i for i, label in enumerate(LABELS)}
