@@ -10,7 +10,8 @@ faithfulness_gemma3.json), ``faithfulness-bos`` (their BOS sections), ``speed``,
 ``speed-answer``, ``speed-fixed`` and ``speed-gemma3``, ``speed-answer-gemma3`` (bench/results/speed_{smollm2,gemma3}.json),
 ``circuits`` (bench/results/circuits_smollm2.json), ``ioi-heads`` (the agreement section of
 bench/results/faithfulness_smollm2.json), ``notebooks`` (bench/results/notebooks.json, written by
-``python notebooks/build.py --execute``), ``loading`` (bench/results/loading.json).
+``python notebooks/build.py --execute``), ``loading`` (bench/results/loading.json), ``datasets``
+(bench/results/datasets_smollm2.json).
 """
 
 from __future__ import annotations
@@ -276,6 +277,35 @@ def loading(r: dict) -> str:
             f"(`import torch` {i['import torch']:.1f} s); `dpa-lens --help` {i['dpa-lens --help']:.1f} s.\n")
 
 
+def datasets(r: dict) -> str:
+    rows = r["rows"]
+    ok = [x for x in rows if "error" not in x]
+    find = lambda sec, m, b: next((x for x in ok if (x["section"], x["measurement"], x["batch"]) == (sec, m, b)), None)  # noqa: E731
+    per = lambda x: x["seconds"] / x["records"]  # noqa: E731
+    cells = []
+    for b in sorted({x["batch"] for x in ok if x["section"] == "speed"}):
+        floor, dpa, edges = find("speed", "floor", b), find("speed", "dpa", b), find("speed", "dpa_edges", b)
+        if floor is None or dpa is None:
+            continue
+        edge = f"; DPA edges {per(edges) * 1000:.0f} ms ({per(edges) / per(dpa):.2f}× node DPA)" if edges else ""
+        cells.append(f"batch {b}: DPA {per(dpa) * 1000:.0f} ms a record, {per(dpa) / per(floor):.2f}× the floor's "
+                     f"{per(floor) * 1000:.0f} ms{edge}")
+    text = (f"Over a dataset of SmolLM2-135M IOI and Known 1000 prompts on {r['machine']['cpu_count']} CPU cores "
+            f"([`bench/results/datasets_smollm2.md`](bench/results/datasets_smollm2.md), `python -m bench.datasets`; the floor "
+            "is the model's own forward and backward in transformers, SDPA, on the same batches; times include tokenizing "
+            "and writing the shards): " + "; ".join(cells) + ".")
+    two = next((x for x in ok if x["section"] == "processes"), None)
+    one = find("speed", two["measurement"], two["batch"]) if two else None
+    if two and one:
+        text += (f" Two processes under torchrun with {two.get('threads_each', '?')} thread each: {two['seconds'] / one['seconds']:.2f}× "
+                 f"the time of one process with {one.get('threads', '?')} ({two['records']} records).")
+    memory = sorted((x for x in ok if x["section"] == "memory"), key=lambda x: x["records"])
+    if len(memory) >= 2:
+        text += (" Peak memory above the model: " + ", ".join(f"{x['peak_bytes'] / 2**20:,.0f} MiB for {x['records']:,} records"
+                                                               for x in memory) + ".")
+    return text + "\n"
+
+
 # block -> (its result files, the renderer that takes them in that order; a missing optional file is None)
 SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "faithfulness": ((RESULTS / "faithfulness_smollm2.json", RESULTS / "faithfulness_gemma3.json"), faithfulness),
@@ -291,6 +321,7 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
     "notebooks": ((RESULTS / "notebooks.json",), notebooks),
     "loading": ((RESULTS / "loading.json",), loading),
+    "datasets": ((RESULTS / "datasets_smollm2.json",), datasets),
 }
 OPTIONAL = {RESULTS / "faithfulness_gemma3.json"}
 

@@ -5,7 +5,7 @@
     attr = dpa_lens.dpa(model, cache, (" Mary", " John"))
     attr.top(10, "heads")
 
-Node methods return an `Attribution`, edge methods (``dpa_edges``, ``edge_atp``, ``edge_patching``,
+Node methods return an `Attribution`, edge methods (``dpa_edges``, ``edge_atp``, ``eap_ig``, ``edge_patching``,
 ``edge_random``) a `Circuit`; ``run(name, model, prompt, target, ...)`` runs any of them the same way
 (`available_methods` lists them, `get_method` tells what each takes and returns).
 """
@@ -36,6 +36,7 @@ from dpa_lens.methods.attention import attention_last, attention_mean, attention
 from dpa_lens.methods.depass import depass
 from dpa_lens.methods.dla import dla
 from dpa_lens.methods.dpa import Mu, dpa, dpa_edges, dpa_hook_names, dpa_names_filter, dpa_paths
+from dpa_lens.methods.eap_ig import eap_ig
 from dpa_lens.methods.edge_atp import edge_atp, edge_random
 from dpa_lens.methods.edge_patching import edge_patching
 from dpa_lens.methods.gradients import gradient, input_x_gradient
@@ -48,6 +49,7 @@ from dpa_lens.models.load import load_model
 from dpa_lens.models.tl import model_lock
 from dpa_lens.models.view import SUPPORTED_ARCHITECTURES
 from dpa_lens.results import KINDS, Attribution, Circuit, Diagnostics, Hop, Path
+from dpa_lens.runs import DatasetResults, attribute_dataset, load_results
 from dpa_lens.types import TLModel
 
 try:
@@ -60,6 +62,7 @@ __all__ = [
     "Attribution",
     "CacheError",
     "Circuit",
+    "DatasetResults",
     "Diagnostics",
     "Hop",
     "DpaLensError",
@@ -76,6 +79,7 @@ __all__ = [
     "UnsupportedModelError",
     "activation_patching",
     "atp",
+    "attribute_dataset",
     "attention_last",
     "attention_mean",
     "attention_rollout",
@@ -91,6 +95,7 @@ __all__ = [
     "dpa_hook_names",
     "dpa_names_filter",
     "dpa_paths",
+    "eap_ig",
     "edge_atp",
     "edge_patching",
     "edge_random",
@@ -101,6 +106,7 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "load_model",
+    "load_results",
     "model_lock",
     "method_table",
     "names_filter",

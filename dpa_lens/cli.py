@@ -1,11 +1,15 @@
-"""Command line: ``dpa-lens demo``, ``dpa-lens explain`` and ``dpa-lens methods``.
+"""Command line: ``dpa-lens demo``, ``dpa-lens explain``, ``dpa-lens attribute`` and ``dpa-lens methods``.
 
     dpa-lens demo --out report.html
     dpa-lens explain --model smollm2-135m --prompt "When Mary and John went to the store, John gave a drink to" \\
         --target " Mary" --contrast " John" --corrupted "When Mary and John went to the store, Mary gave a drink to" \\
         --methods dpa,dla,atp,activation_patching --out report.html
+    dpa-lens attribute --model smollm2-135m --method dpa --data ioi.jsonl --out runs/ioi --batch-size 8
+    torchrun --nproc_per_node 2 -m dpa_lens attribute --method dpa_edges --data ioi.jsonl --out runs/ioi_edges
     dpa-lens methods
 
+``attribute`` runs one method over a dataset of JSON-line records (`dpa_lens.attribute_dataset`),
+keeping each batch's results as a Parquet shard in ``--out``; the same command resumes a killed run.
 ``demo`` and ``explain`` print the top tokens, heads and neurons by DPA (or the first method) and
 write a self-contained HTML report (plotly.js embedded, nothing fetched) when ``--out`` is given.
 Every argument is checked before the model is loaded; a bad one is a one-line error (exit 2). The
@@ -107,11 +111,11 @@ def _check_model(parser: argparse.ArgumentParser, name: str) -> None:
     from huggingface_hub.utils import validate_repo_id
 
     from dpa_lens.errors import ModelNotAvailableError
-    from dpa_lens.models.bundled import BUNDLED_MODELS, _package_dir
+    from dpa_lens.models.bundled import BUNDLED_MODELS, require_installed
 
     if name.strip().lower() in BUNDLED_MODELS:
         try:
-            _package_dir(name.strip().lower())
+            require_installed(name.strip().lower())
         except ModelNotAvailableError as err:
             parser.error(f"--model {name!r}: {err}")
         return
@@ -167,6 +171,71 @@ def _methods(parser: argparse.ArgumentParser, text: str | None, corrupted: str |
     return methods
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``: the value read as JSON (``true``, ``3``, ``[1, 2]``), else as a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _check_attribute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """Everything ``attribute`` can check before loading the model: the method and its options, the records
+    (read whole: their structure and ids), the output folder (empty, or a run of the same settings)."""
+    from dpa_lens.errors import InputError
+    from dpa_lens.methods.registry import available_methods, checked_options, get_method
+    from dpa_lens.runs.records import read_records
+    from dpa_lens.runs.runner import run_identity
+    from dpa_lens.runs.store import Store
+
+    if args.method not in available_methods():
+        parser.error(f"--method {args.method!r}: unknown; choose among: {', '.join(available_methods())}")
+    options = dict(args.option or [])
+    try:
+        checked_options(get_method(args.method), options)
+    except InputError as err:
+        parser.error(f"--option: {err}")
+    try:
+        read_records(args.data)
+    except InputError as err:
+        parser.error(f"--data: {err}")
+    try:
+        Store(args.out).check(run_identity(args.method, options, args.position, ""), keys=("method", "options", "position"))
+    except InputError as err:
+        parser.error(f"--out: {err}")
+    return options
+
+
+def attribute(args: argparse.Namespace, options: dict) -> int:
+    import torch
+
+    import dpa_lens
+    from dpa_lens.runs.distributed import Processes
+
+    started = time.perf_counter()
+    procs = Processes.start()
+    device = args.device or (f"cuda:{procs.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    if procs.rank == 0:
+        print(f"loading {args.model} on {device} ({procs.world} process{'es' if procs.world > 1 else ''}) ...", file=sys.stderr, flush=True)
+    try:
+        model = dpa_lens.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
+        res = dpa_lens.attribute_dataset(model, args.method, args.data, args.out, batch_size=args.batch_size,
+                                         position=args.position, progress=not args.no_progress, **options)
+    finally:
+        procs.stop()
+    if procs.rank == 0:
+        print(f"{len(res)} records written to {args.out} ({len(res.skipped)} skipped) in {time.perf_counter() - started:.1f}s; "
+              f"read them with dpa_lens.load_results({str(args.out)!r})")
+        for skip in res.skipped[:10]:
+            print(f"  skipped {skip['id']}: {skip['reason']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from dpa_lens.errors import DpaLensError
     from dpa_lens.methods.registry import available_methods, method_table
@@ -188,12 +257,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma-separated, among: {', '.join(available_methods())} (default: {','.join(DEFAULT_METHODS)})")
     ex.add_argument("--out", type=Path, default=None, help="write an HTML report here")
     ex.add_argument("--top", type=_positive, default=10)
+    at = sub.add_parser("attribute", help="run one method over a dataset of records (JSON lines), resumably",
+                        description="Run one method over every record of a JSON-lines file; results go to --out as Parquet "
+                                    "shards (read them with dpa_lens.load_results). The same command resumes a killed run. "
+                                    "Under torchrun (torchrun --nproc_per_node N -m dpa_lens attribute ...) the records are "
+                                    "divided among the processes.")
+    at.add_argument("--model", default="smollm2-135m", help="as for explain")
+    at.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
+    at.add_argument("--data", type=Path, required=True,
+                    help='records, one JSON object a line: {"id": ..., "prompt": ..., "target": " Mary" or [" Mary", " John"], '
+                         '"corrupted": ...}')
+    at.add_argument("--out", type=Path, required=True, help="the run's folder (made if missing; an earlier run of the same settings resumes)")
+    at.add_argument("--batch-size", type=_positive, default=8)
+    at.add_argument("--position", type=int, default=-1, help="the answer position of every record (default -1: its last token)")
+    at.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
+                    help="a method option, repeatable (the value is read as JSON: --option flow=true --option neurons=null)")
+    at.add_argument("--device", default=None, help="default: the process's GPU (cuda:LOCAL_RANK) when there is one, else cpu")
+    at.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    at.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("methods", help="list the attribution methods and what each takes")
     args = parser.parse_args(argv)
     if args.command == "methods":
         for row in method_table():
             print(f"{row['method']:<22} {row['input']:<7} {row['returns']:<6} {row['scores']:<24} {row['summary']}")
         return 0
+    if args.command == "attribute":
+        options = _check_attribute(parser, args)
+        _check_model(parser, args.model)
+        try:
+            return attribute(args, options)
+        except KeyboardInterrupt:
+            print("interrupted: the records written are kept; run the same command to go on", file=sys.stderr)
+            return 130
+        except (DpaLensError, OSError) as err:
+            print(f"dpa-lens: error: {err}", file=sys.stderr)
+            return 1
     _check_out(parser, args.out)
     if args.command == "demo":
         run = ("smollm2-135m", IOI_PROMPT, " Mary", " John", IOI_CORRUPTED, DEFAULT_METHODS)

@@ -5,16 +5,26 @@ methods that compare a clean and a corrupted prompt.
 DePass, Unpack, circuits): it checks that the cache holds what the method reads and was made by
 this model, reads the input tokens and padding, resolves answer positions and the target, and
 returns a `CachedForward`. That object then answers, per layer, what the forward computed:
-activations in float32 on one device, attention patterns (cached, or recomputed from the cached
-queries and keys and checked against the head outputs), the rotary ``cos``/``sin`` the forward
-used, and rotated queries and keys. `read_pair` is the prelude of every method that runs the model
-on a clean/corrupted pair (patching, AtP, their edge forms): checks, aligned tokens, answer
-positions and target.
+activations in float32 (each on its layer's device, see below), attention patterns (cached, or
+recomputed from the cached queries and keys and checked against the head outputs), the rotary
+``cos``/``sin`` the forward used, and rotated queries and keys. `read_pair` is the prelude of every
+method that runs the model on a clean/corrupted pair (patching, AtP, their edge forms): checks,
+aligned tokens, answer positions and target.
+
+Devices. A forward's ``device`` is where the cache holds ``hook_embed``: the device of the model's
+embedding, where methods gather their results. On a model whose weights are on one device, every
+activation is read there, as it always was. On a model split across devices (`ModelView.split`:
+TransformerLens's ``n_devices``, a bridge's ``device_map``), ``layer_devices`` holds each layer's
+device (`ModelView.layer_device`, where its weights are) and `CachedForward.act` reads a hook of layer
+``l`` on layer ``l``'s device (outside the blocks, on ``device``), so that each layer's step runs where
+its weights are; methods move only what flows from layer to layer (DPA's effective target), never weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +58,8 @@ class CachedForward:
     """One cached forward pass of a model, read in dpa_lens's conventions.
 
     ``positions [batch]`` are the answer positions, ``target`` the resolved target (None for
-    methods that take none).
+    methods that take none). ``device`` is where the cache holds ``hook_embed`` (results are gathered
+    there); ``layer_devices`` each layer's device on a model split across devices (see the module's note).
     """
 
     view: ModelView
@@ -57,6 +68,7 @@ class CachedForward:
     positions: Int[Tensor, " batch"]
     target: Target | None
     device: torch.device
+    layer_devices: tuple[torch.device, ...] | None = None  # per layer, where its step runs (a split model); None: all on device
     _rotary: Rotary | None = field(default=None, repr=False)
     _rotary_read: bool = field(default=False, repr=False)
 
@@ -74,14 +86,30 @@ class CachedForward:
         return {"positions": self.positions, "token_ids": self.inputs.tokens, "str_tokens": self.inputs.str_tokens,
                 "mask": self.inputs.real, "model_name": self.view.name}
 
+    def layer_device(self, layer: int) -> torch.device:
+        """Where layer ``layer``'s step runs: its weights' device on a split model, else this forward's device."""
+        return self.device if self.layer_devices is None else self.layer_devices[layer]
+
+    @property
+    def unembed_device(self) -> torch.device:
+        """Where what reads the unembedding runs: its weights' device on a split model, else this forward's device."""
+        return self.device if self.layer_devices is None else self.view.unembed_device
+
+    def device_for(self, name: str) -> torch.device:
+        """Where `act` reads the hook ``name``: a block's hook on its layer's device, any other on this forward's."""
+        if self.layer_devices is None:
+            return self.device
+        layer = hooks.layer_of(name)
+        return self.device if layer is None else self.layer_devices[layer]
+
     def act(self, name: str) -> Tensor:
-        """A cached activation, float32, on this forward's device. With ``use_split_qkv_input`` or
+        """A cached activation, float32, on the device of its layer (`device_for`). With ``use_split_qkv_input`` or
         ``use_attn_in``, HookedTransformer normalises one (equal) copy of the stream per head and caches
         ``ln1``'s scale and output per head: they are read as the one stream's."""
         t = self.cache[name]
         if t.ndim == 4 and name.endswith(("ln1.hook_scale", "ln1.hook_normalized")):
             t = t[:, :, 0]
-        return t.to(self.device).float()
+        return t.to(self.device_for(name)).float()
 
     @typechecked
     def final_input(self) -> Float[Tensor, "batch d_model"]:
@@ -102,7 +130,7 @@ class CachedForward:
         name = hooks.attn(layer, "pattern")
         if name in self.cache:
             return self.act(name).sum(-1).transpose(1, 2)
-        real = self.inputs.real.to(self.device)
+        real = self.inputs.real.to(self.layer_device(layer))
         attends = (real.cumsum(-1) > 0).float()  # some real key at or before the query
         return attends[:, :, None].expand(self.batch, self.seq_len, self.view.n_heads)
 
@@ -111,7 +139,7 @@ class CachedForward:
         if not self.view.rules.rotary:
             return None
         if not self._rotary_read:
-            self._rotary = _rotary_source(self.view, self.cache, self.inputs)
+            self._rotary = _rotary_source(self.view, self.cache, self.inputs, self.layer_device)
             self._rotary_read = True
         return self._rotary(layer)
 
@@ -153,13 +181,13 @@ def _recompute_pattern(fwd: CachedForward, layer: int, q: Tensor, k: Tensor) -> 
     return pattern
 
 
-def _rotary_source(view: ModelView, cache: Cache, inputs: RunInputs) -> Rotary:
-    """Per layer, the ``(cos, sin)`` ``[batch or 1, pos, 1, rotary_dim]`` that the forward used."""
+def _rotary_source(view: ModelView, cache: Cache, inputs: RunInputs, device_of: Callable[[int], torch.device]) -> Rotary:
+    """Per layer, the ``(cos, sin)`` ``[batch or 1, pos, 1, rotary_dim]`` that the forward used, on ``device_of(layer)``."""
     if view.rotary_from_cache():
 
         def from_cache(layer: int) -> tuple[Tensor, Tensor]:
-            cos = cache[hooks.attn(layer, "cos")].float()
-            sin = cache[hooks.attn(layer, "sin")].float()
+            cos = cache[hooks.attn(layer, "cos")].to(device_of(layer)).float()
+            sin = cache[hooks.attn(layer, "sin")].to(device_of(layer)).float()
             return cos.unsqueeze(2), sin.unsqueeze(2)
 
         return from_cache
@@ -195,7 +223,8 @@ def _rotary_source(view: ModelView, cache: Cache, inputs: RunInputs) -> Rotary:
 
             def from_buffers(layer: int, pos_ids: Tensor = pos_ids) -> tuple[Tensor, Tensor]:
                 c, s = view.rotary_buffers(layer)
-                return c[pos_ids].float().unsqueeze(2).to(device), s[pos_ids].float().unsqueeze(2).to(device)
+                at, to = pos_ids.to(c.device), device_of(layer)  # each layer's buffers are on its own device
+                return c[at].float().unsqueeze(2).to(to), s[at].float().unsqueeze(2).to(to)
 
             return from_buffers
     raise CacheError(
@@ -224,6 +253,20 @@ def check_cache_shapes(view: ModelView, cache: Cache, inputs: RunInputs) -> None
             )
 
 
+_MADE_HERE: ContextVar[frozenset[int]] = ContextVar("dpa_lens_caches_made_here", default=frozenset())
+
+
+@contextmanager
+def made_here(*caches: Cache) -> Iterator[None]:
+    """Within it, `read_forward` does not check ``caches`` against the model's weights: `dpa_lens.run` made them
+    from the model a moment ago (`cache_for`) and hands them to no one else, so the check could only pass."""
+    token = _MADE_HERE.set(_MADE_HERE.get() | {id(c) for c in caches})
+    try:
+        yield
+    finally:
+        _MADE_HERE.reset(token)
+
+
 def read_forward(
     model: TLModel,
     cache: Cache,
@@ -245,7 +288,7 @@ def read_forward(
         hook_names: what the method reads from the cache (checked to be there).
         filter_hint: the ``names_filter`` expression that caches them (shown in the error).
         target: the target, or None for methods that explain no target.
-        check_model: check that the cache was made by this model's weights.
+        check_model: check that the cache was made by this model's weights (not for a cache `run` made, see `made_here`).
     """
     view = ModelView(model)
     with record_function("dpa_lens.checks"):
@@ -258,14 +301,16 @@ def read_forward(
         check_cache_shapes(view, cache, inputs)
         check_finite(cache, hook_names, method)
         check_padding(inputs.real, cache, given_mask=attention_mask is not None)
-        if check_model:
+        if check_model and id(cache) not in _MADE_HERE.get():
             check_cache_model(view, cache)
     positions = resolve_positions(position, inputs)
     resolved = None if target is None else resolve_target(model, view, target, inputs.batch, logit=logit)
     device = cache[hooks.EMBED].device
-    fwd = CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device)
-    if resolved is not None and hooks.FINAL_NORMALIZED in cache:
-        warn_if_not_predicted(model, resolved, fwd.final_input())
+    layer_devices = tuple(view.layer_device(l) for l in range(view.n_layers)) if view.split else None
+    fwd = CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device,
+                        layer_devices=layer_devices)
+    if resolved is not None and hooks.FINAL_NORMALIZED in cache:  # the logits where the unembedding is (never moved)
+        warn_if_not_predicted(model, resolved, fwd.final_input().to(fwd.unembed_device))
     return fwd
 
 

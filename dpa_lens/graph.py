@@ -266,8 +266,9 @@ def writer_outputs(fwd: CachedForward, layer: int) -> Float[Tensor, "batch pos u
 @typechecked
 def all_writer_outputs(fwd: CachedForward) -> Float[Tensor, "batch pos writer d_model"]:
     """``out_u`` of every writer in the order of `Graph` (neurons aside): the stream entering the first
-    block, then each layer's heads and MLP."""
-    return torch.cat([fwd.act(hooks.resid_pre(0))[:, :, None]] + [writer_outputs(fwd, l) for l in range(fwd.view.n_layers)], 2)
+    block, then each layer's heads and MLP (each computed on its layer's device, gathered on ``fwd.device``)."""
+    outs = [fwd.act(hooks.resid_pre(0))[:, :, None]] + [writer_outputs(fwd, l) for l in range(fwd.view.n_layers)]
+    return torch.cat([out.to(fwd.device) for out in outs], 2)
 
 
 @typechecked

@@ -9,7 +9,9 @@ the projections, and recomputes that head's query-key norm, rotary, scores, soft
 (grouped key/value heads are handled per query head, which TransformerLens's split inputs cannot
 express); an MLP reader recomputes its norm and moves its pre-activations; the logit reader
 recomputes the final norm and the target at the answer position. Every change is taken as
-``recomputed(copy) − recomputed(stream)``, so a zero ``Δ`` changes nothing, bit for bit.
+``recomputed(copy) − recomputed(stream)``, so a zero ``Δ`` changes nothing, bit for bit. On a model
+split across devices a reader's change is computed on its layer's device (`CachedForward.device_for`),
+where the offsets move; weights never do.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def reader_hook_names(view: ModelView) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- private copies
 def _act(fwd: CachedForward, name: str) -> Tensor:
-    """A cached activation on the forward's device, in float32 (float64 for a float64 model)."""
-    t = fwd.cache[name].to(fwd.device)
+    """A cached activation on its layer's device (`CachedForward.device_for`), in float32 (float64 for a float64 model)."""
+    t = fwd.cache[name].to(fwd.device_for(name))
     return t if t.dtype == torch.float64 else t.float()
 
 
@@ -117,8 +119,9 @@ def final_value_change(
     fwd: CachedForward, target: Target, rows: Int[Tensor, " c"], delta: Float[Tensor, "c d_model"]
 ) -> Float[Tensor, " c"]:
     """How the explained quantity of row ``rows[c]`` changes when the final norm reads ``x + delta`` at the
-    answer position (``target``: one row per ``c``)."""
-    x = _act(fwd, hooks.resid_post(fwd.view.n_layers - 1))[rows, fwd.positions[rows].to(fwd.device)]
+    answer position (``target``: one row per ``c``), on the device of the last layer."""
+    x = _act(fwd, hooks.resid_post(fwd.view.n_layers - 1))
+    x = x[rows.to(x.device), fwd.positions[rows].to(x.device)]
     after = normalize(x + delta.to(x), fwd.view, "ln_final")
     return target.value(after) - target.value(normalize(x, fwd.view, "ln_final"))
 

@@ -160,11 +160,14 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
     low = any(cache[n].dtype in (torch.float16, torch.bfloat16) for n in (hooks.EMBED,) if n in cache)
     rel = 3e-2 if low else 2e-3
 
+    at: list[torch.device | None] = [None]  # a split model: where the layer checked is (its weights never move)
+
     def get(name: str, spread: bool = True) -> torch.Tensor | None:
         if name not in cache:
             return None
         t = cache[name]
-        return (t[:, _spread(t.shape[1], n_pos)] if spread else t).float()
+        t = (t[:, _spread(t.shape[1], n_pos)] if spread else t).float()
+        return t if at[0] is None else t.to(at[0])
 
     def differ(pred: torch.Tensor, cached: torch.Tensor, atol: float = 1e-5) -> bool:
         """Whether they differ at some position by more than the float error (relative to that position's values)."""
@@ -192,6 +195,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
 
     check_norm(hooks.resid_post(view.n_layers - 1), hooks.FINAL_SCALE, hooks.FINAL_NORMALIZED, spread=False)  # at every position
     for layer in range(view.n_layers):
+        at[0] = view.layer_device(layer) if view.split else None
         resid = get(hooks.resid_pre(layer))
         scale = check_norm(hooks.resid_pre(layer), hooks.norm_scale(layer, "ln1"))
         if scale is not None:

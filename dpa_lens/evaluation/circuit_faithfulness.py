@@ -194,7 +194,7 @@ class _Ablator:
         mask = None if self.mask is None else self.mask[row : row + 1].expand(c, -1)
         position = int(self.corr.positions[row])
         live = CachedForward(view=view, cache=acts, inputs=inputs_from_tokens(view, tokens, mask),
-                             positions=torch.full((c,), position), target=None, device=device)
+                             positions=torch.full((c,), position), target=None, device=device, layer_devices=self.corr.layer_devices)
         copies = torch.arange(c)
 
         def written(n_writers: int) -> Tensor:
@@ -204,7 +204,7 @@ class _Ablator:
                 layer, unit = self.graph.writer_unit(w)
                 out = (live.act(hooks.resid_pre(0))[:, :, None] if w == 0 else
                        head_outputs(live, layer) if unit < H else writer_outputs(live, layer)[:, :, H:])
-                gap[:, w : w + out.shape[2]] -= out.transpose(1, 2)
+                gap[:, w : w + out.shape[2]] -= out.transpose(1, 2).to(gap.device)  # from its layer's device (a split model)
                 done[0] += out.shape[2]
             return gap[:, :n_writers]
 
@@ -238,7 +238,7 @@ class _Ablator:
             at_answer = torch.einsum("cw,cwd->cd", drop[:, :, self.graph.logit_reader], written(W)[:, :, position])
             target = self.target.rows(torch.full((c,), row))
             value = target_values(target, live.act(hooks.FINAL_NORMALIZED), live.positions, view.norm_weight("ln_final"))
-            return (value + final_value_change(live, target, copies, at_answer)).cpu()
+            return (value + final_value_change(live, target, copies, at_answer).to(value.device)).cpu()
 
 
 # ---------------------------------------------------------------------------------------------- public

@@ -10,6 +10,7 @@ from dpa_lens.methods import (  # noqa: F401  (registration)
     depass,
     dla,
     dpa,
+    eap_ig,
     edge_atp,
     edge_patching,
     gradients,

@@ -77,8 +77,9 @@ def qk_fixed_parts(view: ModelView, layer: int, run, clean: dict[str, Tensor]) -
     scale = view.attn_scale(layer)
     f = lambda t: t.float()  # noqa: E731
     g = f(run.grads[hooks.attn(layer, "z")])  # [b, q, H, dh]
-    alpha = f(run.acts[hooks.attn(layer, "pattern")])  # [b, H, q, k]
-    scores = f(run.acts[hooks.attn(layer, "attn_scores")])
+    # where the layer is: a split HookedTransformer with an attention mask caches its scores and pattern where the mask is
+    alpha = f(run.acts[hooks.attn(layer, "pattern")]).to(g.device)  # [b, H, q, k]
+    scores = f(run.acts[hooks.attn(layer, "attn_scores")]).to(g.device)
     masked = ~torch.isfinite(scores) | (scores < -1e30)
     expand = lambda t: t.repeat_interleave(G, dim=2)  # noqa: E731  [b, k, K, dh] -> [b, k, H, dh]
     v, v_clean = expand(f(run.acts[hooks.attn(layer, "v")])), expand(f(clean[hooks.attn(layer, "v")]).to(g.device))
@@ -157,27 +158,29 @@ def atp(
         clean_value = target_values(resolved, clean[hooks.FINAL_NORMALIZED], positions, view.norm_weight("ln_final"))
 
     L = view.n_layers
+    home = run.embed.device  # each layer is scored on its device (a split model), gathered on the embedding's
     d = lambda name: clean[name].to(run.acts[name].device).float() - run.acts[name].float()  # noqa: E731
     tokens_out = ((clean[hooks.EMBED].to(run.embed.device).float() - run.embed.float()) * run.embed_grad.float()).sum(-1)
     if qk_fix:
-        heads = torch.stack([sum(qk_fixed_parts(view, l, run, clean)) for l in range(L)], 1)
+        heads = torch.stack([sum(qk_fixed_parts(view, l, run, clean)).to(home) for l in range(L)], 1)
     else:
-        heads = torch.stack([(d(hooks.attn(l, "z")) * run.grads[hooks.attn(l, "z")].float()).sum(-1) for l in range(L)], 1)
+        heads = torch.stack([(d(hooks.attn(l, "z")) * run.grads[hooks.attn(l, "z")].float()).sum(-1).to(home) for l in range(L)], 1)
     neurons = None
     if view.has_neurons:
-        neurons = torch.stack([d(hooks.mlp(l, "post")) * run.grads[hooks.mlp(l, "post")].float() for l in range(L)], 1)
+        neurons = torch.stack([(d(hooks.mlp(l, "post")) * run.grads[hooks.mlp(l, "post")].float()).to(home) for l in range(L)], 1)
+    corrupted_value = run.value.to(home) if view.split else run.value
     return Attribution(
         method="atp*" if qk_fix else "atp",
         tokens=tokens_out,
         heads=heads,
         neurons=neurons,
-        target_value=clean_value.to(run.value.device) - run.value,
+        target_value=clean_value.to(corrupted_value.device) - corrupted_value,
         positions=positions,
         token_ids=clean_in.tokens,
         str_tokens=clean_in.str_tokens,
         mask=clean_in.real,
         target=resolved.describe(),
-        diagnostics=Diagnostics(clean_value=clean_value.to(run.value.device), corrupted_value=run.value,
+        diagnostics=Diagnostics(clean_value=clean_value.to(corrupted_value.device), corrupted_value=corrupted_value,
                                 corrupted_str_tokens=corr_in.str_tokens),
         settings={"qk_fix": qk_fix},
         model_name=view.name,

@@ -39,8 +39,8 @@ def _attention_method(model, cache, target, position, tokens, attention_mask, me
                        filter_hint=f"dpa_lens.names_filter(model, {method!r})", tokens=tokens, attention_mask=attention_mask,
                        check_model=False)
     with torch.no_grad():
-        patterns = [cache[hooks.attn(l, "pattern")] for l in range(fwd.view.n_layers)]
-        scores = scores_fn(patterns, fwd.positions)
+        patterns = [cache[hooks.attn(l, "pattern")] for l in range(fwd.view.n_layers)]  # each where its layer cached it
+        scores = scores_fn(patterns, fwd.positions).to(fwd.device)
     return _result(fwd, method, tokens=scores)
 
 
@@ -75,7 +75,8 @@ def attention_mean(model: TLModel, cache: Cache, target: TargetLike | None = Non
                    tokens: Tensor | None = None, attention_mask: Tensor | None = None) -> Attribution:
     """Attention from the answer position, mean over all layers and heads: ``tokens [batch, pos]``."""
     return _attention_method(
-        model, cache, target, position, tokens, attention_mask, "attention_mean", lambda p, pos: torch.stack([_rows(x, pos) for x in p]).mean(0)
+        model, cache, target, position, tokens, attention_mask, "attention_mean",
+        lambda p, pos: torch.stack([_rows(x, pos).to(p[0].device) for x in p]).mean(0),
     )
 
 
@@ -87,7 +88,7 @@ def rollout(patterns: list[Tensor], positions: Tensor) -> Tensor:
         eye = torch.eye(a.shape[-1], device=a.device).expand_as(a)
         a = 0.5 * a + 0.5 * eye
         a = a / a.sum(-1, keepdim=True)
-        flow = a if flow is None else a @ flow
+        flow = a if flow is None else a @ flow.to(a.device)  # the flow follows a split model's layers
     b = torch.arange(flow.shape[0], device=flow.device)
     return flow[b, positions.to(flow.device)]
 
@@ -110,13 +111,14 @@ def random_baseline(model: TLModel, cache: Cache, target: TargetLike | None = No
                        filter_hint="dpa_lens.names_filter(model, 'random')", tokens=tokens, attention_mask=attention_mask,
                        check_model=False)
     b, n, view = fwd.batch, fwd.seq_len, fwd.view
-    gen = torch.Generator().manual_seed(seed)
-    real = fwd.inputs.real.float()
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU (the same scores on any device), put where the cache is
+    real = fwd.inputs.real.float().to(fwd.device)
+    draw = lambda *shape: torch.randn(*shape, generator=gen).to(fwd.device)  # noqa: E731
     attr = _result(
         fwd, "random",
-        tokens=torch.randn(b, n, generator=gen) * real,
-        heads=torch.randn(b, view.n_layers, n, view.n_heads, generator=gen) * real[:, None, :, None],
-        neurons=torch.randn(b, view.n_layers, n, view.d_mlp, generator=gen) * real[:, None, :, None] if view.has_neurons else None,
+        tokens=draw(b, n) * real,
+        heads=draw(b, view.n_layers, n, view.n_heads) * real[:, None, :, None],
+        neurons=draw(b, view.n_layers, n, view.d_mlp) * real[:, None, :, None] if view.has_neurons else None,
     )
     attr.settings["seed"] = seed
     return attr

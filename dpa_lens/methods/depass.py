@@ -199,7 +199,7 @@ class _Decomposition:
             else:
                 pin = None
                 if first is not None and int(sel[0]) == first:
-                    pin = torch.arange(i0, i1, device=device)[None] == self.first_pos[:, None]
+                    pin = torch.arange(i0, i1, device=device)[None] == self.first_pos.to(device)[:, None]
                 parts = mlp_shares(g, self.rule, self.temperature, pin=pin, ignore_first=self.ignore_first).mul_(post)
             if self.unassigned == "remainder":
                 parts[-1] += post - parts.sum(0)
@@ -214,8 +214,11 @@ class _Decomposition:
     def propagate(self, x: Float[Tensor, "part batch pos d_model"], begin: Int[Tensor, " part"], layer: int,
                   at: Literal["pre", "mid", "post"], first: int | None) -> Tensor:
         """Push parts that live at ``blocks.{layer}.hook_resid_{at}`` to the final residual stream
-        (in place). ``begin [part]``: where each part may first be non-zero (the remainder, last: 0)."""
+        (in place). ``begin [part]``: where each part may first be non-zero (the remainder, last: 0). On a
+        split model the parts move to each layer's device (in place there), and the moved parts are returned."""
         for li in range(layer, self.view.n_layers):
+            x = x.to(self.fwd.layer_device(li))  # the parts flow through a split model as the stream does
+            begin = begin.to(x.device)
             if li > layer or at == "pre":
                 self._keep(hooks.resid_pre(li), x)
                 if self.rules.parallel:  # attention and MLP both read the block's input
@@ -236,9 +239,9 @@ class _Decomposition:
         return x
 
     def read(self, x: Float[Tensor, "part batch pos d_model"], t: Float[Tensor, "batch d_model"]) -> Float[Tensor, "part batch"]:
-        """Each part's score: its final stream at the answer position dotted with ``t``."""
+        """Each part's score: its final stream at the answer position dotted with ``t`` (on ``t``'s device)."""
         rows = torch.arange(self.b, device=x.device)
-        return (x[:, rows, self.fwd.positions.to(x.device)] * t).sum(-1)
+        return (x[:, rows, self.fwd.positions.to(x.device)] * t.to(x.device)).sum(-1).to(t.device)
 
 
 def _check_options(view: ModelView, level: str, start_layer: int, mlp_rule: str, temperature: float, chunk_size: int | None,
@@ -269,7 +272,7 @@ def _token_runs(dec: _Decomposition, t: Tensor, start_layer: int, chunk_size: in
     fwd, n, device = dec.fwd, dec.n, dec.fwd.device
     real = fwd.inputs.real.to(device)
     length, p0 = real.sum(-1), dec.first_pos
-    stream = fwd.act(hooks.resid_pre(start_layer))
+    stream = fwd.act(hooks.resid_pre(start_layer)).to(device)
     size = chunk_size or n
     tokens = torch.zeros(dec.b, n, device=device)
     rests = []
@@ -298,7 +301,8 @@ def _token_runs(dec: _Decomposition, t: Tensor, start_layer: int, chunk_size: in
 def _units(dec: _Decomposition, level: str, layer: int) -> tuple[Tensor, str, str]:
     """One layer's heads ``[head, batch, pos, d_model]`` (or neurons ``[d_mlp, ...]``) as parts, the
     hook where they are added, and its real stream's hook."""
-    fwd, view, device = dec.fwd, dec.view, dec.fwd.device
+    fwd, view = dec.fwd, dec.view
+    device = fwd.layer_device(layer)  # the layer's units are computed where its weights are
     if level == "heads":
         w = view.attn(layer)
         z = fwd.act(hooks.attn(layer, "z"))
@@ -327,7 +331,7 @@ def _unit_runs(dec: _Decomposition, t: Tensor, level: str, start_layer: int, by_
         rest = dec.fwd.act(real_hook) - units.sum(0)
         if by_position:  # part (i, u) holds unit u's output at position i only, position-major
             x = units.new_zeros(n, U, b, n, units.shape[-1])
-            i = torch.arange(n, device=device)
+            i = torch.arange(n, device=units.device)
             x[i, :, :, i] = units.permute(2, 0, 1, 3)
             x = torch.cat([x.flatten(0, 1), rest[None]])
             begin = torch.cat([i.repeat_interleave(U), i.new_zeros(1)])

@@ -68,14 +68,18 @@ def dla(
     view, b, n = fwd.view, fwd.batch, fwd.seq_len
     L, H = view.n_layers, view.n_heads
     with torch.no_grad():
-        device = fwd.device
+        device = fwd.device  # where the scores are gathered; each layer's are computed on its device (a split model)
         rows, pos = torch.arange(b, device=device), fwd.positions.to(device)
-        at = lambda name: fwd.act(name)[rows, pos]  # noqa: E731  each row's answer position
+
+        def at(name: str) -> Tensor:  # each row's answer position, where the activation's layer is
+            x = fwd.act(name)
+            return x[rows.to(x.device), pos.to(x.device)]
+
         x_final = fwd.final_input()
         direction, target_bias = fwd.target.linearized(x_final)  # [batch, d_model]
         t = pull_norm(direction.to(device), fwd.answer_scale(), view.norm_weight("ln_final"), center=view.rules.norm == "ln")
 
-        def written(layer: int, norm: str) -> Tensor:  # the target where a sublayer's output is written
+        def written(layer: int, norm: str, t: Tensor) -> Tensor:  # the target where a sublayer's output is written
             if not view.rules.post_norms:
                 return t
             return pull_norm(t, at(hooks.norm_scale(layer, norm)), view.norm_weight(norm, layer), center=False)
@@ -84,23 +88,26 @@ def dla(
         heads_out = torch.zeros(b, L, n, H, device=device)
         neurons_out = torch.zeros(b, L, n, view.d_mlp, device=device) if view.rules.has_mlp else None
         bias = target_bias.to(device).float().clone()
-        tokens_out[rows, pos] = (at(hooks.resid_pre(0)) * t).sum(-1)
+        x0 = at(hooks.resid_pre(0))
+        tokens_out[rows, pos] = (x0 * t.to(x0.device)).sum(-1).to(device)
         for layer in range(L):
-            a, t_attn = view.attn(layer), written(layer, "ln1_post")
-            lam = torch.einsum("hed,bd->bhe", a.W_O.to(device), t_attn)  # W_O t per head
+            dev = fwd.layer_device(layer)
+            t_layer = t.to(dev)
+            a, t_attn = view.attn(layer), written(layer, "ln1_post", t_layer)
+            lam = torch.einsum("hed,bd->bhe", a.W_O.to(dev), t_attn)  # W_O t per head
             z = at(hooks.attn(layer, "z"))
             if a.b_V is not None:  # an answer position's weights sum to one: the value bias is an output bias, as in DPA
-                b_V = a.b_V.to(device).repeat_interleave(view.n_heads // view.n_kv_heads, dim=0)
+                b_V = a.b_V.to(dev).repeat_interleave(view.n_heads // view.n_kv_heads, dim=0)
                 z = z - b_V
-                bias += (lam * b_V).sum(dim=(1, 2))
-            heads_out[rows, layer, pos] = (z * lam).sum(-1)
+                bias += (lam * b_V).sum(dim=(1, 2)).to(device)
+            heads_out[rows, layer, pos] = (z * lam).sum(-1).to(device)
             if a.b_O is not None:
-                bias += t_attn @ a.b_O.to(device)
+                bias += (t_attn @ a.b_O.to(dev)).to(device)
             if neurons_out is not None:
-                m, t_mlp = view.mlp(layer), written(layer, "ln2_post")
-                neurons_out[rows, layer, pos] = at(hooks.mlp(layer, "post")) * (t_mlp @ m.W_out.to(device).T)
+                m, t_mlp = view.mlp(layer), written(layer, "ln2_post", t_layer)
+                neurons_out[rows, layer, pos] = (at(hooks.mlp(layer, "post")) * (t_mlp @ m.W_out.to(dev).T)).to(device)
                 if m.b_out is not None:
-                    bias += t_mlp @ m.b_out.to(device)
+                    bias += (t_mlp @ m.b_out.to(dev)).to(device)
         value = fwd.target.value(x_final)
     return Attribution(
         method="dla",

@@ -21,14 +21,16 @@ values, no norms after the sublayers) the scores equal its edge scores summed ov
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from dpa_lens.deprecation import renamed
 from dpa_lens.errors import InputError
-from dpa_lens.forward import CachedForward, read_pair
+from dpa_lens.forward import CachedForward, Pair, read_pair
 from dpa_lens.graph import Graph, writer_deltas, writer_hook_names
 from dpa_lens.inputs import inputs_from_tokens
 from dpa_lens.interventions import pair_forwards, private_input_hooks, reader_hook_names
@@ -70,44 +72,14 @@ def edge_atp(
     """
     pair, clean_fwd, _ = pair_forwards(model, prompt, corrupted, target, position, clean_cache=clean_cache,
                                        attention_mask=attention_mask, logit=logit, method="edge AtP", run_corrupted=False)
-    view, corr_tok, mask, resolved = pair.view, pair.corrupted_tokens, pair.mask, pair.target
-    L, H, d = view.n_layers, view.n_heads, view.d_model
-    b, n = corr_tok.shape
+    view, resolved = pair.view, pair.target
     device = clean_fwd.device
-    acts: dict[str, Tensor] = {}  # the corrupted forward's activations, filled as it runs
-    live = CachedForward(view=view, cache=acts, inputs=inputs_from_tokens(view, corr_tok, mask), positions=clean_fwd.positions,
-                         target=resolved, device=device)
-
-    def capture(name: str) -> Any:
-        return lambda x, hook: acts.__setitem__(name, x.detach())
-
-    def leaf(*shape: int) -> Tensor:
-        return torch.zeros(b, n, *shape, device=device, requires_grad=True)
-
-    has_mlp = view.rules.has_mlp
-    # per layer: q, k, v (per head), and the MLP's where the model has one
-    offsets = [(leaf(H, d), leaf(H, d), leaf(H, d)) + ((leaf(d),) if has_mlp else ()) for _ in range(L)]
-    rows = torch.arange(b)
-    fwd_hooks = [(name, capture(name)) for name in dict.fromkeys(reader_hook_names(view) + writer_hook_names(view))]
-    fwd_hooks += private_input_hooks(live, rows, {l: (rows, o[:3]) for l, o in enumerate(offsets)},
-                                     {l: (rows, o[3]) for l, o in enumerate(offsets)} if has_mlp else {})
-    final = hooks.resid_post(L - 1)  # read by the final norm alone: its gradient is the logit reader's
-    run = forward_with_grads(model, view, corr_tok, resolved, clean_fwd.positions, [final], attention_mask=mask, extra_fwd_hooks=fwd_hooks)
-    if any(t.grad is None for o in offsets for t in o):
-        raise RuntimeError("a reader's private offset received no gradient (its hook did not fire); please report this")
-
-    grads = []
-    for q, k, v, *m in offsets:
-        grads += [torch.stack([q.grad, k.grad, v.grad], dim=3).reshape(b, n, 3 * H, d)] + [x.grad[:, :, None] for x in m]
-    grads.append(run.grads[final].float()[:, :, None])
-    G = torch.cat(grads, dim=2)  # [b, n, reader, d]
+    G, value, live = reader_gradients(model, pair, clean_fwd, pair.corrupted_tokens)
     g = Graph.of(view)
     with torch.no_grad():
         deltas = writer_deltas(clean_fwd, live)
         clean_value = target_values(resolved, clean_fwd.act(hooks.FINAL_NORMALIZED), clean_fwd.positions, view.norm_weight("ln_final"))
-    exists = g.mask.to(device)
-    per_pos = torch.einsum("bnwd,bnrd->bnwr", deltas, G) * exists if per_position else None
-    scores = per_pos.sum(1) if per_pos is not None else torch.einsum("bnwd,bnrd->bwr", deltas, G) * exists
+    scores, per_pos = edge_scores(deltas, G, g.mask.to(device), per_position)
     return Circuit(
         method="edge_atp",
         writers=g.writers,
@@ -115,7 +87,7 @@ def edge_atp(
         scores=scores,
         in_graph=g.mask,
         per_position=per_pos,
-        target_value=clean_value.to(device) - run.value.to(device),
+        target_value=clean_value.to(device) - value.to(device),
         positions=clean_fwd.positions,
         token_ids=clean_fwd.inputs.tokens,
         str_tokens=clean_fwd.inputs.str_tokens,
@@ -123,6 +95,75 @@ def edge_atp(
         diagnostics=Diagnostics(corrupted_str_tokens=live.inputs.str_tokens),
         model_name=view.name,
     )
+
+
+def reader_gradients(
+    model: TLModel,
+    pair: Pair,
+    clean_fwd: CachedForward,
+    tokens: Tensor,
+    *,
+    embed_override: Callable[[Tensor], Tensor] | None = None,
+    extra_hooks: Sequence[tuple[str, Callable]] = (),
+    cut: bool = False,
+) -> tuple[Float[Tensor, "batch pos reader d_model"], Float[Tensor, " batch"], CachedForward]:
+    """One forward of ``tokens`` (the pair's clean or corrupted prompt) and one backward of the target, with
+    every reader of `Graph` reading a zero private offset of the stream that requires grad.
+
+    Returns ``∂f/∂x_r [batch, pos, reader, d_model]`` (every reader's gradient with respect to its private
+    input, on the embedding's device), the target ``f [batch]`` of the run, and the run itself (a
+    `CachedForward` of what the readers and writers read). ``embed_override`` maps the token embeddings to
+    what the blocks receive (EAP-IG's interpolation); ``extra_hooks`` run after the readers' hooks (a hook that
+    replaces a sublayer's output by a constant cuts the gradient of the readers upstream of it: with ``cut``,
+    those readers get a zero gradient instead of an error).
+    """
+    view, resolved, mask = pair.view, pair.target, pair.mask
+    L, H, d = view.n_layers, view.n_heads, view.d_model
+    b, n = tokens.shape
+    device = clean_fwd.device
+    acts: dict[str, Tensor] = {}  # the run's activations, filled as it runs
+    live = CachedForward(view=view, cache=acts, inputs=inputs_from_tokens(view, tokens, mask), positions=clean_fwd.positions,
+                         target=resolved, device=device, layer_devices=clean_fwd.layer_devices)
+
+    def capture(name: str) -> Any:
+        return lambda x, hook: acts.__setitem__(name, x.detach())
+
+    def leaf(layer: int, *shape: int) -> Tensor:  # where the layer's readers are (a split model)
+        return torch.zeros(b, n, *shape, device=live.layer_device(layer), requires_grad=True)
+
+    has_mlp = view.rules.has_mlp
+    # per layer: q, k, v (per head), and the MLP's where the model has one
+    offsets = [(leaf(l, H, d), leaf(l, H, d), leaf(l, H, d)) + ((leaf(l, d),) if has_mlp else ()) for l in range(L)]
+    rows = torch.arange(b)
+    fwd_hooks = [(name, capture(name)) for name in dict.fromkeys(reader_hook_names(view) + writer_hook_names(view))]
+    fwd_hooks += private_input_hooks(live, rows, {l: (rows, o[:3]) for l, o in enumerate(offsets)},
+                                     {l: (rows, o[3]) for l, o in enumerate(offsets)} if has_mlp else {})
+    fwd_hooks += list(extra_hooks)
+    final = hooks.resid_post(L - 1)  # read by the final norm alone: its gradient is the logit reader's
+    run = forward_with_grads(model, view, tokens, resolved, clean_fwd.positions, [final], attention_mask=mask,
+                             extra_fwd_hooks=fwd_hooks, embed_override=embed_override)
+    if not cut and any(t.grad is None for o in offsets for t in o):
+        raise RuntimeError("a reader's private offset received no gradient (its hook did not fire); please report this")
+
+    def grad(t: Tensor) -> Tensor:
+        return t.grad if t.grad is not None else torch.zeros_like(t)
+
+    grads = []
+    for q, k, v, *m in offsets:  # gathered on the embedding's device
+        grads += [torch.stack([grad(q), grad(k), grad(v)], dim=3).reshape(b, n, 3 * H, d).to(device)] + [grad(x)[:, :, None].to(device) for x in m]
+    grads.append(run.grads[final].float()[:, :, None].to(device))
+    return torch.cat(grads, dim=2), run.value, live
+
+
+def edge_scores(
+    deltas: Float[Tensor, "batch pos writer d_model"], grads: Float[Tensor, "batch pos reader d_model"],
+    exists: Tensor, per_position: bool,
+) -> tuple[Float[Tensor, "batch writer reader"], Float[Tensor, "batch pos writer reader"] | None]:
+    """``Σ_p Δ_u[p] · g_r[p]`` on the edges that exist (``[batch, writer, reader]``), and split by position with
+    ``per_position`` (``[batch, pos, writer, reader]``, else None)."""
+    per_pos = torch.einsum("bnwd,bnrd->bnwr", deltas, grads) * exists if per_position else None
+    scores = per_pos.sum(1) if per_pos is not None else torch.einsum("bnwd,bnrd->bwr", deltas, grads) * exists
+    return scores, per_pos
 
 
 @register(MethodSpec(name="edge_random", input="pair", scores=(), returns="edges",

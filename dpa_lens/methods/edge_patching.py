@@ -122,7 +122,7 @@ def edge_patching(
         at_answer = deltas[torch.arange(b, device=corr.device), corr.positions.to(corr.device)]  # [b, W, d]
         with torch.no_grad():
             change = final_value_change(corr, resolved.rows(rows), rows, at_answer[:, w_logit].reshape(-1, view.d_model))
-        scores[:, w_logit, logit] = change.view(b, -1)
+        scores[:, w_logit, logit] = change.view(b, -1).to(scores.device)
 
     # every other edge: one patched copy of the corrupted row per edge, many copies per forward
     pairs = [(w, r) for w, r in torch.nonzero(chosen[:, :logit]).tolist()]

@@ -60,18 +60,20 @@ def _gradient_method(model, text, target, position, attention_mask, logit, kinds
         return grad.norm(dim=-1) if vector else grad.abs()
 
     L = view.n_layers
+    home = run.embed.device  # a split model's layers are scored on their devices, gathered on the embedding's
     tokens_out = None
     if "tokens" in kinds:
         embed, grad = run.embed.float(), run.embed_grad.float()
         tokens_out = (embed * grad).sum(-1) if signed else grad.norm(dim=-1)
-    heads = torch.stack([score(hooks.attn(l, "z"), True) for l in range(L)], 1) if "heads" in kinds else None
-    neurons = torch.stack([score(hooks.mlp(l, "post"), False) for l in range(L)], 1) if "neurons" in kinds and view.has_neurons else None
+    heads = torch.stack([score(hooks.attn(l, "z"), True).to(home) for l in range(L)], 1) if "heads" in kinds else None
+    neurons = (torch.stack([score(hooks.mlp(l, "post"), False).to(home) for l in range(L)], 1)
+               if "neurons" in kinds and view.has_neurons else None)
     return Attribution(
         method=method,
         tokens=tokens_out,
         heads=heads,
         neurons=neurons,
-        target_value=run.value,
+        target_value=run.value.to(home) if view.split else run.value,
         positions=positions,
         token_ids=inputs.tokens,
         str_tokens=inputs.str_tokens,

@@ -71,9 +71,10 @@ class _Path:
             kept: dict[str, Tensor] = {}
 
             def interpolate(x: Tensor, a: Tensor = a, r: Tensor = r, kept: dict[str, Tensor] = kept) -> Tensor:
-                origin = torch.where(self.keep[r][..., None], x, self.base[r].to(x.dtype))  # kept tokens (BOS)
+                # kept tokens (BOS); x is where the embedding is (the tokens' device may differ on a split model)
+                origin = torch.where(self.keep[r].to(x.device)[..., None], x, self.base[r].to(x.device, x.dtype))
                 kept["diff"] = (x - origin).detach()
-                return origin + a.to(x.dtype)[:, None, None] * (x - origin)
+                return origin + a.to(x.device, x.dtype)[:, None, None] * (x - origin)
 
             run = forward_with_grads(self.model, self.view, self.tok[r], self.resolved.rows(r.cpu()), self.positions[r.cpu()],
                                      attention_mask=None if self.mask is None else self.mask[r], embed_override=interpolate)

@@ -155,7 +155,8 @@ def activation_patching(
         corr_value = target_values(resolved, corr_cache[hooks.FINAL_NORMALIZED], positions, ln_f)
 
     b, n = corr_in.batch, corr_in.seq_len
-    device = corr_value.device
+    device = view.embed_device if view.split else corr_value.device  # a split model's results: on the embedding's device
+    corr_value = corr_value.to(device)
     nan = float("nan")
     if unit == "tokens":
         out = torch.zeros(b, n, device=device)

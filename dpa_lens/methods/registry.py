@@ -29,6 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from dpa_lens.errors import InputError
+from dpa_lens.forward import made_here
 from dpa_lens.models.tl import locked
 from dpa_lens.results import Attribution, Circuit, Kind
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
@@ -213,7 +214,9 @@ def cache_for(
     return cache
 
 
-def _options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+def checked_options(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a call of ``spec``'s method gets: ``options`` with the variant's fixed ones; `InputError` for an
+    option the method does not have or one its variant fixes (checked before any work: the CLI, dataset runs)."""
     clash = sorted(set(options) & set(spec.fixed))
     if clash:
         raise InputError(f"{spec.name} fixes {', '.join(f'{k}={spec.fixed[k]!r}' for k in clash)}; it cannot be changed")
@@ -261,7 +264,7 @@ def run(
     from dpa_lens.inputs import prepare_tokens
 
     spec = get_method(method)
-    kwargs = _options(spec, options)
+    kwargs = checked_options(spec, options)
     if progress is not None and "progress" in inspect.signature(spec.fn).parameters:
         kwargs["progress"] = progress
     if spec.target and target is None:
@@ -273,8 +276,10 @@ def run(
                          f"{', '.join(n for n in available_methods() if get_method(n).takes_corrupted)})")
     if spec.input == "cache":
         tokens, mask = prepare_tokens(model, prompt)
+        made = []  # the caches made here, from this model: not checked against its weights again
         if cache is None:
             cache = cache_for(model, tokens, spec.name, attention_mask=mask)
+            made.append(cache)
         elif "tokens" in inspect.signature(spec.fn).parameters:  # a cache given: it must be the prompt's run
             kwargs.setdefault("tokens", tokens)
         if mask is not None:
@@ -282,7 +287,9 @@ def run(
         if corrupted is not None:
             corrupted_tokens, corrupted_mask = prepare_tokens(model, corrupted)
             kwargs[spec.contrast] = cache_for(model, corrupted_tokens, spec.name, attention_mask=corrupted_mask)
-        return spec.fn(model, cache, target, position, **kwargs)
+            made.append(kwargs[spec.contrast])
+        with made_here(*made):
+            return spec.fn(model, cache, target, position, **kwargs)
     if cache is not None and not spec.uses_cache:
         raise InputError(f"{spec.name} takes no cache of the prompt (it runs the model itself, or needs no run): drop cache=")
     if spec.input == "tokens":

@@ -74,6 +74,12 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 }
 
 
+def require_installed(name: str) -> None:
+    """`ModelNotAvailableError` (saying what to install) unless the package that ships the bundled model ``name`` is
+    installed: checked before long work that will load it (the command line)."""
+    _package_dir(name)
+
+
 def _package_dir(name: str) -> Path:
     """Folder of the package that ships a bundled model; raises `ModelNotAvailableError` saying how to install it."""
     spec = BUNDLED_MODELS[name]

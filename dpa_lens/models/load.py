@@ -134,6 +134,11 @@ def _copy_without_hooks(model: Any) -> Any:
 
 
 def _hub_error(name: str, err: Exception) -> ModelNotAvailableError:
+    if os.path.isdir(os.path.expanduser(name)):  # a local folder: the hub has nothing to do with it
+        return ModelNotAvailableError(
+            f"Could not load a model from the folder {name!r}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}\nPass a folder written by save_pretrained (config.json and weights)."
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     return ModelNotAvailableError(
         f"Could not load {name!r} from the HuggingFace hub"

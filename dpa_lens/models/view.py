@@ -14,7 +14,10 @@ Attribution methods never touch ``HookedTransformer`` or ``TransformerBridge`` d
   every method reads ``hook_normalized`` times the gain and the weights here, processed or not;
 * the rotary ``cos``/``sin`` the forward actually used (the bridge caches them; for
   ``HookedTransformer`` they come from its buffers at the positions its forward used);
-* the unembedding, and the offset that turns a centred logit back into the model's raw logit.
+* the unembedding, and the offset that turns a centred logit back into the model's raw logit;
+* where each part's weights are (`ModelView.layer_device`, `ModelView.split`): a model split across
+  devices (TransformerLens's ``n_devices``, a bridge's ``device_map``) runs each layer's step of every
+  method on that layer's device.
 """
 
 from __future__ import annotations
@@ -101,6 +104,14 @@ def _get(module: Any, name: str) -> Tensor | None:
     except AttributeError:
         return None
     return value if isinstance(value, Tensor) else None
+
+
+def module_device(module: Any) -> torch.device | None:
+    """The device of a module's weights: of its first parameter (or buffer); None when it has none."""
+    for tensors in (module.parameters(), module.buffers()):
+        for t in tensors:
+            return t.device
+    return None
 
 
 def _float(t: Tensor | None) -> Tensor | None:
@@ -251,6 +262,7 @@ class ModelView:
         q, k = acts[names[0]].float(), acts[names[1]].float()
         if self.rules.rotary and not self.rules.rot_hooks:
             cos, sin = cos_sin if cos_sin is not None else (acts[names[2]].float().unsqueeze(2), acts[names[3]].float().unsqueeze(2))
+            cos, sin = cos.to(q.device), sin.to(q.device)  # a split model: where the layer's queries are
             q, k = rotate(q, cos, sin, self.adjacent_pairs), rotate(k, cos, sin, self.adjacent_pairs)
         return q, k
 
@@ -422,6 +434,36 @@ class ModelView:
             W = self.W_U
             return torch.zeros(self.d_model, device=W.device), torch.zeros((), device=W.device)
         return None
+
+    # ------------------------------------------------------------------ devices
+    def layer_device(self, layer: int) -> torch.device:
+        """The device of layer ``layer``'s weights, where every method runs that layer's step: the one place
+        dpa_lens asks where a layer is (see `split`)."""
+        return self._once("device", layer, lambda: self._device(self._block(layer)))
+
+    @property
+    def embed_device(self) -> torch.device:
+        """The device of the token embedding, where a split model's results are gathered."""
+        return self._once("device embed", None, lambda: self._device(self.model.embed))
+
+    @property
+    def unembed_device(self) -> torch.device:
+        """The device of the unembedding (with the final norm, the last of a split model)."""
+        return self._once("device unembed", None, lambda: self._device(self.model.unembed))
+
+    def _device(self, module: Any) -> torch.device:
+        found = module_device(module)
+        return found if found is not None else torch.device(getattr(self.cfg, "device", None) or "cpu")
+
+    @property
+    def split(self) -> bool:
+        """Whether the model's weights are on more than one device (its embedding, its layers, its unembedding):
+        a model split across devices by TransformerLens's ``n_devices`` or a bridge's ``device_map``. Methods
+        then run each layer's step on `layer_device` and move only what flows between layers (the
+        effective target, DePass's parts, per-row tensors), never weights; results are gathered on the
+        embedding's device."""
+        return self._once("split", None, lambda: len({self.embed_device, self.unembed_device,
+                                                       *(self.layer_device(l) for l in range(self.n_layers))}) > 1)
 
     # ------------------------------------------------------------------ hooks and rotary
     def rotary_from_cache(self) -> bool:

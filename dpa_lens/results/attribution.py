@@ -39,7 +39,7 @@ from torch import Tensor
 from dpa_lens.errors import InputError
 from dpa_lens.graph import unit_name
 from dpa_lens.results.paths import Path
-from dpa_lens.results.rows import Diagnostics, Rows, aligned_positions, figure, pad
+from dpa_lens.results.rows import UNALIGNED, Diagnostics, Rows, RunningMean, figure, pad
 from dpa_lens.types import typechecked
 
 Kind = Literal["tokens", "heads", "neurons"]
@@ -63,6 +63,8 @@ class Attribution(Rows):
     EXTRAS: ClassVar[tuple[str, ...]] = ("head_keys", "flow", "effective_targets")
     FORMAT: ClassVar[tuple[str, int]] = ("dpa_lens_attribution", 2)
     READS: ClassVar[tuple[int, ...]] = (1,)
+    ALIGN_BY: ClassVar[tuple[str, ...]] = ("mask", "positions")  # the same real tokens and answer position
+    PER_POSITION_OPTION: ClassVar[bool] = True
 
     method: str
     tokens: Float[Tensor, "batch pos"] | None = None
@@ -154,36 +156,32 @@ class Attribution(Rows):
         then read ``"a|b"`` where the rows' tokens differ). Rows that do not align keep only unit totals
         (``heads`` and ``neurons`` become ``head_totals`` and ``neuron_totals``), with a warning naming
         what was dropped. ``per_position=False`` asks for the unit totals only (no warning);
-        ``per_position=True`` refuses rows that do not align."""
-        avg = lambda t: None if t is None else t.float().mean(0, keepdim=True)  # noqa: E731
-        out: dict[str, Any] = {name: avg(getattr(self, name)) for name in ("bias", "target_value")}
-        kept = aligned_positions(self, self.mask) if per_position is not False else None
-        if per_position and kept is None:
-            raise InputError("mean(per_position=True): the rows' prompts have their tokens or answers at other positions; "
-                             "average prompts of one template, or pass per_position=False for the unit totals")
+        ``per_position=True`` refuses rows that do not align. `RunningMean` gives the same over parts."""
+        return self._mean_of(RunningMean(per_position).add(self), stacklevel=3)
+
+    def _mean_of(self, acc: RunningMean, stacklevel: int) -> Attribution:
+        out: dict[str, Any] = {name: acc.field_mean(name) for name in ("bias", "target_value")}
+        kept = acc.aligned() if acc.per_position is not False else None
+        if acc.per_position and kept is None:
+            raise InputError(UNALIGNED)
         by_position = ("tokens", "heads", "neurons", "head_keys", "flow")
         if kept is not None:
-            for name in (*by_position, "head_totals", "neuron_totals"):
-                out[name] = avg(getattr(self, name))
-            out.update(positions=kept["positions"], token_ids=kept["token_ids"], str_tokens=kept["str_tokens"], mask=kept["real"])
-            out["effective_targets"] = None if self.effective_targets is None else {k: avg(v) for k, v in self.effective_targets.items()}
+            out.update({name: acc.field_mean(name) for name in (*by_position, "head_totals", "neuron_totals")})
+            out.update(positions=kept["positions"], token_ids=kept["token_ids"], str_tokens=kept["str_tokens"], mask=kept["real"],
+                       effective_targets=acc.dict_mean("effective_targets"))
         else:
-            if not self.has("heads") and not self.has("neurons"):
+            has = {kind: acc.holds(kind) or acc.holds(_TOTALS[kind]) for kind in _TOTALS}
+            if not any(has.values()):
                 raise InputError(f"{self.method} scores only tokens, and these rows are prompts of other lengths: their token scores "
                                  "cannot be averaged position by position (average prompts of one template, or compare them side by side)")
-            dropped = [name for name in (*by_position, "effective_targets") if getattr(self, name) is not None]
-            if dropped and per_position is None:
+            dropped = [name for name in (*by_position, "effective_targets") if acc.holds(name)]
+            if dropped and acc.per_position is None:
                 warnings.warn(f"Attribution.mean: the rows' prompts have their tokens or answers at other positions, so only unit "
-                              f"totals are averaged; dropped the per-position {', '.join(dropped)}", UserWarning, stacklevel=2)
-            for name in (*by_position, "positions", "token_ids", "mask", "str_tokens", "effective_targets"):
-                out[name] = None
-            out["head_totals"] = avg(self.totals("heads")) if self.has("heads") else None
-            out["neuron_totals"] = avg(self.totals("neurons")) if self.has("neurons") else None
-        out["paths"] = None
-        labels = self.target.get("labels") or []
-        target = {"labels": [labels[0] if len(set(labels)) == 1 else f"mean of {self.batch} rows"]} if labels else {}
-        settings = {**self.settings, "mean_of_rows": self.batch}
-        return replace(self, **out, target=target, diagnostics=Diagnostics(), settings=settings)
+                              f"totals are averaged; dropped the per-position {', '.join(dropped)}", UserWarning, stacklevel=stacklevel)
+            out.update(dict.fromkeys((*by_position, "positions", "token_ids", "mask", "str_tokens", "effective_targets")))
+            for kind, whole in _TOTALS.items():  # a unit's whole score where measured, else its positions summed
+                out[whole] = None if not has[kind] else acc.field_mean(whole) if acc.holds(whole) else acc.field_mean(kind, over_positions=True)
+        return replace(self, **out, **acc.shared())
 
     # ------------------------------------------------------------------ reading
     def to_dataframe(self, kind: Kind | None = None) -> pd.DataFrame:

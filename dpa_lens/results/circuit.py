@@ -32,7 +32,7 @@ from dpa_lens.errors import InputError
 from dpa_lens.graph import LABELS
 from dpa_lens.graph import writer_kind as kind_of
 from dpa_lens.results.paths import Path
-from dpa_lens.results.rows import Diagnostics, Rows, aligned_positions, figure
+from dpa_lens.results.rows import Diagnostics, Rows, RunningMean, figure
 from dpa_lens.types import typechecked
 
 WriterKind = Literal["any", "embed", "heads", "mlp", "neurons"]
@@ -52,6 +52,7 @@ class Circuit(Rows):
     EXTRAS: ClassVar[tuple[str, ...]] = ("per_position",)
     FORMAT: ClassVar[tuple[str, int]] = ("dpa_lens_circuit", 2)
     READS: ClassVar[tuple[int, ...]] = (1,)
+    ALIGN_BY: ClassVar[tuple[str, ...]] = ("token_ids", "positions")  # the same prompt (no mask to align prompts by)
 
     method: str
     writers: list[str]
@@ -179,22 +180,20 @@ class Circuit(Rows):
     def mean(self) -> Circuit:
         """The mean over rows, as a circuit of one row: edge scores, node scores, ``bias`` and
         ``target_value`` averaged (the circuit of a dataset). Per-position scores are averaged too when
-        every row has the same tokens (a circuit holds no padding mask to align prompts by); else they
-        are dropped, with a warning."""
-        avg = lambda t: None if t is None else t.float().mean(0, keepdim=True)  # noqa: E731
-        out: dict[str, Any] = {name: avg(getattr(self, name)) for name in ("scores", "nodes", "bias", "target_value")}
-        same = self.token_ids is None or bool((self.token_ids == self.token_ids[:1]).all())
-        kept = aligned_positions(self, None) if same else None
-        if kept is None and self.per_position is not None:
+        every row has the same tokens and answer position (a circuit holds no padding mask to align prompts
+        by); else they are dropped, with a warning. `RunningMean` gives the same over parts."""
+        return self._mean_of(RunningMean().add(self), stacklevel=3)
+
+    def _mean_of(self, acc: RunningMean, stacklevel: int) -> Circuit:
+        out: dict[str, Any] = {name: acc.field_mean(name) for name in ("scores", "nodes", "bias", "target_value")}
+        kept = acc.aligned()
+        if kept is None and acc.holds("per_position"):
             warnings.warn("Circuit.mean: the rows are other prompts, so only the edges' totals are averaged; "
-                          "dropped per_position", UserWarning, stacklevel=2)
-        out["per_position"] = avg(self.per_position) if kept is not None else None
+                          "dropped per_position", UserWarning, stacklevel=stacklevel)
+        out["per_position"] = acc.field_mean("per_position") if kept is not None else None
         for name in ("positions", "token_ids", "str_tokens"):
             out[name] = None if kept is None else kept[name]
-        labels = self.target.get("labels") or []
-        target = {"labels": [labels[0] if len(set(labels)) == 1 else f"mean of {self.batch} rows"]} if labels else {}
-        return replace(self, **out, paths=None, target=target, diagnostics=Diagnostics(),
-                       settings={**self.settings, "mean_of_rows": self.batch})
+        return replace(self, **out, **acc.shared())
 
     def show(self, **kwargs: Any) -> Any:
         """`dpa_lens.plot.circuit` of this circuit (``row=``, ``top_n=``, ``threshold=``, ``title=``)."""

@@ -96,6 +96,8 @@ class Rows:
     SHARED: ClassVar[tuple[str, ...]] = ("model_name", "settings")  # other fields that rows to be merged must share
     FORMAT: ClassVar[tuple[str, int]]  # the key that marks a saved file, and its version
     READS: ClassVar[tuple[int, ...]] = ()  # earlier versions `load` still reads
+    ALIGN_BY: ClassVar[tuple[str, ...]] = ("positions",)  # rows whose fields these are the same in line up position by position
+    PER_POSITION_OPTION: ClassVar[bool] = False  # whether ``mean`` takes ``per_position``
 
     method: str
     target: dict[str, Any]
@@ -178,10 +180,10 @@ class Rows:
         return replace(self, **moved, diagnostics=self.diagnostics.to(device))
 
     @classmethod
-    def concat(cls: type[R], parts: Sequence[R]) -> R:
-        """One result of all rows of ``parts`` (one method, one graph). Rows of different lengths are padded
-        on the right: scores 0, ``token_ids`` -1, ``str_tokens`` ""."""
-        parts = list(parts)
+    def _check_parts(cls, parts: Sequence[Rows]) -> dict[str, int]:
+        """`InputError` unless ``parts`` can be merged into one result (one class, one method, the same model,
+        settings and graph, the same kinds of scores); returns the extras only some parts hold, each with
+        how many parts hold it (`concat` drops them)."""
         if not parts:
             raise InputError(f"concat needs at least one {cls.__name__}")
         bad = [type(p).__name__ for p in parts if not isinstance(p, cls)]
@@ -196,6 +198,7 @@ class Rows:
             if any(not _same(getattr(p, name), getattr(first, name)) for p in parts[1:]):
                 raise InputError(f"can only concatenate {cls.__name__.lower()}s with the same {name} "
                                  f"(of the same model, method settings and graph)")
+        partial: dict[str, int] = {}
         for name in cls._row_fields() + list(cls.ROW_DICTS):  # the same kinds of scores: none dropped without a word
             held = [getattr(p, name) is not None for p in parts]
             if not any(held) or all(held) or name in cls.FILLS:
@@ -203,8 +206,21 @@ class Rows:
             if name not in cls.EXTRAS:
                 raise InputError(f"can only concatenate {cls.__name__.lower()}s that hold the same scores: {name} is in "
                                  f"{sum(held)} of the {len(parts)}")
-            warnings.warn(f"{cls.__name__}.concat: {name} is in {sum(held)} of the {len(parts)} parts only, so the result has none",
-                          stacklevel=2)
+            partial[name] = sum(held)
+        for name in cls.ROW_DICTS:  # dicts of [batch, pos, ...] tensors: the same keys in every part that holds one
+            keys = [set(getattr(p, name)) for p in parts if getattr(p, name) is not None]
+            if name not in partial and any(k != keys[0] for k in keys):
+                raise InputError(f"can only concatenate {cls.__name__.lower()}s whose {name} hold the same hooks")
+        return partial
+
+    @classmethod
+    def concat(cls: type[R], parts: Sequence[R]) -> R:
+        """One result of all rows of ``parts`` (one method, one graph). Rows of different lengths are padded
+        on the right: scores 0, ``token_ids`` -1, ``str_tokens`` ""."""
+        parts = list(parts)
+        for name, held in cls._check_parts(parts).items():
+            warnings.warn(_partial_message(cls, name, held, len(parts)), stacklevel=2)
+        first = parts[0]
         n = max(p.seq_len for p in parts)
         out: dict[str, Any] = {}
         for name in cls._row_fields():
@@ -225,8 +241,6 @@ class Rows:
             if any(v is None for v in values):
                 out[name] = None
                 continue
-            if any(set(v) != set(values[0]) for v in values):
-                raise InputError(f"can only concatenate {cls.__name__.lower()}s whose {name} hold the same hooks")
             out[name] = {k: torch.cat([pad(v[k], (1,), n, 0).to(values[0][k].device) for v in values]) for k in values[0]}
         target: dict[str, Any] = {}
         for k in first.target:
@@ -238,6 +252,11 @@ class Rows:
     def _padded_from(self: R, parts: Sequence[R], n: int) -> R:
         """Hook for what a class adds when rows of different lengths were padded (`Attribution`: a mask)."""
         return self
+
+    def _mean_of(self: R, acc: RunningMean, stacklevel: int) -> R:
+        """Hook: the mean of the rows ``acc`` holds, as a result of one row built on ``self`` (its first row);
+        warnings at ``stacklevel`` (see `RunningMean`)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | FilePath) -> FilePath:
@@ -286,27 +305,194 @@ class Rows:
         return state
 
 
-def aligned_positions(result: Rows, real: Tensor | None) -> dict[str, Any] | None:
-    """What the mean of a result's rows keeps of its positions, or None when the rows do not align.
+ALIGN = ("positions", "token_ids", "mask")  # what a mean keeps of the first row (when rows align), never averages
+UNALIGNED = ("mean(per_position=True): the rows' prompts have their tokens or answers at other positions; average prompts "
+             "of one template, or pass per_position=False for the unit totals")
 
-    Rows align when every row has its real tokens (``real [batch, pos]``) and its answer at the same
-    positions (prompts of one template: IOI sentences of one length): position ``p`` then means the
-    same slot in every row. Kept: the first row's ``positions``, ``real`` and ``token_ids`` (None where
-    rows hold other tokens) and ``str_tokens`` labelled ``"a|b"`` at the slots where they differ."""
-    same = lambda t: t is None or bool((t == t[:1]).all())  # noqa: E731
-    if not (same(real) and same(result.positions)):
-        return None
-    first = lambda t: None if t is None else t[:1]  # noqa: E731
-    kept = {"positions": first(result.positions), "token_ids": first(result.token_ids) if same(result.token_ids) else None}
-    if result.str_tokens:
-        labels = []
-        for column in zip(*result.str_tokens):
-            distinct = list(dict.fromkeys(column))
-            labels.append(distinct[0] if len(distinct) == 1 else "|".join(distinct[:3]) + ("|…" if len(distinct) > 3 else ""))
-        kept["str_tokens"] = [labels]
-    else:
-        kept["str_tokens"] = None
-    return {**kept, "real": first(real)}
+
+class RunningMean:
+    """The mean over rows of results given part by part: what ``type(part).concat(parts).mean()`` gives.
+
+    ``acc = RunningMean(); acc.add(part)`` for each part (an `Attribution` or a `Circuit` of any number of
+    rows), then ``acc.result()``, a result of one row. It holds float64 sums of one row's size, the first
+    row's positions and tokens, and up to four distinct tokens per position, whatever the number of rows.
+    Parts must be what `concat` merges (one class, one method, the same model, settings and graph), else
+    `InputError`. Rows align, and per-position scores are kept, exactly where `concat` (which pads on the
+    right) and ``mean`` would keep them: an `Attribution`'s rows with the same real positions (``mask``,
+    padding included) and answer position, a `Circuit`'s with the same ``token_ids`` and answer position.
+    ``per_position`` is `Attribution.mean`'s (None, False or True; True refuses rows that do not align,
+    at the `add` that brings them); a `Circuit` takes None only. Warnings (per-position scores dropped,
+    extras only some parts hold) come from `result`. `Attribution.mean` and `Circuit.mean` are this with
+    one part."""
+
+    def __init__(self, per_position: bool | None = None) -> None:
+        if per_position not in (None, False, True):
+            raise InputError(f"per_position must be None, False or True, got {per_position!r}")
+        self.per_position = per_position
+        self.count = 0  # rows added
+        self.parts = 0  # parts added
+        self._first: Rows | None = None  # the first part's first row: method, model, settings, graph
+        self._first_labels: Any = None  # the first part's target labels (all its rows)
+        self._home = self._device = torch.device("cpu")  # the first part's device; where the sums are kept
+        self._sums: dict[str, Tensor] = {}  # field (or "dict.key") → float64 sum over rows, "pos" axes padded to the longest
+        self._held: dict[str, int] = {}  # field → how many parts hold it
+        self._lengths: set[int] = set()  # the parts' seq_len
+        self._masked = False  # some part has a mask
+        self._ref: dict[str, Tensor] = {}  # align field → the first row's value (unpadded)
+        self._same: dict[str, bool] = {}  # align field → every row equals the first (as concat pads them)
+        self._columns: list[list[str]] = []  # per position, the distinct str_tokens met (up to 4; "" for padding)
+        self._token_rows = 0  # rows whose str_tokens are in _columns
+        self._labels: list[Any] | None = []  # the distinct target labels met (up to 2); None once a part holds no list
+
+    # ------------------------------------------------------------------ adding
+    def add(self, part: Rows) -> RunningMean:
+        """Add the rows of ``part``; returns the accumulator (``RunningMean().add(a).result()``)."""
+        if not isinstance(part, Rows):
+            raise InputError(f"RunningMean.add takes an Attribution or a Circuit, got {type(part).__name__}")
+        if self._first is None:
+            if self.per_position is not None and not part.PER_POSITION_OPTION:
+                raise InputError(f"per_position is an option of an Attribution's mean; a {type(part).__name__}'s mean keeps "
+                                 "its per-position scores where the rows align")
+            self._first, self._first_labels = part[:1], part.target.get("labels")
+            tensors = (getattr(part, name) for name in part._row_fields())
+            self._home = next((t.device for t in tensors if isinstance(t, Tensor)), torch.device("cpu"))
+            self._device = torch.device("cpu") if self._home.type == "mps" else self._home  # MPS has no float64
+        else:
+            type(self._first)._check_parts([self._first, part])
+        self.parts += 1
+        self.count += part.batch
+        self._lengths.add(part.seq_len)
+        for name in [*part._row_fields(), *part.ROW_DICTS, *part.ROW_LISTS]:
+            self._held[name] = self._held.get(name, 0) + (getattr(part, name) is not None)
+        self._add_sums(part)
+        self._add_labels(part.target.get("labels"))
+        if part.batch:
+            self._add_alignment(part)
+            self._add_tokens(part.str_tokens or [])
+        if self.per_position and not self.aligned_now():
+            raise InputError(UNALIGNED)
+        return self
+
+    def _add_sums(self, part: Rows) -> None:
+        values = {name: getattr(part, name) for name in part._row_fields() if name not in ALIGN}
+        for name in part.ROW_DICTS:
+            values.update({f"{name}.{key}": t for key, t in (getattr(part, name) or {}).items()})
+        for key, t in values.items():
+            if t is None:
+                continue
+            axes = self._pos_axes(key)
+            s = t.detach().to(self._device).sum(0, dtype=torch.float64)
+            if key in self._sums:
+                n = max((max(s.shape[i], self._sums[key].shape[i]) for i in axes), default=0)
+                s = pad(s, axes, n, 0) + pad(self._sums[key], axes, n, 0)
+            self._sums[key] = s
+
+    def _add_alignment(self, part: Rows) -> None:
+        for name in ALIGN:
+            if name not in part.AXES:
+                continue
+            t = getattr(part, name)
+            self._masked |= name == "mask" and t is not None
+            if t is None and name in part.FILLS:  # what concat fills in: a part without a mask has no padding
+                t = torch.full((part.batch, part.seq_len), part.FILLS[name], device=self._device)
+            if t is None:
+                continue
+            ref = self._ref.setdefault(name, t[0])
+            if t.ndim > 1:  # compared as concat pads them: on the right, token_ids with -1, mask with False
+                n = max(ref.shape[0], t.shape[1])
+                ref, t = pad(ref, (0,), n, PAD_FILL[name]), pad(t, (1,), n, PAD_FILL[name])
+            self._same[name] = self._same.get(name, True) and bool((t == ref.to(t.device)).all())
+
+    def _add_tokens(self, str_tokens: list[list[str]]) -> None:
+        for row in str_tokens:
+            if len(row) > len(self._columns):  # the rows before were shorter: concat pads them with ""
+                self._columns += [[""] if self._token_rows else [] for _ in range(len(row) - len(self._columns))]
+            for j, column in enumerate(self._columns):
+                token = row[j] if j < len(row) else ""
+                if len(column) < 4 and token not in column:
+                    column.append(token)
+            self._token_rows += 1
+
+    def _add_labels(self, labels: Any) -> None:
+        if not isinstance(labels, list) or self._labels is None:
+            self._labels = None  # concat then keeps the first part's labels
+            return
+        for label in labels:
+            if len(self._labels) < 2 and label not in self._labels:
+                self._labels.append(label)
+
+    # ------------------------------------------------------------------ what the result classes read
+    def aligned_now(self) -> bool:
+        """Whether every row so far has the first row's values of the fields its class aligns rows by."""
+        return self._first is not None and all(self._same.get(name, True) for name in self._first.ALIGN_BY)
+
+    def holds(self, name: str) -> bool:
+        """Whether the mean of all parts has this field: every part holds it."""
+        return self.parts > 0 and self._held.get(name, 0) == self.parts
+
+    def field_mean(self, name: str, over_positions: bool = False) -> Tensor | None:
+        """The float32 mean ``[1, ...]`` of a field (``"dict.key"`` for a dict's tensor) with its ``"pos"`` axes
+        padded to the longest row, or summed over when ``over_positions``; None where not every part holds it."""
+        if not self.holds(name.split(".")[0]) or name not in self._sums:
+            return None
+        s, axes = self._sums[name], self._pos_axes(name)
+        if over_positions and axes:
+            s = s.sum(dim=axes)
+        elif axes:
+            s = pad(s, axes, max(self._lengths), 0)
+        return (s / self.count).float().unsqueeze(0).to(self._home)
+
+    def dict_mean(self, name: str) -> dict[str, Tensor] | None:
+        """The means of a dict of tensors (``effective_targets``), None where not every part holds it."""
+        keys = [key for key in self._sums if key.startswith(f"{name}.")]
+        return {key[len(name) + 1:]: self.field_mean(key) for key in keys} if self.holds(name) else None
+
+    def aligned(self) -> dict[str, Any] | None:
+        """What the mean keeps of the rows' positions, or None when the rows do not align: the first row's
+        ``positions``, ``token_ids`` (None where rows hold other tokens), ``real`` (its mask; None where no
+        part has one and all have one length) and ``str_tokens`` labelled ``"a|b"`` where rows differ."""
+        if not self.aligned_now() or not self.count:
+            return None
+        n = max(self._lengths)
+        first = lambda name: self._ref[name].unsqueeze(0).to(self._home) if name in self._ref else None  # noqa: E731
+        ids = first("token_ids") if self._same.get("token_ids", True) else None
+        real = first("mask") if self._masked or len(self._lengths) > 1 else None
+        return {"positions": first("positions"), "token_ids": None if ids is None else pad(ids, (1,), n, PAD_FILL["token_ids"]),
+                "real": None if real is None else pad(real, (1,), n, PAD_FILL["mask"]),
+                "str_tokens": [[_label(c) for c in self._columns]] if self.holds("str_tokens") else None}
+
+    def shared(self) -> dict[str, Any]:
+        """What every mean says besides its scores: the target's label (or "mean of N rows"), the settings with
+        ``mean_of_rows``, no paths and no diagnostics."""
+        labels = self._first_labels if self._labels is None else self._labels
+        target = {"labels": [labels[0] if len(set(labels)) == 1 else f"mean of {self.count} rows"]} if labels else {}
+        return {"target": target, "settings": {**self._first.settings, "mean_of_rows": self.count}, "paths": None,
+                "diagnostics": Diagnostics()}
+
+    # ------------------------------------------------------------------ the mean
+    def result(self) -> Rows:
+        """The mean of every row added, as a result of one row (see the class docstring)."""
+        if not self.count:
+            raise InputError("RunningMean.result: no rows were added")
+        cls = type(self._first)
+        for name in (*cls._row_fields(), *cls.ROW_DICTS):  # concat's warnings, in its order
+            if name in cls.EXTRAS and 0 < self._held.get(name, 0) < self.parts:
+                warnings.warn(_partial_message(cls, name, self._held[name], self.parts), stacklevel=2)
+        return self._first._mean_of(self, stacklevel=3)
+
+    def _pos_axes(self, name: str) -> list[int]:
+        """The ``"pos"`` axes of a row of a field (a dict's tensors are ``[pos, ...]``)."""
+        axes = self._first.AXES.get(name, ("batch", "pos"))[1:]
+        return [i for i, a in enumerate(axes) if a == "pos"]
+
+
+def _label(distinct: list[str]) -> str:
+    """A position's label in a mean: its token, or ``"a|b|c|…"`` where rows hold other tokens."""
+    return distinct[0] if len(distinct) == 1 else "|".join(distinct[:3]) + ("|…" if len(distinct) > 3 else "")
+
+
+def _partial_message(cls: type, name: str, held: int, parts: int) -> str:
+    return f"{cls.__name__}.concat: {name} is in {held} of the {parts} parts only, so the result has none"
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -19,7 +19,7 @@ def _module(name: str):
     return importlib.import_module(f"bench.{name}")
 
 
-@pytest.mark.parametrize("stem", ["faithfulness_smollm2", "speed_smollm2", "faithfulness_gemma3", "speed_gemma3"])
+@pytest.mark.parametrize("stem", ["faithfulness_smollm2", "speed_smollm2", "faithfulness_gemma3", "speed_gemma3", "datasets_smollm2"])
 def test_committed_tables_are_rendered_from_the_committed_results(stem):
     results = BENCH / "results"
     data = json.loads((results / f"{stem}.json").read_text())
@@ -91,6 +91,23 @@ def test_bench_quick_run(script, tmp_path):
         profile = next(r for r in rows if r["measurement"] == "profile")
         assert any(k.startswith("dpa.attention") for k in profile["rules"]) and any(k.startswith("dpa.mlp") for k in profile["rules"])
         assert profile["rules"]["dpa_lens.checks"] > 0
+
+
+@pytest.mark.smollm2
+@pytest.mark.tl4_only
+def test_datasets_bench_quick_run(tmp_path):
+    """Every section's code path (the floor, DPA and its edges through attribute_dataset, two processes under torchrun)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "bench.datasets", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stem = tmp_path / "datasets_smollm2_quick"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [r for r in data["rows"] if "error" in r] == []
+    assert all(r["written"] == r["records"] for r in data["rows"] if r["measurement"] != "floor")
+    text = stem.with_suffix(".md").read_text()
+    assert text == _module("datasets").markdown(data)
+    assert "| 2 | 4 |" in text and "## One process or two" in text
 
 
 @pytest.mark.gemma3

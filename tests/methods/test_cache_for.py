@@ -72,3 +72,21 @@ def test_bad_inputs_say_what_to_pass():
         dpa_lens.cache_for(model, model.to_tokens(IOI_PROMPT), "dpa", names_filter=lambda name: True)
     with pytest.raises(InputError, match="read no cache"):
         dpa_lens.cache_for(model, model.to_tokens(IOI_PROMPT), "atp")
+
+
+def test_run_checks_a_cache_given_not_one_it_made(line, monkeypatch):
+    """A cache `run` makes from the model (and its corrupted prompt's) is not checked against the weights again; a cache
+    given is, and the skip ends with the call."""
+    from dpa_lens import forward
+
+    model, _ = make_tiny("llama", line=line)
+    calls = []
+    real = forward.check_cache_model
+    monkeypatch.setattr(forward, "check_cache_model", lambda view, cache, *a, **k: calls.append(id(cache)) or real(view, cache, *a, **k))
+    dpa_lens.run("dpa", model, IOI_PROMPT, PAIR)
+    dpa_lens.run("dpa_edges", model, IOI_PROMPT, PAIR, corrupted="When Mary and John went to the store, Mary gave a drink to")
+    assert calls == []
+    cache = dpa_lens.cache_for(model, model.to_tokens(IOI_PROMPT))
+    dpa_lens.run("dpa", model, IOI_PROMPT, PAIR, cache=cache)
+    dpa_lens.dpa(model, cache, PAIR)
+    assert calls == [id(cache), id(cache)]

@@ -25,7 +25,7 @@ from tests.helpers import CORRUPTED, IOI_PROMPT, PAIR, make_tiny
 SHORT = "When Tom and Anna went to the park, Tom gave a ball to"
 SHORT_CORRUPTED = "When Tom and Anna went to the park, Anna gave a ball to"
 # options that keep the slow methods quick on a tiny model
-FAST = {"integrated_gradients": {"steps": 16, "warn_gap": float("inf")}}
+FAST = {"integrated_gradients": {"steps": 16, "warn_gap": float("inf")}, "eap_ig": {"steps": 2}, "eap_ig_activations": {"steps": 2}}
 METHODS = dpa_lens.available_methods()
 
 

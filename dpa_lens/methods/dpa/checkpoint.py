@@ -43,8 +43,9 @@ def is_checkpointed(view: ModelView, cache: Cache) -> bool:
 
 
 def recomputed(fwd: CachedForward) -> CachedForward:
-    """``fwd`` over a checkpointed cache, reading each layer's internals through a `RecomputedCache`."""
-    return dataclasses.replace(fwd, cache=RecomputedCache(fwd.view, fwd.cache, fwd.inputs.real, fwd.rotary))
+    """``fwd`` over a checkpointed cache, reading each layer's internals through a `RecomputedCache` (each layer
+    recomputed on its own device, `CachedForward.layer_device`)."""
+    return dataclasses.replace(fwd, cache=RecomputedCache(fwd.view, fwd.cache, fwd.inputs.real, fwd.rotary, fwd.layer_device))
 
 
 def _eps(module: object, default: float) -> float:
@@ -69,11 +70,14 @@ class RecomputedCache(Mapping):
     Holds the base cache's hooks, and per layer the ones DPA reads (`layer_internals`: norm scales,
     queries and keys as DPA reads them, values, head outputs, query/key norm scales, MLP
     pre-activations), float32, in the layouts TransformerLens caches them. Never patterns: DPA
-    recomputes those block by block."""
+    recomputes those block by block. ``device_of(layer)`` is where a layer is recomputed (its weights'
+    device on a split model; by default, where its input stream is cached)."""
 
-    def __init__(self, view: ModelView, base: Cache, real: Tensor, rotary: Rotary):
+    def __init__(self, view: ModelView, base: Cache, real: Tensor, rotary: Rotary,
+                 device_of: Callable[[int], torch.device] | None = None):
         check_checkpointable(view)
         self.view, self.base, self.real, self.rotary = view, base, real, rotary
+        self.device_of = device_of or (lambda layer: base[hooks.resid_pre(layer)].device)
         self.names = [frozenset(n for n in layer_internals(view, l) if n not in base) for l in range(view.n_layers)]
         self.layer: int | None = None
         self.acts: dict[str, Tensor] = {}
@@ -118,9 +122,9 @@ class RecomputedCache(Mapping):
         view, rules = self.view, self.view.rules
         H, K, dh = view.n_heads, view.n_kv_heads, view.d_head
         center = rules.norm == "ln"
-        resid = self.base[hooks.resid_pre(layer)].float()
+        dev = self.device_of(layer)
+        resid = self.base[hooks.resid_pre(layer)].to(dev).float()
         b, n, d = resid.shape
-        dev = resid.device
         acts: dict[str, Tensor] = {}
         x, acts[hooks.norm_scale(layer, "ln1")] = normalize(resid, self.eps[layer, "ln1"], view.norm_weight("ln1", layer), center)
         a = view.attn(layer)
@@ -181,7 +185,7 @@ class RecomputedCache(Mapping):
     def _check(self, layer: int, after: Tensor, rows: Tensor) -> None:
         """The recomputed layer's output (at ``rows``) must be the next cached stream there, on real tokens."""
         last = layer == self.view.n_layers - 1
-        cached = self.base[hooks.resid_post(layer) if last else hooks.resid_pre(layer + 1)][:, rows].float()
+        cached = self.base[hooks.resid_post(layer) if last else hooks.resid_pre(layer + 1)].to(after.device)[:, rows].float()
         real = self.real.to(after.device)[:, rows, None]
         err = float(((after - cached).abs() * real).max())
         rel = 3e-2 if self.low_precision else 1e-4

@@ -40,10 +40,11 @@ from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 
 def _neuron_edges(fwd: CachedForward, layer: int, post_diff: Tensor | None, U: Tensor) -> Tensor:
     """Edges from the neurons of ``layer`` into readers whose updates are ``U [batch, pos, reader, d]``:
-    ``Σ_p post[p, n] · W_out[n] · U[p]``, ``[batch, d_mlp, reader]``."""
+    ``Σ_p post[p, n] · W_out[n] · U[p]``, ``[batch, d_mlp, reader]``, on the neurons' layer's device."""
     view = fwd.view
     m = view.mlp(layer)
     post = mlp_hidden(fwd, layer) if post_diff is None else post_diff
+    U = U.to(post.device)
     if view.rules.post_norms:
         U = pull_norm(U, fwd.act(hooks.norm_scale(layer, "ln2_post"))[:, :, None], view.norm_weight("ln2_post", layer), center=False)
     lam = U @ m.W_out.T  # [b, n, reader, d_mlp]
@@ -148,7 +149,9 @@ def dpa_edges(
         flat = outs_w.reshape(b, outs_w.shape[1], -1)
 
         def add(writer_slice: slice, reader_slice: slice, U: Tensor) -> None:
-            """Edges of the writers ``writer_slice`` (a prefix) into readers whose updates are ``U [b, n, r, d]``."""
+            """Edges of the writers ``writer_slice`` (a prefix) into readers whose updates are ``U [b, n, r, d]``
+            (on a split model, moved from the readers' layer to the writers' outputs, gathered on ``fwd.device``)."""
+            U = U.to(flat.device)
             Ur = U.permute(0, 2, 1, 3).reshape(b, U.shape[2], -1)  # [b, r, n·d]
             scores[:, writer_slice, reader_slice] = torch.bmm(flat[:, writer_slice], Ur.transpose(1, 2))
             if per_pos is not None:
@@ -158,7 +161,7 @@ def dpa_edges(
             for k, l in enumerate(neuron_layers):
                 if l < before_layer:
                     rows = slice(W0 + k * view.d_mlp, W0 + (k + 1) * view.d_mlp)
-                    scores[:, rows, reader_slice] = _neuron_edges(fwd, l, post_diff.get(l), U)
+                    scores[:, rows, reader_slice] = _neuron_edges(fwd, l, post_diff.get(l), U).to(scores.device)
                     mask[rows, reader_slice] = True
 
         def on_layer(layer: int, attn: AttentionStep, mlp: MLPStep) -> None:

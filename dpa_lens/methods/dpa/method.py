@@ -70,7 +70,10 @@ def sweep(
     ``blocks.{top_layer}.hook_resid_post``, or with ``start_at="mid"`` at its ``hook_resid_mid`` (the
     layer's MLP does not read it), or with ``start_at=h`` at head ``h``'s output alone (the layer's MLP
     and other heads do not read it, the stream above the head is not carried down, and the output
-    bias, which is no head's, is left out)."""
+    bias, which is no head's, is left out).
+
+    On a model split across devices each layer's step runs on `CachedForward.layer_device`: only the
+    target moves there, and each layer's scores are gathered on ``start``'s device."""
     view = fwd.view
     b, n, _ = start.shape
     L, H = view.n_layers, view.n_heads
@@ -87,8 +90,9 @@ def sweep(
     if targets is not None:
         targets[hooks.resid_post(last)] = t
     if flows is not None:
-        flows[:, last + 1] = (fwd.act(hooks.resid_post(last)) * t).sum(-1)
+        flows[:, last + 1] = _dot(fwd.act(hooks.resid_post(last)), t, device)
     for layer in reversed(range(last + 1)):
+        t = t.to(fwd.layer_device(layer))  # the one tensor that moves between a split model's devices
         no_mlp = layer == last and start_at != "post"  # rerooted at resid_mid or at a head
         head = start_at if layer == last and isinstance(start_at, int) else None
         mask = None if head is None else torch.eye(H, device=device)[head]
@@ -101,26 +105,35 @@ def sweep(
             t_mid = t + mlp.update
             lam = mlp.lam if neuron_target == "post" or no_mlp or neurons is None else rules.neuron_targets(layer, t_mid)
             if targets is not None and view.rules.has_mlp:  # an attention-only block has no resid_mid
-                targets[hooks.resid_mid(layer)] = t_mid
+                targets[hooks.resid_mid(layer)] = t_mid.to(device)
             attn = rules.attention(layer, t_mid, head_keys=head_keys, readers=readers, head_mask=mask)
             t = (t_mid if head is None else 0) + attn.update
         if head is not None and view.attn(layer).b_O is not None:
-            attn.bias = attn.bias - (rules.out_norm(start, layer, "ln1_post") @ view.attn(layer).b_O).sum(-1)
+            attn.bias = attn.bias - (rules.out_norm(start.to(t.device), layer, "ln1_post") @ view.attn(layer).b_O).sum(-1)
         if on_layer is not None:
             on_layer(layer, attn, mlp)
-        bias += mlp.bias + attn.bias
+        bias += (mlp.bias + attn.bias).to(device)
         if neurons is not None:
-            torch.mul(mlp.post, lam, out=neurons[:, layer])  # into the result, no temporary
+            into = neurons[:, layer]
+            if into.device == lam.device:
+                torch.mul(mlp.post, lam, out=into)  # into the result, no temporary
+            else:  # a layer on another device than the results
+                into.copy_(mlp.post * lam)
         if heads is not None:
-            heads[:, layer] = attn.heads
+            heads[:, layer] = attn.heads.to(device)
         if keys is not None:
-            keys[:, layer] = attn.head_keys
+            keys[:, layer] = attn.head_keys.to(device)
         if targets is not None:
-            targets[hooks.resid_pre(layer)] = t
+            targets[hooks.resid_pre(layer)] = t.to(device)
         if flows is not None:
-            flows[:, layer] = (fwd.act(hooks.resid_pre(layer)) * t).sum(-1)
-    tokens = (fwd.act(hooks.resid_pre(0)) * t).sum(-1) if "tokens" in kinds else None
+            flows[:, layer] = _dot(fwd.act(hooks.resid_pre(layer)), t, device)
+    tokens = _dot(fwd.act(hooks.resid_pre(0)), t, device) if "tokens" in kinds else None
     return SweepResult(tokens=tokens, heads=heads, neurons=neurons, head_keys=keys, bias=bias, targets=targets, flow=flows)
+
+
+def _dot(x: Tensor, t: Tensor, device: torch.device) -> Tensor:
+    """``x · t`` over ``d_model``, computed where ``x`` is and put on ``device``."""
+    return (x * t.to(x.device)).sum(-1).to(device)
 
 
 @register(MethodSpec(name="dpa", input="cache", scores=KINDS, hook_names=lambda model: dpa_hook_names(model, flow=True, patterns=False),

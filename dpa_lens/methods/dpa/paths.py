@@ -203,10 +203,11 @@ class _Search:
                 if self.k is not None and len(self.found) >= self.k and -q.priority <= self.found[0][0]:
                     break  # no queued suffix weighs more than the k-th path's |score|
                 parent, suffix = self.expanded[q.parent]
+                home = self.fwd.device  # a split model's steps run on their layers' devices; the search keeps its fields here
                 if q.head is None:
-                    field, node, stream = rules.mlp(q.layer, parent).update, mlp_name(q.layer), geo.mlp_reads(q.layer)
+                    field, node, stream = rules.mlp(q.layer, parent).update.to(home), mlp_name(q.layer), geo.mlp_reads(q.layer)
                 else:
-                    field = rules.attention(q.layer, parent, readers=True).readers[:, :, q.head, PATH_LABELS.index(q.label)]
+                    field = rules.attention(q.layer, parent, readers=True).readers[:, :, q.head, PATH_LABELS.index(q.label)].to(home)
                     node, stream = head_name(q.layer, q.head), 2 * q.layer
                 self.expand(field, (Hop(node, q.label), *suffix), self.enters <= stream, geo.readers(stream))
                 bar.update()
@@ -221,7 +222,7 @@ class _Search:
         if len(suffix) > self.max_depth:  # the logit hop is not a reader
             return
         for layer, heads, with_mlp in readers:
-            split = self.rules.attention(layer, field, readers=True).readers[b]  # [pos, head, (q, k, v), d_model]
+            split = self.rules.attention(layer, field, readers=True).readers[b].to(field.device)  # [pos, head, (q, k, v), d_model]
             weights = self.weights(2 * layer, split.flatten(1, 2)).view(-1, 3).tolist()
             carries = (split.abs().amax(dim=(0, 3)) > 0).tolist()
             for h in heads:
@@ -229,7 +230,7 @@ class _Search:
                     if carries[h][j]:
                         heapq.heappush(self.queue, _Queued(-weights[h][j], next(self.tie), index, layer, h, label))
             if with_mlp:
-                update = self.rules.mlp(layer, field).update[b]
+                update = self.rules.mlp(layer, field).update[b].to(field.device)
                 if bool(update.abs().max() > 0):
                     weight = float(self.weights(self.geo.mlp_reads(layer), update[:, None])[0])
                     heapq.heappush(self.queue, _Queued(-weight, next(self.tie), index, layer, None, "mlp"))

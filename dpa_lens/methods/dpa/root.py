@@ -90,9 +90,9 @@ class Root:
     @typechecked
     def value(self, fwd: CachedForward) -> Float[Tensor, " batch"]:
         """The explained quantity as the forward computed it."""
-        rows, pos = torch.arange(fwd.batch, device=fwd.device), fwd.positions.to(fwd.device)
         x = fwd.act(self.hook) if self.head is None else head_output(fwd, self.layer, self.head)
-        return (x[rows, pos] * self.direction(fwd)).sum(-1)
+        rows, pos = torch.arange(fwd.batch, device=x.device), fwd.positions.to(x.device)  # where its layer is
+        return (x[rows, pos].to(fwd.device) * self.direction(fwd)).sum(-1)
 
     def describe(self, fwd: CachedForward) -> dict[str, Any]:
         where = [f"{self.name}@{int(p)}" for p in fwd.positions]

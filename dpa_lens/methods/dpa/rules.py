@@ -71,6 +71,7 @@ class Propagator:
             return self._mlp(layer, t)
 
     def _mlp(self, layer: int, t: Tensor) -> MLPStep:
+        t = t.to(self.fwd.layer_device(layer))  # a split model: the step runs where the layer's weights are
         if not self.rules.has_mlp:
             return MLPStep(update=torch.zeros_like(t), post=t.new_zeros(self.b, self.n, 0), lam=t.new_zeros(self.b, self.n, 0),
                            bias=t.new_zeros(self.b))
@@ -96,7 +97,7 @@ class Propagator:
 
     def neuron_targets(self, layer: int, t: Tensor) -> Float[Tensor, "batch pos d_mlp"]:
         """``W_out t`` of a layer's neurons for a target ``t`` at the MLP's output stream."""
-        return self.out_norm(t, layer, "ln2_post") @ self.view.mlp(layer).W_out.T
+        return self.out_norm(t.to(self.fwd.layer_device(layer)), layer, "ln2_post") @ self.view.mlp(layer).W_out.T
 
     # ------------------------------------------------------------------ attention
     def attention(self, layer: int, t: Tensor, *, head_keys: bool = False, readers: bool = False,
@@ -105,8 +106,10 @@ class Propagator:
 
         ``readers=True`` also splits the update by reader (each query head's q, k, v input; grouped
         key/value heads are split by the query head that pulled them). ``head_mask [head]`` (0/1)
-        keeps only some heads: the target at one head's output (rerooting at a head)."""
+        keeps only some heads: the target at one head's output (rerooting at a head). On a split model the
+        steps run on the layer's device (`CachedForward.layer_device`), where they return what they compute."""
         view, mu, b, n, fwd = self.view, self.mu, self.b, self.n, self.fwd
+        t = t.to(fwd.layer_device(layer))
         H, K, dh = view.n_heads, view.n_kv_heads, view.d_head
         G = H // K
         a = view.attn(layer)

@@ -28,7 +28,8 @@ def _safe(pre: Tensor) -> Tensor:
 
 
 class RowForward:
-    """One batch row of a cached forward at its real positions, in float64."""
+    """One batch row of a cached forward at its real positions, in float64 (a hook of a block on its layer's
+    device, `CachedForward.device_for`: on a split model each layer's tables are made where its weights are)."""
 
     def __init__(self, fwd: CachedForward, row: int):
         self.fwd, self.row = fwd, row
@@ -41,7 +42,8 @@ class RowForward:
         t = self.fwd.cache[name][self.row]
         if t.ndim == 3 and name.endswith(("ln1.hook_scale", "ln1.hook_normalized")):
             t = t[:, 0]
-        return t.to(self.fwd.device, DT)[self.idx]
+        t = t.to(self.fwd.device_for(name), DT)
+        return t[self.idx.to(t.device)]
 
     def local(self, position: int) -> int | None:
         """The index among the real positions of a position of the padded sequence (None at padding)."""
@@ -50,12 +52,14 @@ class RowForward:
 
     def pattern(self, layer: int) -> Float[Tensor, "head query key"]:
         p = self.fwd.pattern(layer)[self.row].to(DT)
-        return p[:, self.idx][:, :, self.idx]
+        idx = self.idx.to(p.device)
+        return p[:, idx][:, :, idx]
 
     def queries_keys(self, layer: int) -> tuple[Tensor, Tensor]:
         """Queries ``[n, head, d_head]`` and keys ``[n, kv_head, d_head]`` as the scores see them."""
         q, k = self.fwd.queries_keys(layer)
-        return q[self.row].to(DT)[self.idx], k[self.row].to(DT)[self.idx]
+        idx = self.idx.to(q.device)
+        return q[self.row].to(DT)[idx], k[self.row].to(DT)[idx]
 
     def rotary(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """``(cos, sin)`` ``[n, 1, rotary_dim]`` at the real positions, or None without rotary."""
@@ -64,7 +68,9 @@ class RowForward:
             return None
         cos, sin = cos_sin
         r = self.row if cos.shape[0] > 1 else 0
-        return cos[r].to(self.fwd.device, DT)[self.idx], sin[r].to(self.fwd.device, DT)[self.idx]
+        dev = self.fwd.layer_device(layer)
+        idx = self.idx.to(dev)
+        return cos[r].to(dev, DT)[idx], sin[r].to(dev, DT)[idx]
 
 
 @dataclass
@@ -83,6 +89,12 @@ class HeadTables:
     shares: dict[str, dict[str, Tensor]]
     peak: dict[str, Tensor]
 
+    def to(self, device: torch.device) -> HeadTables:
+        """The tables on ``device`` (made on a split model's layer, read where the credit is)."""
+        move = _mover(device)
+        return HeadTables(move(self.factors0), move(self.factors), {s: {b: move(t) for b, t in by.items()} for s, by in self.shares.items()},
+                          {b: move(t) for b, t in self.peak.items()})
+
 
 @dataclass
 class MLPTables:
@@ -91,6 +103,23 @@ class MLPTables:
 
     first: dict[str, Tensor]
     deeper: dict[str, Tensor]
+
+    def to(self, device: torch.device) -> MLPTables:
+        """The tables on ``device`` (see `HeadTables.to`)."""
+        move = _mover(device)
+        return MLPTables({s: move(t) for s, t in self.first.items()}, {s: move(t) for s, t in self.deeper.items()})
+
+
+def _mover(device: torch.device):
+    """``t -> t.to(device)``, moving a tensor shared by several tables (one rule set standing for another) once."""
+    moved: dict[int, Tensor] = {}
+
+    def move(t: Tensor) -> Tensor:
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return moved[id(t)]
+
+    return move
 
 
 class Decomposition:
@@ -101,7 +130,8 @@ class Decomposition:
     bias), its output bias ``L{l}.attn_bias`` (where the model has one) and ``L{l}.mlp`` (the whole
     MLP output). Their writes ``vecs [C, n, d_model]`` add up to the residual stream. A component's
     depth ``order`` is -1 for the embeddings, l for layer l's heads and bias, l + 0.5 for its MLP
-    (l in parallel blocks): a sublayer reads the components of lower order.
+    (l in parallel blocks): a sublayer reads the components of lower order. ``vecs`` are on the forward's
+    device; on a split model each layer's heads are written on its device and gathered there.
     """
 
     def __init__(self, fwd: CachedForward, row: int, preset: Preset, quirks: bool):
@@ -122,11 +152,11 @@ class Decomposition:
         for layer in range(view.n_layers):
             a = view.attn(layer)
             self.value_bias |= a.b_V is not None
-            W_O = a.W_O.to(fwd.device, DT)
+            W_O = a.W_O.to(fwd.layer_device(layer), DT)
             z = r.act(hooks.attn(layer, "z"))
             self.head_index.append(list(range(len(self.names), len(self.names) + view.n_heads)))
             self.names += [head_name(layer, h) for h in range(view.n_heads)]
-            vecs.append(torch.einsum("phe,hed->hpd", z, W_O))
+            vecs.append(torch.einsum("phe,hed->hpd", z, W_O).to(fwd.device))
             order += [float(layer)] * view.n_heads
             if a.b_O is not None:
                 self.names.append(f"L{layer}.attn_bias")
@@ -134,7 +164,7 @@ class Decomposition:
                 order.append(float(layer))
             self.mlp_index.append(len(self.names))
             self.names.append(mlp_name(layer))
-            vecs.append(r.act(hooks.mlp_out(layer))[None])
+            vecs.append(r.act(hooks.mlp_out(layer))[None].to(fwd.device))
             order.append(layer + (0.0 if self.parallel else 0.5))
         self.vecs = torch.cat(vecs)
         self.order = torch.tensor(order, dtype=DT, device=fwd.device)
@@ -162,15 +192,17 @@ class Decomposition:
         only its direction matters.
         """
         view, r = self.view, self.r
-        W_U = view.W_U.detach().to(r.fwd.device, DT)
+        W_U = view.W_U.detach().to(r.fwd.unembed_device, DT)  # read where it is; only columns move (a split model)
         mean = W_U.mean(1)
         against = mean if distractor is None else W_U[:, distractor]
         seed_against = mean if (distractor is None or self.quirks) else against
+        home = r.fwd.device
+        column, mean, against, seed_against = W_U[:, token].to(home), mean.to(home), against.to(home), seed_against.to(home)
         gain = view.norm_weight("ln_final")
         scale = r.act(hooks.FINAL_SCALE)[t]
         parts = marginal(self.vecs[:, t][:, None], scale[None], gain, self.layer_norm)[:, 0]
-        seeds = parts @ (W_U[:, token] - seed_against)
-        d_t = W_U[:, token] - against
+        seeds = parts @ (column - seed_against)
+        d_t = column - against
         if gain is not None:
             d_t = d_t * gain.to(d_t)
         if self.layer_norm:  # the reference scales by the unbiased variance (a positive factor)
@@ -205,7 +237,8 @@ class Decomposition:
         """
         view, r, P = self.view, self.r, self.preset
         m = view.mlp(layer)
-        dev = r.fwd.device
+        dev = r.fwd.layer_device(layer)
+        d_t = d_t.to(dev)
         W_in = m.W_in.to(dev, DT)
         W_out = m.W_out.to(dev, DT)
         W_gate = None if m.W_gate is None else m.W_gate.to(dev, DT)
@@ -233,7 +266,7 @@ class Decomposition:
                 return (w / _safe(pre)) @ W_in.T
             return (w / (2 * _safe(pre))) @ W_gate.T + (w / (2 * _safe(up))) @ W_in.T
 
-        vecs = self.vecs[rows]
+        vecs = self.vecs[rows].to(dev)
         read = marginal(vecs, scale, gain, self.layer_norm and not self.quirks)
         out_c = W_out - W_out.mean(-1, keepdim=True) if self.layer_norm else W_out
         weights = [phi * (out_c @ d_t)]  # principled
@@ -261,21 +294,23 @@ class Decomposition:
         P = self.preset
         rows, principled, deeper = self.mlp_rows(layer, d_t)
         pick = torch.nonzero(~self.bias[rows]).flatten()  # the rows that are children
+        dev = principled.device  # the layer's (a split model)
 
         def tables(rule_set: str) -> tuple[Tensor, Tensor]:
-            keep = self.keep(rule_set)[rows][:, None]
+            keep = self.keep(rule_set)[rows][:, None].to(dev)
             first, valid = safe_split(principled, keep, P.beta, 0)
             if P.aligned or P.mlp_rule == "weighted":
                 deep, _ = safe_split(deeper, keep, P.beta, 0)
             else:
                 l2_keep = keep.clone()
                 if self.quirks and rule_set == "paths":  # the reference's L2 rows leave out this layer's output bias
-                    l2_keep &= (self.order[rows] < layer)[:, None] | ~self.bias[rows][:, None]
+                    l2_keep &= ((self.order[rows] < layer)[:, None] | ~self.bias[rows][:, None]).to(dev)
                 kept = deeper * l2_keep
                 total = kept.sum(0, keepdim=True)
                 deep = torch.where(total > 0, deeper / torch.where(total > 0, total, 1.0), 0.0)
             first = torch.where(valid[None], first, deep)
-            return first[pick].T, deep[pick].T
+            at = pick.to(dev)
+            return first[at].T, deep[at].T
 
         made = {s: tables(s) for s in self.rule_sets()}
         made.setdefault("flow", made["paths"])
@@ -294,7 +329,7 @@ class AttentionLayer:
     def __init__(self, dec: Decomposition, layer: int, d_t: Tensor):
         self.dec, self.layer = dec, layer
         view, r = dec.view, dec.r
-        dev = r.fwd.device
+        dev = r.fwd.layer_device(layer)  # a split model: the layer's tables are made where its weights are
         a = view.attn(layer)
         self.W_Q, self.W_K, self.W_V, self.W_O = (w.to(dev, DT) for w in (a.W_Q, a.W_K, a.W_V, a.W_O))
         # the value bias row (see `heads`) is the model's own bias: an unfolded ln1 bias β adds β·W_V to `a.b_V`,
@@ -309,12 +344,12 @@ class AttentionLayer:
         self.v = r.act(hooks.attn(layer, "v"))  # [n, kv, dh]
         rot = r.rotary(layer)
         self.cos, self.sin = (None, None) if rot is None else (rot[0][:, 0], rot[1][:, 0])  # [n, rot]
-        self.d_t = d_t
+        self.d_t = d_t.to(dev)
         self.rows_index = torch.nonzero(dec.order < layer).flatten()
         self.pick = torch.nonzero(~dec.bias[self.rows_index]).flatten()  # the rows that are children
         self.children: list[int] = self.rows_index[self.pick].tolist()
         gain = view.norm_weight("ln1", layer)
-        self.parts = marginal(dec.vecs[self.rows_index], r.act(hooks.norm_scale(layer, "ln1")), gain, dec.layer_norm)
+        self.parts = marginal(dec.vecs[self.rows_index].to(dev), r.act(hooks.norm_scale(layer, "ln1")), gain, dec.layer_norm)
         # every head's values through W_O, and the layer's output before its bias (aligned splits)
         self.pv = torch.einsum("phe,hed->hpd", self.v.repeat_interleave(self.group, dim=1), self.W_O)
         self.out = torch.einsum("hqs,hsd->qd", self.alpha, self.pv)
@@ -401,18 +436,19 @@ class AttentionLayer:
             rows["v"] = torch.cat([rows["v"], bias_row[:, None]], dim=1)
 
         shares: dict[str, dict[str, Tensor]] = {}
+        pick = self.pick.to(alpha.device)
         for rule_set in dec.rule_sets():
-            keep = keep_v = dec.keep(rule_set)[self.rows_index]
+            keep = keep_v = dec.keep(rule_set)[self.rows_index].to(alpha.device)
             if self.b_V is not None:  # a bias row: in the recursion's denominators only, with quirks
                 keep_v = torch.cat([keep, keep.new_tensor([rule_set == "paths" and dec.quirks])])
             shares[rule_set] = {}
             for branch, vals in rows.items():
                 if branch == "v":
                     share, _ = safe_split(vals, keep_v[:, None], P.beta, 1)
-                    share = share[:, self.pick].transpose(1, 2)  # [head, s, child]
+                    share = share[:, pick].transpose(1, 2)  # [head, s, child]
                 else:
                     share, _ = safe_split(vals, keep[:, None, None], P.beta, 1)
-                    share = share[:, self.pick].permute(0, 2, 3, 1)  # [head, q, s, child]
+                    share = share[:, pick].permute(0, 2, 3, 1)  # [head, q, s, child]
                 shares[rule_set][branch] = share
         shares.setdefault("flow", shares["paths"])
         peak = {branch: t.abs().amax(-1) if t.shape[-1] else t.sum(-1) for branch, t in shares["paths"].items()}

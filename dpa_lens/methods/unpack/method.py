@@ -291,9 +291,10 @@ def _label(model: TLModel, t: int, d: int | None, quirks: bool) -> str:
 
 def _logits(fwd: CachedForward) -> Tensor:
     """The logits ``[batch, vocab]`` at each row's answer position (float64)."""
-    view = fwd.view
-    logits = fwd.final_input().to(DT) @ view.W_U.detach().to(fwd.device, DT)
-    return logits if view.b_U is None else logits + view.b_U.detach().to(fwd.device, DT)
+    view, dev = fwd.view, fwd.unembed_device  # where the unembedding is (a split model's last device)
+    logits = fwd.final_input().to(dev, DT) @ view.W_U.detach().to(dev, DT)
+    logits = logits if view.b_U is None else logits + view.b_U.detach().to(dev, DT)
+    return logits.to(fwd.device)
 
 
 def _target_values(fwd: CachedForward, targets: list[int], others: list[int | None], quirks: bool) -> Tensor:
@@ -368,7 +369,7 @@ def unpack_validate(model: TLModel, cache: Cache, *, tokens: Tensor | None = Non
             for layer in range(view.n_layers + 1):
                 last = layer == view.n_layers
                 written = dec.vecs[dec.order < layer].sum(0) if not last else dec.vecs.sum(0)
-                stream = dec.r.act(hooks.resid_post(layer - 1) if last else hooks.resid_pre(layer))
+                stream = dec.r.act(hooks.resid_post(layer - 1) if last else hooks.resid_pre(layer)).to(written.device)
                 err["residual"] = max(err["residual"], float(((written - stream).abs() - 1e-5 * stream.abs()).max()))
                 if last:
                     break

@@ -192,6 +192,7 @@ def trace(
         rows = tree.take(2 * layer + 2)
         if live([x]) or rows is not None:
             children, T = dec.mlp(layer, d_t)
+            T = T.to(dev)  # made on the layer's device (a split model), read where the credit is
             children_t = torch.tensor(children, device=dev, dtype=torch.long)
             _flow_mlp(fresh, inherited, x, T, children_t)
             if rows is not None:
@@ -207,7 +208,7 @@ def trace(
             in_group = None if rows is None else (rows[0] >= xs[0]) & (rows[0] <= xs[-1])
             if not live(xs) and (in_group is None or not bool(in_group.any())):
                 continue
-            T = A.heads(group)
+            T = A.heads(group).to(dev)
             _flow_heads(fresh, inherited, torch.tensor(xs, device=dev), T, children_t, flow_w)
             if in_group is not None and bool(in_group.any()):
                 mine = tuple(t[in_group] for t in rows)

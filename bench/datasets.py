@@ -1,0 +1,321 @@
+"""Datasets at scale: records per second of `dpa_lens.attribute_dataset` against the floor, one process or two,
+and peak memory against the number of records.
+
+    python -m bench.datasets            # the full run (~25 min on 2 CPU cores)
+    python -m bench.datasets --quick    # a few small rows, for CI
+    python -m bench.datasets --device cuda   # a GPU section (float32 and bfloat16), when there is a GPU
+
+The records are the authors' benchmark prompts, alternating IOI (target: the IO − S logit difference of
+the names' first tokens) and Known 1000 (target: the answer's first token), without corrupted prompts. Every row runs in a fresh
+process and times the whole dataset call after a warm-up on other records: tokenizing, batching by
+length, the method, and writing the Parquet shards.
+
+1. DPA (tokens, heads, neurons) and DPA edges at batch 1, 8 and 16, against the floor at the same
+   batch: the same model in ``transformers`` with SDPA attention, the same batches (records grouped by
+   length, padded on the right), one forward and a backward to the input embeddings of the batch's
+   targets (parameters frozen);
+2. one process with every core's threads against ``torchrun --nproc_per_node 2`` with half the
+   threads each (DPA, batch 8; the records dealt between the processes);
+3. peak memory above the loaded model of DPA over 10, 100 and 1,000 records (batch 8): 16 records cycled (each
+   copy its own id), so that every batch has the same shapes and only what grows with the number of records shows.
+
+Writes bench/results/datasets_smollm2[_cuda].md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import ROOT, PeakMemory, machine, run_child, short_error, write_results
+
+RESULTS = Path(__file__).parent / "results"
+NAME = "smollm2-135m"
+WARMUP = 8  # records run before the timed call (other records than the timed ones)
+
+
+def records(model, n: int, skip: int = 0) -> list[dict]:
+    """``n`` records alternating IOI and Known 1000 (after the first ``skip`` of each), without corrupted prompts."""
+    from dpa_lens.datasets import ioi_benchmark, known_1000
+
+    first = lambda text: int(model.tokenizer.encode(text, add_special_tokens=False)[0])  # noqa: E731
+    ioi = [item for item in ioi_benchmark() if first(item.correct) != first(item.incorrect)]
+    known = known_1000()
+    out = []
+    for i in range(n):
+        k = skip + i // 2
+        if i % 2 == 0:  # names of several tokens: their first tokens, as the authors explain the answer's first token
+            item = ioi[k % len(ioi)]
+            out.append({"id": f"ioi-{k}", "prompt": item.prompt, "target": [first(item.correct), first(item.incorrect)]})
+        else:
+            fact = known[k % len(known)]
+            out.append({"id": f"known-{k}", "prompt": fact.prompt, "target": first(fact.answer)})
+    return out
+
+
+def load(device: str, dtype: str):
+    import torch
+
+    import dpa_lens
+
+    return dpa_lens.load_model(NAME, device=device, dtype=getattr(torch, dtype))
+
+
+def floor_batches(model, recs: list[dict], batch: int):
+    """The runner's batches of ``recs`` (by length), as padded token ids, masks, answer positions and targets."""
+    import torch
+
+    from dpa_lens.runs.records import Prepared, batches, prepare, read_records
+
+    parsed, _ = read_records(recs)
+    prepared = [p for p in (prepare(model, r, needs_target=True, needs_corrupted=False, takes_corrupted=False) for r in parsed)
+                if isinstance(p, Prepared)]
+    out = []
+    for group in batches(prepared, batch):
+        rows = [model.to_tokens(p.record.prompt, truncate=False)[0].cpu() for p in group]
+        n = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), n), model.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)], mask[i, : len(r)] = r, 1
+        last = mask.sum(1) - 1
+        targets = []
+        for p in group:
+            t = p.record.target
+            ids = [model.to_single_token(x) if isinstance(x, str) else int(x) for x in (t if isinstance(t, tuple) else (t,))]
+            targets.append((ids[0], ids[1] if len(ids) > 1 else None))
+        out.append((tokens, mask, last, targets))
+    return out
+
+
+def child_floor(batch: int, n: int, device: str, dtype: str) -> dict:
+    """The floor: transformers (SDPA), forward and backward to the input embeddings, the runner's batches."""
+    import torch
+
+    from bench.speed import load_hf
+
+    model = load(device, dtype)
+    hf = load_hf(NAME, device, dtype)
+
+    def run(recs):
+        for tokens, mask, last, targets in floor_batches(model, recs, batch):
+            tokens, mask = tokens.to(device), mask.to(device)
+            embeds = hf.get_input_embeddings()(tokens).detach().requires_grad_(True)
+            logits = hf(inputs_embeds=embeds, attention_mask=mask).logits
+            rows = torch.arange(len(targets), device=device)
+            at = logits[rows, last.to(device)]
+            value = sum(at[i, a] - (at[i, b] if b is not None else 0) for i, (a, b) in enumerate(targets))
+            value.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run(records(model, WARMUP, skip=n))
+    recs = records(model, n)
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        run(recs)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_bytes": mem.peak}
+
+
+def repeated(model, n: int, k: int = 16) -> list[dict]:
+    """``n`` records cycling through the first ``k`` (each its own id): every batch the same shapes, so that what
+    grows with the number of records, and only that, shows in the peak memory."""
+    base = records(model, k)
+    return [{**base[i % k], "id": f"{base[i % k]['id']}#{i // k}"} for i in range(n)]
+
+
+def child_method(method: str, batch: int, n: int, device: str, dtype: str, memory: bool = False) -> dict:
+    """`attribute_dataset` of ``method`` over ``n`` records into a fresh folder, after a warm-up (``memory``: the
+    records of `repeated`)."""
+    import warnings
+
+    import torch
+
+    import dpa_lens
+
+    model = load(device, dtype)
+    warnings.simplefilter("ignore")  # "the target is not the model's prediction" for some Known 1000 records
+    with tempfile.TemporaryDirectory() as tmp:
+        dpa_lens.attribute_dataset(model, method, records(model, WARMUP, skip=n), Path(tmp) / "warm", batch_size=batch, progress=False)
+        recs = repeated(model, n) if memory else records(model, n)
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            res = dpa_lens.attribute_dataset(model, method, recs, Path(tmp) / "run", batch_size=batch, progress=False)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        written, skipped = len(res), len(res.skipped)
+    return {"seconds": seconds, "peak_bytes": mem.peak, "written": written, "skipped": skipped}
+
+
+def child_processes(method: str, batch: int, n: int, device: str, dtype: str) -> dict | None:
+    """One of ``torchrun``'s processes: the dataset call between two barriers; rank 0 reports the wall time."""
+    import warnings
+
+    import torch
+
+    import dpa_lens
+    from dpa_lens.runs.distributed import Processes
+
+    procs = Processes.start()
+    model = load(device, dtype)
+    warnings.simplefilter("ignore")
+    out = Path(os.environ["BENCH_DATASETS_OUT"])
+    dpa_lens.attribute_dataset(model, method, records(model, WARMUP, skip=n), out / "warm", batch_size=batch, progress=False)
+    procs.barrier()
+    start = time.perf_counter()
+    res = dpa_lens.attribute_dataset(model, method, records(model, n), out / "run", batch_size=batch, progress=False)
+    seconds = time.perf_counter() - start
+    procs.stop()
+    return {"seconds": seconds, "written": len(res), "threads_each": torch.get_num_threads()} if procs.rank == 0 else None
+
+
+def run_processes(method: str, batch: int, n: int, device: str, dtype: str, nproc: int, timeout: float) -> dict:
+    threads = max(1, (os.cpu_count() or 2) // nproc)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENCH_DATASETS_OUT": tmp}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "bench.datasets",
+               "--child", "processes", method, str(batch), str(n), "--device", device, "--dtype", dtype]
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"stopped after {timeout:.0f} s"}
+    if done.returncode != 0:  # the failing process's own error, not the launcher's summary
+        errors = [line for line in done.stderr.splitlines() if re.match(r"^\w+(\.\w+)*(Error|Exception): ", line)
+                  and "ChildFailedError" not in line]
+        return {"error": short_error(errors[-1] if errors else done.stderr)}
+    lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def plan(quick: bool) -> list[tuple[str, str, int, int]]:
+    """(section, measurement, batch, records) of each row."""
+    if quick:
+        return [("speed", m, 2, 4) for m in ("floor", "dpa", "dpa_edges")] + [("processes", "dpa", 2, 4)]
+    rows = [("speed", m, b, 64) for b in (1, 8, 16) for m in ("floor", "dpa")]
+    rows += [("speed", m, b, 32) for b in (1, 8) for m in ("floor", "dpa_edges")]
+    rows += [("processes", "dpa", 8, 64)]
+    rows += [("memory", "dpa", 8, n) for n in (10, 100, 1000)]
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    rows = result["rows"]
+    find = lambda sec, meas, b, n: next((r for r in rows if (r["section"], r["measurement"], r["batch"], r["records"]) == (sec, meas, b, n)  # noqa: E731
+                                         and "error" not in r), None)
+    per = lambda r: r["seconds"] / r["records"]  # noqa: E731
+    lines = [
+        f"# Datasets at scale: {s['model']}",
+        "",
+        f"Device: {m['device']} ({m['cpu_count']} CPU cores); torch {m['torch']}, TransformerLens {m['transformer_lens']}, "
+        f"{s['dtype']}. Produced by `{s['command']}` in {s['seconds'] / 60:.0f} min. Records alternate IOI (the IO − S "
+        "logit difference) and Known 1000 (the answer's first token); each row is a fresh process timing one whole "
+        "`attribute_dataset` call (tokenizing, batching by length, the method, writing the Parquet shards) after a "
+        "warm-up on other records. The floor: the same model in transformers (SDPA), the same batches, one forward and "
+        "a backward to the input embeddings.",
+        "",
+        "## Seconds per record against the floor",
+        "",
+        "| batch | records | floor | DPA (tokens, heads, neurons) | DPA / floor | DPA edges | edges / floor | edges / DPA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b in sorted({r["batch"] for r in rows if r["section"] == "speed"}):
+        for n in sorted({r["records"] for r in rows if r["section"] == "speed" and r["batch"] == b}):
+            floor, dpa, edges = find("speed", "floor", b, n), find("speed", "dpa", b, n), find("speed", "dpa_edges", b, n)
+            if floor is None:
+                continue
+            cell = lambda r: "—" if r is None else f"{per(r) * 1000:.0f} ms"  # noqa: E731
+            ratio = lambda r, base: "—" if r is None or base is None else f"{per(r) / per(base):.2f}×"  # noqa: E731
+            dpa_same_n = dpa or find("speed", "dpa", b, max((r["records"] for r in rows if r["measurement"] == "dpa" and r["batch"] == b), default=0))
+            lines.append(f"| {b} | {n} | {cell(floor)} | {cell(dpa)} | {ratio(dpa, floor)} | {cell(edges)} | {ratio(edges, floor)} | "
+                         f"{ratio(edges, dpa_same_n)} |")
+    procs = [r for r in rows if r["section"] == "processes"]
+    if procs:
+        lines += ["", "## One process or two (torchrun, gloo; the same total threads)", "",
+                  "| method | batch | records | one process | two processes | two / one |", "|---|---|---|---|---|---|"]
+        for r in procs:
+            one = find("speed", r["measurement"], r["batch"], r["records"])
+            if "error" in r or one is None:
+                lines.append(f"| {r['measurement']} | {r['batch']} | {r['records']} | — | {r.get('error', '—')} | — |")
+                continue
+            lines.append(f"| {r['measurement']} | {r['batch']} | {r['records']} | {one['seconds']:.1f} s ({one.get('threads', '?')} threads) | "
+                         f"{r['seconds']:.1f} s ({r.get('threads_each', '?')} threads each) | {r['seconds'] / one['seconds']:.2f}× |")
+    memory = [r for r in rows if r["section"] == "memory" and "error" not in r]
+    if memory:
+        lines += ["", "## Peak memory against the number of records (DPA, batch 8; 16 records cycled, every batch the same shapes)", "",
+                  "| records | peak above the model | seconds per record |", "|---|---|---|"]
+        for r in sorted(memory, key=lambda r: r["records"]):
+            lines.append(f"| {r['records']:,} | {r['peak_bytes'] / 2**20:,.0f} MiB | {per(r) * 1000:.0f} ms |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed rows: " + "; ".join(f"{r['section']}/{r['measurement']} batch {r['batch']}: {r['error']}" for r in failed)]
+    if not result["machine"]["device"].startswith("cuda"):
+        lines += ["", "No GPU section: this machine has none (run `python -m bench.datasets --device cuda` where there is one)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "BATCH", "RECORDS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, method, batch, n = args.child[0], args.child[1], int(args.child[2]), int(args.child[3])
+        try:
+            if kind == "processes":
+                out = child_processes(method, batch, n, args.device, args.dtype)
+            elif method == "floor":
+                out = child_floor(batch, n, args.device, args.dtype)
+            else:
+                out = child_method(method, batch, n, args.device, args.dtype, memory=kind == "memory")
+        except Exception:
+            traceback.print_exc()
+            sys.exit(1)
+        if out is not None:
+            import torch
+
+            print(json.dumps({**out, "threads": torch.get_num_threads()}))
+        return
+    started = time.perf_counter()
+    dtypes = [args.dtype] if not args.device.startswith("cuda") else ["float32", "bfloat16"]
+    rows = []
+    for dtype in dtypes:
+        for section, measurement, batch, n in plan(args.quick):
+            base = {"section": section, "measurement": measurement, "batch": batch, "records": n, "dtype": dtype}
+            print(f"{section} {measurement} batch {batch}, {n} records, {dtype} ...", file=sys.stderr, flush=True)
+            if section == "processes":
+                got = run_processes(measurement, batch, n, args.device, dtype, 2, args.timeout)
+            else:
+                got = run_child("bench.datasets", [section, measurement, str(batch), str(n), "--device", args.device, "--dtype", dtype],
+                                timeout=args.timeout)
+                if "error" in got:
+                    got["error"] = short_error(got["error"])
+            rows.append({**base, **got})
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    import torch
+
+    command = "python -m bench.datasets" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "cpu" else "")
+    result = {"machine": {**machine(args.device), "torch_threads": torch.get_num_threads()},
+              "settings": {"model": "SmolLM2-135M-Instruct", "dtype": ",".join(dtypes), "quick": args.quick, "command": command,
+                           "seconds": time.perf_counter() - started},
+              "rows": rows}
+    stem = args.out / ("datasets_smollm2" + ("_cuda" if args.device.startswith("cuda") else "") + ("_quick" if args.quick else ""))
+    write_results(stem, result, markdown)
+
+
+if __name__ == "__main__":
+    main()
