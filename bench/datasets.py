@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--sections", nargs="+", choices=["speed", "processes", "memory"], default=None,
+                        help="measure these sections only (default: all)")
+    parser.add_argument("--update", action="store_true", help="merge the rows measured into the committed results")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "BATCH", "RECORDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -295,6 +298,8 @@ def main() -> None:
     rows = []
     for dtype in dtypes:
         for section, measurement, batch, n in plan(args.quick):
+            if args.sections and section not in args.sections:
+                continue
             base = {"section": section, "measurement": measurement, "batch": batch, "records": n, "dtype": dtype}
             print(f"{section} {measurement} batch {batch}, {n} records, {dtype} ...", file=sys.stderr, flush=True)
             if section == "processes":
@@ -314,6 +319,14 @@ def main() -> None:
                            "seconds": time.perf_counter() - started},
               "rows": rows}
     stem = args.out / ("datasets_smollm2" + ("_cuda" if args.device.startswith("cuda") else "") + ("_quick" if args.quick else ""))
+    if args.update and stem.with_suffix(".json").exists():  # the rows measured replace their earlier measurements
+        old = json.loads(stem.with_suffix(".json").read_text())
+        key = lambda r: (r["section"], r["measurement"], r["batch"], r["records"], r["dtype"])  # noqa: E731
+        new = {key(r) for r in rows}
+        result["rows"] = [r for r in old["rows"] if key(r) not in new] + rows
+        again = f"{command} --sections {' '.join(args.sections or [])} --update"
+        result["settings"]["command"] = old["settings"]["command"] + f"`; rows updated by `{again}"
+        result["settings"]["seconds"] += old["settings"]["seconds"]
     write_results(stem, result, markdown)
 
 
