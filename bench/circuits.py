@@ -41,11 +41,16 @@ EXPECTED_MINUTES = 30  # the full run on 2 quiet CPU cores (faithfulness ~15, ag
 # the random baseline is seeded by the prompt
 NO_OPTIONS = lambda index: {}  # noqa: E731
 METHODS = {"DPA": ("dpa_edges", False, NO_OPTIONS), "contrastive DPA": ("dpa_edges", True, NO_OPTIONS),
-           "edge AtP": ("edge_atp", True, NO_OPTIONS), "random": ("edge_random", True, lambda index: {"seed": index})}
+           "integrated DPA": ("dpa_edges_ig", True, NO_OPTIONS), "edge AtP": ("edge_atp", True, NO_OPTIONS),
+           "EAP-IG (inputs)": ("eap_ig", True, NO_OPTIONS), "random": ("edge_random", True, lambda index: {"seed": index})}
 LABELS = ("q", "k", "v", "mlp", "logit")
 COST = {"dpa": "node DPA (cache forward + sweep: tokens, heads, neurons)", "dpa_edges": "DPA edges, all (cache forward + sweep)",
+        "dpa_edges_ig": "integrated DPA edges, 3 steps (a forward of each prompt; one cache forward + sweep of the 3 runs as a batch)",
         "edge_atp": "edge AtP, all (clean forward, corrupted forward + backward)",
+        "eap_ig": "EAP-IG (inputs), 5 steps (clean forward; per step, a forward + backward)",
+        "eap_ig_activations": "EAP-IG (activations), 5 steps (2 forwards; (1 + 2·30)·5 forwards + backwards)",
         "edge_patching": "exact edge patching, per edge (sample)"}
+COST_LENGTHS = {"eap_ig_activations": (32,)}  # 305 passes a prompt: at 256 tokens and beyond, hours of a 2-core machine
 
 
 def log(message: str) -> None:
@@ -157,6 +162,9 @@ def ioi_sections(args) -> tuple[dict, dict, dict]:
             sizes.append(len(edges))
         prompt_seconds.append(time.perf_counter() - start)
         log(f"      {prompt_seconds[-1]:.0f} s")
+    agreement = {"prompts": len(agree), "edges_per_prompt": sum(sizes) / max(1, len(sizes)), "methods": mean_rows(agree)}
+    if not args.ioi:  # the agreement section alone (--agree-only)
+        return {}, {}, agreement
     faith = {}
     for ablation, per_method in curves.items():
         faith[ablation] = {}
@@ -169,13 +177,72 @@ def ioi_sections(args) -> tuple[dict, dict, dict]:
             "prompts": min(args.ioi, len(items)), "logit_difference_clean": float(torch.cat([c.full for c in curves["corrupted"]["DPA"]]).mean()),
             "logit_difference_corrupted": float(torch.cat([c.empty for c in curves["corrupted"]["DPA"]]).mean()),
             "seconds_per_prompt": sum(prompt_seconds) / len(prompt_seconds)}
-    return faith, grid, {"prompts": len(agree), "edges_per_prompt": sum(sizes) / max(1, len(sizes)), "methods": mean_rows(agree)}
+    return faith, grid, agreement
+
+
+# ---------------------------------------------------------------------------------------------- MIB's protocol
+# label -> (registered edge method, its options): every one is given the corrupted prompts (the methods that take
+# none ignore them); the random baseline is seeded
+MIB_METHODS = {"EAP-IG (inputs)": ("eap_ig", {}), "EAP-IG (activations)": ("eap_ig_activations", {}),
+               "integrated DPA (1 step)": ("dpa_edges_ig", {"steps": 1}), "integrated DPA (3 steps)": ("dpa_edges_ig", {"steps": 3}),
+               "integrated DPA (5 steps)": ("dpa_edges_ig", {"steps": 5}),
+               "contrastive DPA": ("dpa_edges", {}), "DPA": ("dpa_edges", {}), "edge AtP": ("edge_atp", {}),
+               "random": ("edge_random", {"seed": 0})}
+
+
+def mib_section(args) -> dict:
+    """MIB's protocol: each method's edge scores averaged over a train split of IOI prompts (one circuit), kept at MIB's
+    edge-count grid and evaluated on held-out prompts with corrupted ablation; CPR and CMD of the held-out prompts."""
+
+    import dpa_lens
+    from dpa_lens.evaluation.circuit_faithfulness import circuit_faithfulness
+
+    model = dpa_lens.load_model("smollm2-135m")
+    items = ioi_prompts(model, args.mib_train + args.mib_test)
+    train, test = items[: args.mib_train], items[args.mib_train :]
+    target = lambda its: [(first_token(model, i.correct), first_token(model, i.incorrect)) for i in its]  # noqa: E731
+    batches = [train[i : i + args.mib_batch] for i in range(0, len(train), args.mib_batch)]
+    circuits, seconds = {}, {}
+    for label, (name, options) in MIB_METHODS.items():
+        if args.mib_methods and label not in args.mib_methods:
+            continue
+        start = time.perf_counter()
+        contrast = label != "DPA"
+        parts = [dpa_lens.run(name, model, [i.prompt for i in b], target(b), corrupted=[i.corrupted for i in b] if contrast else None,
+                              progress=False, **options) for b in batches]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the rows are other prompts: only the edges' totals are averaged, as wanted
+            circuits[label] = type(parts[0]).concat(parts).mean()
+        seconds[label] = (time.perf_counter() - start) / len(train)
+        log(f"[MIB] {label}: {seconds[label]:.2f} s per train prompt")
+    labels = list(circuits)
+    prompts, corrupted, targets = [i.prompt for i in test], [i.corrupted for i in test], target(test)
+    curves = {absolute: circuit_faithfulness(model, prompts, corrupted, targets, [circuits[m] for m in labels], ablation="corrupted",
+                                             absolute=absolute, progress=False) for absolute in (False, True)}
+    out = {}
+    for i, label in enumerate(labels):
+        signed, by_size = curves[False][i], curves[True][i]
+        out[label] = {"cpr": signed.cpr(raw=True), "cmd": by_size.cmd(raw=True), "cpr_abs": by_size.cpr(raw=True),
+                      "cmd_signed": signed.cmd(raw=True), "curve_signed": signed.curve().tolist(), "curve_abs": by_size.curve().tolist(),
+                      "seconds_per_train_prompt": seconds[label], "method": MIB_METHODS[label][0], "options": MIB_METHODS[label][1]}
+    first = curves[True][0]
+    return {"train": len(train), "test": len(test), "batch": args.mib_batch, "fractions": first.fractions.tolist(),
+            "n_edges": first.n_edges.tolist(), "n_total": first.n_total, "full": float(first.full.mean()),
+            "empty": float(first.empty.mean()), "methods": out, "not_run": [label for label in MIB_METHODS if label not in circuits],
+            "test_prompts": [i.prompt for i in test][:3], "seconds": None}
 
 
 # ---------------------------------------------------------------------------------------------- cost
 # what each cost row runs: its options, beside the sample of edges exact patching is timed on; a DPA row computes no
 # flow, as a user's DPA call does not by default, and includes the cache forward a user runs for it
 COST_OPTIONS = {"dpa": {"flow": False}, "edge_patching": {"batch_size": 16}}
+
+
+def integrated_steps() -> int:
+    """The default ``steps`` of integrated DPA edges (what its cost rows measure)."""
+    from dpa_lens.methods.dpa.integrated import DEFAULT_STEPS
+
+    return DEFAULT_STEPS
 
 
 def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
@@ -215,7 +282,8 @@ def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
 def cost_section(args) -> list[dict]:
     lengths = (32,) if args.quick else (32, 256, 1024)
     rows = []
-    jobs = [(m, n) for n in lengths for m in COST if not args.measurements or m in args.measurements]
+    jobs = [(m, n) for n in lengths for m in COST if (not args.measurements or m in args.measurements) and n in COST_LENGTHS.get(m, (n,))
+            and not (args.quick and m == "eap_ig_activations")]
     for i, (m, n) in enumerate(jobs, 1):
         sample = 8 if args.quick else (16 if n >= 1024 else 32)
         log(f"[cost {i}/{len(jobs)}] {m} at {n} tokens ...")
@@ -228,6 +296,33 @@ def cost_section(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- markdown
+def mib_markdown(m: dict) -> list[str]:
+    lines = ["## MIB's protocol on IOI: a circuit found on train prompts, evaluated on held-out prompts", "",
+             f"Each method's edge scores are averaged over {m['train']} IOI prompts (the train split; {m['batch']} prompts per "
+             f"call) into one circuit, whose top ⌊x·N⌋ of the {m['n_total']:,} edges are kept at MIB's grid and evaluated on "
+             f"{m['test']} other IOI prompts (held out) with corrupted ablation (MIB's patching; m(M) {m['full']:.2f}, "
+             f"m(∅) {m['empty']:.2f}: the held-out prompts' mean IO − S logit difference, clean and corrupted). Prompts as in the "
+             "per-prompt section below (the train split is its first prompts). As MIB's leaderboard reports them: **CPR** from "
+             "the edges ranked by signed score, highest first, **CMD** from the edges ranked by |score|, both MIB's raw areas "
+             "(trapezoids on the linear fraction axis, not divided by its width 0.999). Cost: see the cost section (this "
+             f"section's wall times are not measurements: other work shared the 2 cores). The section took {m['seconds'] / 60:.0f} min.",
+             "", "| method | CPR (signed ranking) | CMD (\\|score\\| ranking) | CPR (\\|score\\|) | CMD (signed) |",
+             "|---|---:|---:|---:|---:|"]
+    for label, v in sorted(m["methods"].items(), key=lambda kv: -kv[1]["cpr"]):
+        lines.append(f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} | {v['cpr_abs']:.3f} | {v['cmd_signed']:.3f} |")
+    if m.get("not_run"):
+        lines += ["", "Not run in this section: " + ", ".join(m["not_run"]) + "." + (
+            " EAP-IG-activations takes (1 + 2·30)·5 = 305 forward and backward passes a prompt on SmolLM2: one batch of 4 "
+            "train prompts ran over 40 minutes here (other work shared the 2 cores) and was stopped; its cost per prompt "
+            "is in the cost section." if "EAP-IG (activations)" in m["not_run"] else "")]
+    header = "| method | " + " | ".join(f"{100 * x:g} % ({n:,})" for x, n in zip(m["fractions"], m["n_edges"])) + " |"
+    for key, title in (("curve_signed", "signed ranking"), ("curve_abs", "|score| ranking")):
+        lines += ["", f"Faithfulness f on the held-out prompts at each fraction of edges kept ({title}):", "", header,
+                  "|---|" + "---:|" * len(m["fractions"])]
+        lines += [f"| {label} | " + " | ".join(f"{y:.2f}" for y in v[key]) + " |" for label, v in m["methods"].items()]
+    return lines + [""]
+
+
 def markdown(r: dict) -> str:
     s, g = r["settings"], r["grid"]
     quick = " --quick" if s["quick"] else ""
@@ -238,7 +333,10 @@ def markdown(r: dict) -> str:
         f"(torch {s['machine']['torch']}, TransformerLens {s['machine']['transformer_lens']}). Graph: {g['n_total']:,} edges "
         "(writers: embeddings, 270 heads, 30 MLPs; readers: each head's q, k, v, each MLP, the logit).",
         "",
-        "## Circuit faithfulness on IOI (MIB's CPR and CMD)",
+    ]
+    lines += mib_markdown(r["mib"]) if "mib" in r else []
+    lines += [
+        "## Circuit faithfulness on IOI, per prompt (MIB's CPR and CMD)",
         "",
         f"{g['prompts']} IOI prompts of the authors' benchmark that the model answers correctly (top-1 with p > 0.1), whose "
         "corrupted partner (the subject's second mention swapped for the indirect object) tokenizes to the same length and "
@@ -257,7 +355,8 @@ def markdown(r: dict) -> str:
         if ablation not in r["faithfulness"]:
             continue
         rows = r["faithfulness"][ablation]
-        lines += [f"### {title.capitalize()}", "", "| method | CPR (linear) | CMD (linear) | CPR (log) | CMD (log) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"### {title[0].upper() + title[1:]}", "", "| method | CPR (linear) | CMD (linear) | CPR (log) | CMD (log) |",
+                  "|---|---:|---:|---:|---:|"]
         for m, v in sorted(rows.items(), key=lambda kv: -kv[1]["cpr"]):
             lines.append(f"| {m} | {v['cpr']:.3f} | {v['cmd']:.3f} | {v['cpr_log']:.3f} | {v['cmd_log']:.3f} |")
         lines += ["", "Faithfulness f at each fraction of edges kept:", "",
@@ -271,8 +370,10 @@ def markdown(r: dict) -> str:
               f"Mean over {a['prompts']} IOI prompt(s) (the first of the section above) of each method's agreement with "
               f"`edge_patching` (f(corrupted with the edge patched) − f(corrupted)) on {a['edges_per_prompt']:.0f} edges per prompt: "
               f"the top {s['agreement_top']} by |DPA|, by |contrastive DPA| and by |edge AtP|, and {s['agreement_top']} random "
-              "head → head edges. DPA explains the clean logit difference, not the patch: only contrastive DPA and AtP "
-              "estimate the same quantity as patching.", "",
+              "head → head edges. DPA explains the clean logit difference, not the patch: the other methods (contrastive and "
+              "integrated DPA, edge AtP, EAP-IG) estimate the same quantity as patching."
+              + (f" This section was re-run alone (`--agree-only`, {s['agreement_seconds'] / 60:.0f} min), with integrated DPA and "
+                 "EAP-IG added." if "agreement_seconds" in s else ""), "",
               "| method | Pearson r | Spearman ρ | top-10 overlap |", "|---|---:|---:|---:|"]
     methods = a["methods"]
     for m, v in sorted(methods.items(), key=lambda kv: -kv[1]["pearson"]):
@@ -293,11 +394,12 @@ def markdown(r: dict) -> str:
               "Ratios to node DPA at the same length. Exact edge patching is timed on a random sample of edges (its clean and "
               "corrupted forwards included, 16 patched copies per forward) and **extrapolated** to every edge that needs a "
               "forward (the logit edges are free)."
-              + (f" This section was re-measured alone on a quiet machine (`--cost-only`, {s['cost_seconds'] / 60:.0f} min)."
-                 if "cost_seconds" in s else ""), "",
+              + (f" Its rows were re-measured alone on a quiet machine (`--cost-only`; the last such run, of the rows it was "
+                 f"given, took {s['cost_seconds'] / 60:.0f} min)." if "cost_seconds" in s else ""), "",
               "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for m in ("dpa", "dpa_edges", "edge_atp"):
-        lines.append(f"| {COST[m]} | " + " | ".join(cost_cell(get(m, n), get("dpa", n)) for n in lengths) + " |")
+    for m in ("dpa", "dpa_edges", "dpa_edges_ig", "edge_atp", "eap_ig", "eap_ig_activations"):
+        if any(get(m, n) for n in lengths):
+            lines.append(f"| {COST[m]} | " + " | ".join(cost_cell(get(m, n), get("dpa", n)) for n in lengths) + " |")
     cells = []
     for n in lengths:
         x = get("edge_patching", n)
@@ -316,6 +418,12 @@ def markdown(r: dict) -> str:
         ratio = e["seconds"] / d["seconds"]
         lines += ["", f"DPA edges against node DPA at {n} tokens: **{ratio:.2f}×** the time (goal: at most 3×: "
                   f"{'met' if ratio <= 3 else 'not met'}), {e['peak_bytes'] / max(1, d['peak_bytes']):.2f}× the peak memory."]
+    pairs = [(n, get("dpa_edges_ig", n), get("eap_ig", n)) for n in lengths]
+    pairs = [(n, i["seconds"] / e["seconds"]) for n, i, e in pairs if i and e]
+    if pairs:
+        lines += ["", "Integrated DPA edges against EAP-IG (inputs, 5 steps): "
+                  + ", ".join(f"**{r:.2f}×** the time at {n} tokens" for n, r in pairs)
+                  + f" (goal: at most 0.5×: {'met' if all(r <= 0.5 for _, r in pairs) else 'not met'})."]
     failed = [x for x in rows if "error" in x]
     if failed:
         lines += ["", "Failed measurements:", ""]
@@ -336,6 +444,12 @@ def main() -> None:
                         help="re-measure only the cost section, into the existing results (timings want a quiet machine)")
     parser.add_argument("--measurements", nargs="+", choices=list(COST), default=None,
                         help="with --cost-only: re-measure only these (the other rows are kept)")
+    parser.add_argument("--agree-only", action="store_true", help="re-run only the agreement section, into the existing results")
+    parser.add_argument("--mib-only", action="store_true", help="run only MIB's protocol section, into the existing results")
+    parser.add_argument("--mib-train", type=int, default=None, help="IOI prompts whose edge scores are averaged (default 11, quick 2)")
+    parser.add_argument("--mib-test", type=int, default=None, help="held-out IOI prompts the circuits are evaluated on (default 12, quick 2)")
+    parser.add_argument("--mib-batch", type=int, default=4, help="train prompts per method call")
+    parser.add_argument("--mib-methods", nargs="+", choices=list(MIB_METHODS), default=None, help="only these methods in MIB's section")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "SAMPLE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -346,23 +460,45 @@ def main() -> None:
     args.ioi = args.ioi if args.ioi is not None else (1 if args.quick else 8)
     args.agree = args.agree if args.agree is not None else (1 if args.quick else 3)
     args.top = args.top if args.top is not None else (10 if args.quick else 50)
+    args.mib_train = args.mib_train if args.mib_train is not None else (2 if args.quick else 11)
+    args.mib_test = args.mib_test if args.mib_test is not None else (2 if args.quick else 12)
+    if args.quick and args.mib_methods is None:  # EAP-IG-activations alone takes (1 + 2L)·5 passes a prompt
+        args.mib_methods = ["EAP-IG (inputs)", "integrated DPA (1 step)", "DPA", "random"]
     import torch
 
     torch.manual_seed(0)
     started = time.perf_counter()
     stem = args.out / f"circuits_smollm2{'_quick' if args.quick else ''}"
+    if args.agree_only:
+        result = json.loads(stem.with_suffix(".json").read_text())
+        args.ioi = 0
+        _, _, result["agreement"] = ioi_sections(args)
+        result["settings"]["agreement_seconds"] = round(time.perf_counter() - started)
+        write_results(stem, result, markdown)
+        return
+    if args.mib_only:
+        result = json.loads(stem.with_suffix(".json").read_text())
+        result["mib"] = mib_section(args)
+        result["mib"]["seconds"] = round(time.perf_counter() - started)
+        write_results(stem, result, markdown)
+        return
     if args.cost_only:
         result = json.loads(stem.with_suffix(".json").read_text())
         new = cost_section(args)
         redone = {(x["measurement"], x["length"]) for x in new}
         result["cost"] = [x for x in result["cost"] if (x["measurement"], x["length"]) not in redone] + new
         result["settings"]["cost_seconds"] = round(time.perf_counter() - started)
+        result["settings"]["dpa_edges_ig_steps"] = integrated_steps()
         write_results(stem, result, markdown)
         return
     faith, grid, agree = ioi_sections(args)
+    mib_started = time.perf_counter()
+    mib = mib_section(args)
+    mib["seconds"] = round(time.perf_counter() - mib_started)
     cost = cost_section(args)
-    result = {"settings": {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "quick": args.quick, "agreement_top": args.top,
-                           "repeats": args.repeats, "machine": machine("cpu"), "seconds": round(time.perf_counter() - started)},
+    result = {"mib": mib, "settings": {"model": "SmolLM2-135M-Instruct (bundled GGUF, float32)", "quick": args.quick, "agreement_top": args.top,
+                           "repeats": args.repeats, "machine": machine("cpu"), "seconds": round(time.perf_counter() - started),
+                           "dpa_edges_ig_steps": integrated_steps()},
               "grid": grid, "faithfulness": faith, "agreement": agree, "cost": cost}
     write_results(stem, result, markdown)
 

@@ -221,7 +221,36 @@ def circuits(r: dict) -> str:
                          + (f"; edge AtP {atp['seconds']:.3g} s" if atp else "") + ")")
     if costs:
         lines += ["", "Every edge with its q/k/v label from one sweep: " + "; ".join(costs) + "."]
+    if "mib" in r:
+        lines += ["", *mib_protocol(r)]
     return "\n".join(lines) + "\n"
+
+
+def mib_protocol(r: dict) -> list[str]:
+    """MIB's protocol (a circuit averaged over train prompts, evaluated on held-out prompts) with each method's cost."""
+    m = r["mib"]
+    get = lambda name, n: next((x for x in r["cost"] if x["measurement"] == name and x["length"] == n and "error" not in x), None)  # noqa: E731
+    lengths = sorted({x["length"] for x in r["cost"]})
+    lines = [f"MIB's protocol: each method's edge scores averaged over {m['train']} IOI prompts, the circuit evaluated on "
+             f"{m['test']} held-out prompts (corrupted ablation), CPR from the signed ranking and CMD from the |score| ranking "
+             "as MIB's leaderboard reports them (raw areas), with the cost of one prompt of random tokens (fresh processes):",
+             "", "| edges by | CPR | CMD | f at 0.1 % / 1 % of the edges | " + " | ".join(f"s at {n} tokens" for n in lengths) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(lengths)]
+    for label, v in sorted(m["methods"].items(), key=lambda kv: -kv[1]["cpr"]):
+        name = v["method"]
+        steps = v["options"].get("steps")
+        default = name != "dpa_edges_ig" or steps is None or steps == r["settings"].get("dpa_edges_ig_steps")
+        cost = [get(name, n) if default and label != "contrastive DPA" else None for n in lengths]
+        curve = v["curve_signed"]
+        lines.append(f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} | {curve[0]:.2f} / {curve[3]:.2f} | "
+                     + " | ".join(f"{c['seconds']:.3g}" if c else "" for c in cost) + " |")
+    failed = [f"{x['measurement']} at {x['length']} tokens ({'out of memory' if 'out of memory' in x['error'] else 'failed'}, "
+              "on this machine's 23 GiB)" for x in r["cost"] if "error" in x]
+    activations = get("eap_ig_activations", 32)
+    notes = failed + (
+        [f"EAP-IG (activations) is not in the table: {activations['seconds']:.0f} s a prompt at 32 tokens (305 passes)"]
+        if activations and "EAP-IG (activations)" in m.get("not_run", []) else [])
+    return lines + (["", "Not shown: " + "; ".join(notes) + "."] if notes else [])
 
 
 def ioi_heads(r: dict) -> str:

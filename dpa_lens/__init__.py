@@ -35,7 +35,7 @@ from dpa_lens.methods.atp import atp
 from dpa_lens.methods.attention import attention_last, attention_mean, attention_rollout, random_baseline
 from dpa_lens.methods.depass import depass
 from dpa_lens.methods.dla import dla
-from dpa_lens.methods.dpa import Mu, dpa, dpa_edges, dpa_hook_names, dpa_names_filter, dpa_paths
+from dpa_lens.methods.dpa import Mu, dpa, dpa_edges, dpa_edges_ig, dpa_hook_names, dpa_names_filter, dpa_paths
 from dpa_lens.methods.eap_ig import eap_ig
 from dpa_lens.methods.edge_atp import edge_atp, edge_random
 from dpa_lens.methods.edge_patching import edge_patching
@@ -92,6 +92,7 @@ __all__ = [
     "dla",
     "dpa",
     "dpa_edges",
+    "dpa_edges_ig",
     "dpa_hook_names",
     "dpa_names_filter",
     "dpa_paths",

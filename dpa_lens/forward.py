@@ -36,9 +36,10 @@ from dpa_lens.blocks import attention_scores, masked_softmax
 from dpa_lens.errors import CacheError
 from dpa_lens.inputs import RunInputs, prepare_pair, read_inputs, resolve_positions
 from dpa_lens.models import hooks
+from dpa_lens.models.tl import grouped_cache
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import rotate
-from dpa_lens.targets import MetricTarget, Target, final_input, resolve_target, warn_if_not_predicted
+from dpa_lens.targets import MetricTarget, Target, final_input, resolve_target, target_values, warn_if_not_predicted
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel, typechecked
 from dpa_lens.validation import (
     check_cache_model,
@@ -115,6 +116,16 @@ class CachedForward:
     def final_input(self) -> Float[Tensor, "batch d_model"]:
         """What the unembedding reads at each row's answer position (the final norm's output, gain applied)."""
         return final_input(self.cache[hooks.FINAL_NORMALIZED], self.positions, self.view.norm_weight("ln_final")).to(self.device)
+
+    @typechecked
+    def target_value(self, target: Target | None = None, positions: Int[Tensor, " batch"] | None = None) -> Float[Tensor, " batch"]:
+        """The explained quantity as this forward computed it, from its final norm's cached output: ``target``
+        (default this forward's) at ``positions`` (default its answer positions)."""
+        target = self.target if target is None else target
+        if target is None:
+            raise ValueError("this forward explains no target: pass one")
+        positions = self.positions if positions is None else positions
+        return target_values(target, self.act(hooks.FINAL_NORMALIZED), positions, self.view.norm_weight("ln_final"))
 
     @typechecked
     def answer_scale(self, name: str = hooks.FINAL_SCALE) -> Float[Tensor, "batch 1"]:
@@ -258,8 +269,9 @@ _MADE_HERE: ContextVar[frozenset[int]] = ContextVar("dpa_lens_caches_made_here",
 
 @contextmanager
 def made_here(*caches: Cache) -> Iterator[None]:
-    """Within it, `read_forward` does not check ``caches`` against the model's weights: `dpa_lens.run` made them
-    from the model a moment ago (`cache_for`) and hands them to no one else, so the check could only pass."""
+    """Within it, `read_forward` does not check ``caches`` against the model's weights, nor the model's eval mode:
+    `dpa_lens.run` made them from the model a moment ago (`cache_for`, which checked the mode) and hands them to no
+    one else, so the checks could only pass."""
     token = _MADE_HERE.set(_MADE_HERE.get() | {id(c) for c in caches})
     try:
         yield
@@ -291,9 +303,12 @@ def read_forward(
         check_model: check that the cache was made by this model's weights (not for a cache `run` made, see `made_here`).
     """
     view = ModelView(model)
+    made = id(cache) in _MADE_HERE.get()  # by `cache_for` in this call, which checked the mode and the model
     with record_function("dpa_lens.checks"):
-        require_eval(model, method, dropout_only=True)  # a forward with dropout made a random cache
+        if not made:
+            require_eval(model, method, dropout_only=True)  # a forward with dropout made a random cache
         check_cache_object(cache, method)
+        cache = grouped_cache(cache, view.n_heads, view.n_kv_heads)  # a cache made with MIB's ungroup_grouped_query_attention
         hook_names = [n for n in hook_names if n != hooks.TOKENS]
         check_cache_shape(view, cache, hook_names)
         check_hooks(cache, hook_names, method=method, filter_hint=filter_hint)
@@ -301,7 +316,7 @@ def read_forward(
         check_cache_shapes(view, cache, inputs)
         check_finite(cache, hook_names, method)
         check_padding(inputs.real, cache, given_mask=attention_mask is not None)
-        if check_model and id(cache) not in _MADE_HERE.get():
+        if check_model and not made:
             check_cache_model(view, cache)
     positions = resolve_positions(position, inputs)
     resolved = None if target is None else resolve_target(model, view, target, inputs.batch, logit=logit)

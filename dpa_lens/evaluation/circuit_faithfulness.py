@@ -27,15 +27,18 @@ writes its clean output) and every edge out of ``r``'s node and the nodes downst
 ``r``'s change propagates as in a normal forward) gives exactly exact edge patching of ``u → r``
 (`dpa_lens.edge_patching`) plus the corrupted value.
 
-**The curve.** Rank the existing edges by ``|score|`` of the circuit's row (one row for all prompts, or
-one per prompt), keep the top ``⌊x·N⌋`` of the ``N`` edges for each fraction ``x`` of `MIB_FRACTIONS`
-and measure ``f(x) = (m(C_x) − m(∅)) / (m(M) − m(∅))``. `CircuitCurve.cpr` is the area under ``f``,
-`CircuitCurve.cmd` the area under ``|1 − f|``, both on a linear fraction axis by default (MIB's
-``evaluate_area_under_curve`` integrates with ``log_scale=False``), trapezoidal over the grid, divided by
-the grid's width (0.999; MIB leaves the raw area, a factor 1.001 apart) so that a constant ``f = c`` has
-CPR ``c``. On the linear axis the seven points at or below 10 % span a tenth of the width: the area
-mostly reflects 20–100 % of the edges; ``axis="log"`` weighs each decade of the grid equally. As in MIB,
-``f`` of a set of prompts is the ratio of their means, ``(mean m(C) − mean m(∅)) / (mean m(M) − mean m(∅))``.
+**The curve.** Rank the existing edges by ``|score|`` of the circuit's row (one row for all prompts, or one
+per prompt; ``absolute=False``: by the signed score, highest first), keep the top ``⌊x·N⌋`` of the ``N`` edges
+for each fraction ``x`` of `MIB_FRACTIONS` and measure ``f(x) = (m(C_x) − m(∅)) / (m(M) − m(∅))``.
+`CircuitCurve.cpr` is the area under ``f``, `CircuitCurve.cmd` the area under ``|1 − f|``, both on a linear
+fraction axis by default (MIB's ``evaluate_area_under_curve`` integrates with ``log_scale=False``),
+trapezoidal over the grid, divided by the grid's width (0.999; MIB leaves the raw area, a factor 1.001 apart:
+``raw=True`` gives it) so that a constant ``f = c`` has CPR ``c``. MIB's leaderboard takes CPR from the signed
+ranking and CMD from the ``|score|`` ranking (its ``print_results.py`` prefers ``abs-False`` runs for CPR and
+``abs-True`` runs for CMD); MIB's score files have dpa_lens's sign (positive: the edge moves the metric toward
+its clean value). On the linear axis the seven points at or below 10 % span a tenth of the width: the area
+mostly reflects 20–100 % of the edges; ``axis="log"`` weighs each decade of the grid equally. As in MIB, ``f``
+of a set of prompts is the ratio of their means, ``(mean m(C) − mean m(∅)) / (mean m(M) − mean m(∅))``.
 
 Cost: one forward of the model per kept-edge count per prompt (``batch_size`` of them batched), plus a
 ``[copies, writers, pos, d_model]`` buffer and, per layer, one ``[readers, writers] × [writers, pos·d_model]``
@@ -89,6 +92,7 @@ class CircuitCurve:
     empty: Float[Tensor, " prompt"]
     n_edges: Int[Tensor, " fraction"]
     n_total: int
+    absolute: bool = True  # edges ranked by |score| (False: by the signed score, highest first)
 
     @property
     def faithfulness(self) -> Float[Tensor, "prompt fraction"]:
@@ -101,35 +105,39 @@ class CircuitCurve:
         empty = self.empty.double().mean()
         return ((self.values.double().mean(0) - empty) / (self.full.double().mean() - empty)).to(self.values.dtype)
 
-    def _area(self, y: Tensor, axis: Literal["linear", "log"]) -> float:
+    def _area(self, y: Tensor, axis: Literal["linear", "log"], raw: bool) -> float:
         if axis not in ("linear", "log"):
             raise InputError(f"axis must be 'linear' or 'log', got {axis!r}")
         x = self.fractions.double()
-        x = x.log10() if axis == "log" else x
+        x = x.log() if axis == "log" else x  # MIB's log axis is the natural log (only the raw area depends on the base)
         y = y.double()
         if len(x) == 1:
             return float(y[0])
-        return float(torch.trapezoid(y, x) / (x[-1] - x[0]))
+        area = torch.trapezoid(y, x)
+        return float(area if raw else area / (x[-1] - x[0]))
 
-    def cpr(self, axis: Literal["linear", "log"] = "linear") -> float:
+    def cpr(self, axis: Literal["linear", "log"] = "linear", *, raw: bool = False) -> float:
         """Circuit performance ratio: the area under `curve` over the fraction axis, divided by its width
-        (higher is better; 1 when every circuit on the grid is as good as the model)."""
-        return self._area(self.curve(), axis)
+        (higher is better; 1 when every circuit on the grid is as good as the model). ``raw=True``: the area
+        itself, as MIB's ``evaluate_area_under_curve`` returns it."""
+        return self._area(self.curve(), axis, raw)
 
-    def cmd(self, axis: Literal["linear", "log"] = "linear") -> float:
+    def cmd(self, axis: Literal["linear", "log"] = "linear", *, raw: bool = False) -> float:
         """Circuit-model distance: the area under ``|1 − f|`` (`curve`), divided by the axis width
-        (lower is better; 0 when every circuit on the grid behaves as the model)."""
-        return self._area((1 - self.curve()).abs(), axis)
+        (lower is better; 0 when every circuit on the grid behaves as the model). ``raw=True``: MIB's area."""
+        return self._area((1 - self.curve()).abs(), axis, raw)
 
     @staticmethod
     def concat(curves: Sequence[CircuitCurve]) -> CircuitCurve:
         """One curve from several of the same method, ablation and grid, prompts stacked."""
         first = curves[0]
         for c in curves[1:]:
-            if (c.method, c.ablation, c.n_total) != (first.method, first.ablation, first.n_total) or not torch.equal(c.fractions, first.fractions):
-                raise InputError("can only concatenate circuit curves of the same method, ablation, graph and fractions")
+            if ((c.method, c.ablation, c.n_total, c.absolute) != (first.method, first.ablation, first.n_total, first.absolute)
+                    or not torch.equal(c.fractions, first.fractions)):
+                raise InputError("can only concatenate circuit curves of the same method, ablation, ranking, graph and fractions")
         return CircuitCurve(first.method, first.ablation, first.fractions, torch.cat([c.values for c in curves]),
-                            torch.cat([c.full for c in curves]), torch.cat([c.empty for c in curves]), first.n_edges, first.n_total)
+                            torch.cat([c.full for c in curves]), torch.cat([c.empty for c in curves]), first.n_edges, first.n_total,
+                            first.absolute)
 
 
 # ---------------------------------------------------------------------------------------------- the forward
@@ -300,6 +308,7 @@ def circuit_faithfulness(
     *,
     fractions: Sequence[float] = MIB_FRACTIONS,
     ablation: Ablation = "corrupted",
+    absolute: bool = True,
     position: PositionLike = -1,
     batch_size: int = 16,
     progress: bool = True,
@@ -314,10 +323,11 @@ def circuit_faithfulness(
             logit difference as a ``(correct, incorrect)`` pair).
         circuit: edge scores on this model's graph (`dpa_lens.dpa_edges`, `dpa_lens.edge_atp`,
             `dpa_lens.edge_random`, `dpa_lens.edge_patching`...), with one row for every prompt or one row per
-            prompt; edges are ranked by ``|score|`` among all existing edges (ties in graph order). A list of
+            prompt; edges are ranked among all existing edges (ties in graph order). A list of
             circuits is evaluated together (one ``m(∅)``, their circuits batched in the same forwards).
         fractions: increasing fractions of the edges to keep, in (0, 1] (default: MIB's grid, 0.1 % … 100 %).
         ablation: ``"corrupted"`` or ``"mean"`` (see `circuit_values`).
+        absolute: rank edges by ``|score|`` (MIB's CMD); ``False``: by the signed score, highest first (MIB's CPR).
         batch_size: circuits evaluated per forward pass.
         progress: show a progress bar over the forward passes.
 
@@ -333,6 +343,8 @@ def circuit_faithfulness(
         fractions = None
     if not fractions or any(not 0 < x <= 1 for x in fractions) or any(a >= b for a, b in zip(fractions, fractions[1:])):
         raise InputError(f"fractions must be an increasing list of numbers in (0, 1], such as MIB_FRACTIONS, got {fractions!r}")
+    if not isinstance(absolute, bool):
+        raise InputError(f"absolute must be True (rank by |score|) or False (by the signed score), got {absolute!r}")
     circuits = [circuit] if isinstance(circuit, Circuit) else list(circuit) if isinstance(circuit, (list, tuple)) else [circuit]
     bad = [type(c).__name__ for c in circuits if not isinstance(c, Circuit)]
     if not circuits or bad:
@@ -352,7 +364,8 @@ def circuit_faithfulness(
         for row in range(b):
             keeps = torch.zeros(jobs, *ab.exists.shape, dtype=torch.bool)  # m(∅) first, then each circuit's sizes
             for i, c in enumerate(circuits):
-                scores = c.scores[row if c.batch > 1 else 0].detach().float().cpu().abs().flatten()[exists]
+                scores = c.scores[row if c.batch > 1 else 0].detach().float().cpu().flatten()[exists]
+                scores = scores.abs() if absolute else scores
                 order = exists[torch.argsort(-scores, stable=True)]
                 for j, k in enumerate(sizes):
                     keeps[1 + i * len(sizes) + j].view(-1)[order[:k]] = True
@@ -363,7 +376,7 @@ def circuit_faithfulness(
                 values[i].append([by_size[k] for k in counts])
     curves = [CircuitCurve(method=c.method, ablation=ablation, fractions=torch.tensor(fractions, dtype=torch.float64),
                            values=torch.tensor(v), full=ab.full.float().cpu(), empty=torch.tensor(empty),
-                           n_edges=torch.tensor(counts), n_total=len(exists)) for c, v in zip(circuits, values)]
+                           n_edges=torch.tensor(counts), n_total=len(exists), absolute=bool(absolute)) for c, v in zip(circuits, values)]
     return curves[0] if isinstance(circuit, Circuit) else curves
 
 

@@ -24,7 +24,8 @@ copy of the stream (the head's query, key or value input, the MLP's input, the f
 These are the conventions of the reference implementation MIB uses (``hannamw/EAP-IG``, ``src/eap/attribute.py``:
 ``get_scores_eap_ig`` and ``get_scores_ig_activations``; the graph of ``src/eap/graph.py``), with one difference of
 sign: the reference scores ``(corrupted − clean) · ḡ``; here, as in edge AtP, ``(clean − corrupted) · ḡ``, so that
-a positive edge moves f toward its clean value (multiply by −1 for the reference's numbers). MIB runs 5 steps.
+a positive edge moves f toward its clean value (multiply by −1 for the reference's numbers on the same metric; MIB runs
+the reference on the negated logit difference, so MIB's score files have this sign). MIB runs 5 steps.
 
 Identities (tested): with ``steps=1`` the inputs form is edge AtP exactly (its one run is the corrupted run); the
 edges out of ``embed`` add up to the integrated gradients of the token embeddings, so that they tend to
@@ -46,12 +47,11 @@ from dpa_lens.errors import InputError
 from dpa_lens.forward import CachedForward, Pair
 from dpa_lens.graph import Graph, writer_deltas
 from dpa_lens.interventions import pair_forwards
-from dpa_lens.methods.edge_atp import edge_scores, reader_gradients
+from dpa_lens.methods.edge_atp import edge_circuit, reader_gradients
 from dpa_lens.methods.registry import MethodSpec, register, register_variant
 from dpa_lens.models import hooks
 from dpa_lens.progress import progress_bar as tqdm
-from dpa_lens.results import Circuit, Diagnostics
-from dpa_lens.targets import target_values
+from dpa_lens.results import Circuit
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
 
 MODES: tuple[str, ...] = ("inputs", "activations")
@@ -100,9 +100,6 @@ def eap_ig(
     pair, clean_fwd, corr_fwd = pair_forwards(model, prompt, corrupted, target, position, clean_cache=clean_cache,
                                               attention_mask=attention_mask, logit=logit, method=name,
                                               run_corrupted=mode == "activations")
-    view, resolved = pair.view, pair.target
-    device = clean_fwd.device
-    g = Graph.of(view)
     if mode == "inputs":
         clean_embed = clean_fwd.cache[hooks.EMBED].detach()
         total = None
@@ -124,27 +121,9 @@ def eap_ig(
         G = _activation_path_gradients(model, pair, clean_fwd, steps, progress)
         with torch.no_grad():
             deltas = writer_deltas(clean_fwd, corr_fwd)
-            corrupted_value = target_values(resolved, corr_fwd.act(hooks.FINAL_NORMALIZED), corr_fwd.positions,
-                                            view.norm_weight("ln_final"))
-    with torch.no_grad():
-        clean_value = target_values(resolved, clean_fwd.act(hooks.FINAL_NORMALIZED), clean_fwd.positions, view.norm_weight("ln_final"))
-    scores, per_pos = edge_scores(deltas, G, g.mask.to(device), per_position)
-    return Circuit(
-        method=name,
-        writers=g.writers,
-        readers=g.readers,
-        scores=scores,
-        in_graph=g.mask,
-        per_position=per_pos,
-        target_value=clean_value.to(device) - corrupted_value.to(device),
-        positions=clean_fwd.positions,
-        token_ids=clean_fwd.inputs.tokens,
-        str_tokens=clean_fwd.inputs.str_tokens,
-        target=resolved.describe(),
-        diagnostics=Diagnostics(corrupted_str_tokens=pair.corrupted.str_tokens),
-        settings={"mode": mode, "steps": steps},
-        model_name=view.name,
-    )
+            corrupted_value = corr_fwd.target_value(pair.target)
+    return edge_circuit(name, pair, clean_fwd, deltas, G, corrupted_value, per_position=per_position,
+                        settings={"mode": mode, "steps": steps})
 
 
 def _activation_path_gradients(model: TLModel, pair: Pair, clean_fwd: CachedForward, steps: int, progress: bool) -> Tensor:

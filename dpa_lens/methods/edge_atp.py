@@ -38,7 +38,6 @@ from dpa_lens.methods._autograd import forward_with_grads
 from dpa_lens.methods.registry import MethodSpec, register
 from dpa_lens.models import hooks
 from dpa_lens.results import Circuit, Diagnostics
-from dpa_lens.targets import target_values
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel
 
 
@@ -72,29 +71,10 @@ def edge_atp(
     """
     pair, clean_fwd, _ = pair_forwards(model, prompt, corrupted, target, position, clean_cache=clean_cache,
                                        attention_mask=attention_mask, logit=logit, method="edge AtP", run_corrupted=False)
-    view, resolved = pair.view, pair.target
-    device = clean_fwd.device
     G, value, live = reader_gradients(model, pair, clean_fwd, pair.corrupted_tokens)
-    g = Graph.of(view)
     with torch.no_grad():
         deltas = writer_deltas(clean_fwd, live)
-        clean_value = target_values(resolved, clean_fwd.act(hooks.FINAL_NORMALIZED), clean_fwd.positions, view.norm_weight("ln_final"))
-    scores, per_pos = edge_scores(deltas, G, g.mask.to(device), per_position)
-    return Circuit(
-        method="edge_atp",
-        writers=g.writers,
-        readers=g.readers,
-        scores=scores,
-        in_graph=g.mask,
-        per_position=per_pos,
-        target_value=clean_value.to(device) - value.to(device),
-        positions=clean_fwd.positions,
-        token_ids=clean_fwd.inputs.tokens,
-        str_tokens=clean_fwd.inputs.str_tokens,
-        target=resolved.describe(),
-        diagnostics=Diagnostics(corrupted_str_tokens=live.inputs.str_tokens),
-        model_name=view.name,
-    )
+    return edge_circuit("edge_atp", pair, clean_fwd, deltas, G, value, per_position=per_position)
 
 
 def reader_gradients(
@@ -164,6 +144,37 @@ def edge_scores(
     per_pos = torch.einsum("bnwd,bnrd->bnwr", deltas, grads) * exists if per_position else None
     scores = per_pos.sum(1) if per_pos is not None else torch.einsum("bnwd,bnrd->bwr", deltas, grads) * exists
     return scores, per_pos
+
+
+def edge_circuit(
+    method: str, pair: Pair, clean_fwd: CachedForward, deltas: Float[Tensor, "batch pos writer d_model"],
+    grads: Float[Tensor, "batch pos reader d_model"], corrupted_value: Float[Tensor, " batch"], *,
+    per_position: bool, settings: dict[str, Any] | None = None,
+) -> Circuit:
+    """The `Circuit` of a linearised edge method on a clean/corrupted pair: `edge_scores` of the writers' differences
+    ``deltas`` and the readers' gradients ``grads`` on every edge of the model's `Graph`, ``target_value = f(clean) −
+    f(corrupted)`` (``corrupted_value``), the clean prompt's tokens and the corrupted prompt's in its `Diagnostics`."""
+    g = Graph.of(pair.view)
+    device = clean_fwd.device
+    with torch.no_grad():
+        clean_value = clean_fwd.target_value(pair.target)
+    scores, per_pos = edge_scores(deltas, grads, g.mask.to(device), per_position)
+    return Circuit(
+        method=method,
+        writers=g.writers,
+        readers=g.readers,
+        scores=scores,
+        in_graph=g.mask,
+        per_position=per_pos,
+        target_value=clean_value.to(device) - corrupted_value.to(device),
+        positions=clean_fwd.positions,
+        token_ids=clean_fwd.inputs.tokens,
+        str_tokens=clean_fwd.inputs.str_tokens,
+        target=pair.target.describe(),
+        diagnostics=Diagnostics(corrupted_str_tokens=pair.corrupted.str_tokens),
+        settings={} if settings is None else settings,
+        model_name=pair.view.name,
+    )
 
 
 @register(MethodSpec(name="edge_random", input="pair", scores=(), returns="edges",

@@ -110,8 +110,8 @@ def edge_patching(
     slots = g.reader_slots()
     with torch.no_grad():
         deltas = writer_deltas(clean_fwd, corr)  # [b, n, W, d]
-        corr_value = target_values(resolved, corr.act(hooks.FINAL_NORMALIZED), corr.positions, view.norm_weight("ln_final"))
-        clean_value = target_values(resolved, clean_fwd.act(hooks.FINAL_NORMALIZED), corr.positions, view.norm_weight("ln_final"))
+        corr_value = corr.target_value(resolved)
+        clean_value = clean_fwd.target_value(resolved, corr.positions)
     b, logit = corr.batch, g.logit_reader
     scores = torch.zeros(b, len(writers), len(readers), device=corr.device)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import threading
 import weakref
 from collections.abc import Callable
@@ -89,13 +90,50 @@ def model_lock(model: Any) -> Any:
         return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def grouped_hooks(model: Any) -> Any:
+    """Within it, a ``HookedTransformer`` configured with ``ungroup_grouped_query_attention`` (as MIB and the EAP-IG
+    reference configure grouped-query models) runs with the flag off. The flag changes the shapes of the key and value
+    hooks (each key/value head repeated for the query heads that share it), not one value of the forward: dpa_lens's
+    methods read and patch the grouped hooks, and the user's flag is restored on the way out."""
+    cfg = getattr(model, "cfg", None)
+    if not getattr(cfg, "ungroup_grouped_query_attention", False):
+        yield
+        return
+    cfg.ungroup_grouped_query_attention = False
+    try:
+        yield
+    finally:
+        cfg.ungroup_grouped_query_attention = True
+
+
+_UNGROUPED = re.compile(r"blocks\.\d+\.attn\.(hook_k|hook_v|hook_rot_k|k_norm\.hook_scale)")
+
+
+def grouped_cache(cache: Any, n_heads: int, n_kv_heads: int) -> Any:
+    """``cache``, or where it was made with ``ungroup_grouped_query_attention`` (keys and values ``[batch, pos,
+    n_heads, ...]``, each key/value head repeated for its query heads) a mapping that reads them grouped, ``[batch, pos,
+    n_kv_heads, ...]`` (the first of each group's copies): what a cache of the same model without the flag holds."""
+    if n_kv_heads >= n_heads:
+        return cache
+    names = [n for n in cache.keys() if _UNGROUPED.fullmatch(n) and cache[n].ndim >= 3 and cache[n].shape[2] == n_heads]
+    if not names:
+        return cache
+    group = n_heads // n_kv_heads
+    out = {n: cache[n] for n in cache.keys()}
+    out.update({n: cache[n][:, :, ::group] for n in names})
+    return out
+
+
 def locked(fn: F) -> F:
-    """``fn`` called holding `model_lock` of its ``model`` argument (by position or by name)."""
+    """``fn`` called holding `model_lock` of its ``model`` argument (by position or by name), its model's key and
+    value hooks grouped (`grouped_hooks`)."""
     position = list(inspect.signature(fn).parameters).index("model")
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with model_lock(args[position] if len(args) > position else kwargs.get("model")):
+        model = args[position] if len(args) > position else kwargs.get("model")
+        with model_lock(model), grouped_hooks(model):
             return fn(*args, **kwargs)
 
     return call  # type: ignore[return-value]

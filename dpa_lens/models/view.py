@@ -139,7 +139,6 @@ _UNCOVERED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "use_dynamic_ntk_rope": bool,
     "use_yarn_rope": bool,
     "use_attention_sinks": bool,
-    "ungroup_grouped_query_attention": bool,
 }
 
 

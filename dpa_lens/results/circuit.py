@@ -19,8 +19,10 @@ Rows, slicing, ``concat``, ``to`` and ``save``/``load`` are those of every resul
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path as FilePath
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
@@ -198,6 +200,31 @@ class Circuit(Rows):
     def show(self, **kwargs: Any) -> Any:
         """`dpa_lens.plot.circuit` of this circuit (``row=``, ``top_n=``, ``threshold=``, ``title=``)."""
         return figure(self, "circuit", **kwargs)
+
+    # ------------------------------------------------------------------ MIB's graph JSON
+    def to_mib_json(self, path: str | os.PathLike, *, keep: int | Tensor | None = None, row: int = 0,
+                    cfg: dict[str, Any] | None = None) -> FilePath:
+        """Write one row as MIB's circuit-localization graph JSON (``cfg``, ``nodes``, ``edges``; the format of
+        ``hannamw/EAP-IG``'s ``Graph.to_json``), every edge of the graph with its score and ``in_graph`` flag.
+
+        ``keep``: the edges marked ``in_graph``: None, this circuit's ``in_graph [writer, reader]``; an int ``n``,
+        the ``n`` held edges of largest ``|score|`` (ties in graph order); a bool mask ``[writer, reader]``.
+        ``row``: the batch row of ``scores [batch, writer, reader]`` written. ``cfg``: MIB cfg values a circuit cannot
+        know (``d_model``, required unless it was read from a MIB file; ``parallel_attn_mlp`` where its edges do not
+        tell). Scores keep dpa_lens's sign. See `dpa_lens.results.mib.write_mib_json`. Returns the path written."""
+        from dpa_lens.results.mib import write_mib_json
+
+        return write_mib_json(self, path, keep=keep, row=row, cfg=cfg)
+
+    @classmethod
+    def from_mib_json(cls, path: str | os.PathLike, *, edges: Literal["all", "kept"] = "all") -> Circuit:
+        """A circuit of one row from a MIB graph JSON (written by `to_mib_json`, MIB or ``hannamw/EAP-IG``), on the
+        graph of the file's ``cfg``: ``scores [1, writer, reader]`` (float64) and ``in_graph [writer, reader]``, the
+        edges the file lists (``edges="all"``) or those it marks ``in_graph``, its circuit, with scores 0 elsewhere
+        (``edges="kept"``). A bad file is an `InputError` naming the problem. See `dpa_lens.results.mib.read_mib_json`."""
+        from dpa_lens.results.mib import read_mib_json
+
+        return read_mib_json(path, edges=edges)
 
     # ------------------------------------------------------------------ persistence
     def _to_state(self, state: dict[str, Any]) -> dict[str, Any]:

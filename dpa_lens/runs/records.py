@@ -12,7 +12,8 @@ pair methods (AtP, patching, edge AtP) and of contrastive DPA edges. Other keys 
 
 `read_records` reads the structure (a line that is no JSON object, or lacks a prompt, is a `Skip`,
 not an error); `prepare` reads each record with the model's tokenizer (a target of two tokens, a
-prompt longer than the context, a corrupted prompt of another length are `Skip`s too).
+prompt longer than the context, a corrupted prompt of another length are `Skip`s too) and keeps its token ids:
+the run tokenizes each record once, `batch_tokens` pads a batch's rows as `dpa_lens.inputs.prepare_tokens` pads them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from dpa_lens.errors import DpaLensError, InputError
 from dpa_lens.targets import token_id
@@ -60,10 +64,17 @@ class Skip:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A record read with the model's tokenizer: its length in tokens (the batching key)."""
+    """A record read with the model's tokenizer: its token ids ``[pos]`` (on the CPU) and its corrupted prompt's
+    (None without one), read once for the whole run."""
 
     record: Record
-    n_tokens: int
+    tokens: Tensor = field(repr=False, compare=False)
+    corrupted_tokens: Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_tokens(self) -> int:
+        """Its length in tokens (the batching key)."""
+        return int(self.tokens.shape[-1])
 
 
 def read_records(source: str | os.PathLike | Iterable[Mapping[str, Any] | Record]) -> tuple[list[Record], list[Skip]]:
@@ -165,6 +176,7 @@ def prepare(model: Any, record: Record, *, needs_target: bool, needs_corrupted: 
             if t is not None:
                 token_id(model, t, model.cfg.d_vocab)
         tokens, _ = prepare_tokens(model, record.prompt)
+        corrupted = None
         if record.corrupted is not None:
             corrupted, _ = prepare_tokens(model, record.corrupted)
             if corrupted.shape != tokens.shape:
@@ -172,7 +184,22 @@ def prepare(model: Any, record: Record, *, needs_target: bool, needs_corrupted: 
                             "they must align position by position")
     except DpaLensError as err:
         return skip(str(err))
-    return Prepared(record, int(tokens.shape[-1]))
+    return Prepared(record, tokens[0].cpu(), None if corrupted is None else corrupted[0].cpu())
+
+
+def batch_tokens(model: Any, rows: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Token id rows ``[pos]`` of a batch as `dpa_lens.inputs.prepare_tokens` makes them from their prompts (on the CPU):
+    stacked, or padded on the tokenizer's side with the pad token, and the attention mask of padded rows (else None)."""
+    n = max(len(r) for r in rows)
+    if all(len(r) == n for r in rows):
+        return torch.stack(rows), None
+    side = getattr(model.tokenizer, "padding_side", "right") or "right"
+    tokens = torch.full((len(rows), n), model.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(0, len(r)) if side == "right" else slice(n - len(r), n)
+        tokens[i, cols], mask[i, cols] = r, 1
+    return tokens, mask
 
 
 def batches(prepared: list[Prepared], batch_size: int) -> list[list[Prepared]]:

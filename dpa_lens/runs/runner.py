@@ -14,7 +14,7 @@ from dpa_lens.methods.registry import MethodSpec, checked_options, get_method, r
 from dpa_lens.models.tl import locked
 from dpa_lens.progress import progress_bar
 from dpa_lens.runs.distributed import Processes
-from dpa_lens.runs.records import Prepared, Record, Skip, batches, prepare, read_records
+from dpa_lens.runs.records import Prepared, Record, Skip, batch_tokens, batches, prepare, read_records
 from dpa_lens.runs.store import DatasetResults, Store, load_results, options_key
 from dpa_lens.types import TLModel
 
@@ -135,9 +135,9 @@ def _work(model: TLModel, spec: MethodSpec, mine: list[Record], all_records: lis
                        dynamic_ncols=True, smoothing=0.1)
     try:
         for batch in batches(prepared, batch_size):
-            results, failed = _attribute(model, spec, [p.record for p in batch], position, options)
-            for records, result in results:
-                store.write_shard(result, records, _real_tokens(model, records, result))
+            results, failed = _attribute(model, spec, batch, position, options)
+            for part, result in results:
+                store.write_shard(result, [p.record for p in part], _real_tokens(model, part, result))
             results = result = None  # on disk now: not held while the next batch runs
             _release_memory()
             if failed:
@@ -149,18 +149,19 @@ def _work(model: TLModel, spec: MethodSpec, mine: list[Record], all_records: lis
         bar.close()
 
 
-def _attribute(model: TLModel, spec: MethodSpec, records: list[Record], position: int,
-               options: Mapping[str, Any]) -> tuple[list[tuple[list[Record], Any]], list[Skip]]:
+def _attribute(model: TLModel, spec: MethodSpec, batch: list[Prepared], position: int,
+               options: Mapping[str, Any]) -> tuple[list[tuple[list[Prepared], Any]], list[Skip]]:
     """The results of a batch, as (records, result) parts: the batch at once, or, when it fails on some record,
     each record alone so that only the records that fail are skipped."""
     try:
-        return [(records, _call(model, spec, records, position, options))], []
+        return [(batch, _call(model, spec, batch, position, options))], []
     except DpaLensError as err:
-        if len(records) == 1:
-            return [], [Skip(records[0].id, f"{type(err).__name__}: {err}", records[0].index)]
+        if len(batch) == 1:
+            record = batch[0].record
+            return [], [Skip(record.id, f"{type(err).__name__}: {err}", record.index)]
     parts, failed = [], []
-    for record in records:
-        got, why = _attribute(model, spec, [record], position, options)
+    for one in batch:
+        got, why = _attribute(model, spec, [one], position, options)
         parts += got
         failed += why
     return parts, failed
@@ -175,22 +176,30 @@ def _release_memory() -> None:
         pass
 
 
-def _real_tokens(model: TLModel, records: list[Record], result: Any) -> Any:
+def _real_tokens(model: TLModel, batch: list[Prepared], result: Any) -> Any:
     """``[batch, pos]``: True at the real tokens of the batch as the method ran it (its padding cut from the shard)."""
     import torch
 
-    from dpa_lens.inputs import prepare_tokens
-
-    tokens, mask = prepare_tokens(model, [r.prompt for r in records])
+    tokens, mask = batch_tokens(model, [p.tokens for p in batch])
     if tokens.shape[-1] != result.seq_len:  # a result without positions (whole-unit scores only): nothing to cut
         return None
-    return torch.ones(tokens.shape, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    return torch.ones(tokens.shape, dtype=torch.bool) if mask is None else mask.bool()
 
 
-def _call(model: TLModel, spec: MethodSpec, records: list[Record], position: int, options: Mapping[str, Any]) -> Any:
-    prompts = [r.prompt for r in records]
+def _call(model: TLModel, spec: MethodSpec, batch: list[Prepared], position: int, options: Mapping[str, Any]) -> Any:
+    """`run` on a batch, given the token ids its records were read into (`prepare`), not their text, where it can take
+    them: a batch without padding, and a padded one with its attention mask for methods that run the model themselves.
+    A cache method's padded batch goes as text (`run` makes its cache from the prompts: it takes no attention mask)."""
+    records = [p.record for p in batch]
     targets = [r.target for r in records] if spec.target else None
-    corrupted = [r.corrupted for r in records] if spec.takes_corrupted and records[0].corrupted is not None else None
-    if corrupted is not None and any(c is None for c in corrupted):
+    with_corrupted = spec.takes_corrupted and records[0].corrupted is not None
+    if with_corrupted and any(r.corrupted is None for r in records):
         raise InputError("records of one batch either all have a corrupted prompt or none")  # pragma: no cover - batched apart
+    prompts, mask = batch_tokens(model, [p.tokens for p in batch])
+    corrupted = batch_tokens(model, [p.corrupted_tokens for p in batch])[0] if with_corrupted else None
+    if mask is not None and (spec.input == "cache" or "attention_mask" in options):
+        prompts = [r.prompt for r in records]
+        corrupted = [r.corrupted for r in records] if with_corrupted else None
+    elif mask is not None:
+        options = {**options, "attention_mask": mask}
     return run(spec.name, model, prompts, targets, corrupted=corrupted, position=position, progress=False, **options)

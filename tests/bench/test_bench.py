@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench import quick_run
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 
@@ -62,15 +64,8 @@ def test_rounds_keep_each_rows_fastest_process_and_its_largest_peak():
 @pytest.mark.tl4_only
 @pytest.mark.parametrize("script", ["faithfulness", "speed"])
 def test_bench_quick_run(script, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     smoke = ["--in-process"] if script == "speed" else ["--known", "1", "--ioi", "1"]  # the code paths, in seconds
-    out = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", *smoke, "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    stem = tmp_path / f"{script}_smollm2_quick"
-    data = json.loads(stem.with_suffix(".json").read_text())
-    text = stem.with_suffix(".md").read_text()
-    assert text == _module(script).markdown(data)
+    data, text = quick_run(script, tmp_path, *smoke)
     if script == "faithfulness":
         assert data["settings"]["known_1000_prompts"] == 1 and data["settings"]["ioi_prompts"] == 1
         methods = set(data["tokens"]["ioi"])
@@ -97,16 +92,9 @@ def test_bench_quick_run(script, tmp_path):
 @pytest.mark.tl4_only
 def test_datasets_bench_quick_run(tmp_path):
     """Every section's code path (the floor, DPA and its edges through attribute_dataset, two processes under torchrun)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-m", "bench.datasets", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    stem = tmp_path / "datasets_smollm2_quick"
-    data = json.loads(stem.with_suffix(".json").read_text())
+    data, text = quick_run("datasets", tmp_path)
     assert [r for r in data["rows"] if "error" in r] == []
     assert all(r["written"] == r["records"] for r in data["rows"] if r["measurement"] != "floor")
-    text = stem.with_suffix(".md").read_text()
-    assert text == _module("datasets").markdown(data)
     assert "| 2 | 4 |" in text and "## One process or two" in text
 
 

@@ -154,3 +154,23 @@ def test_edge_atp_ranks_the_k_composition_first(model, data):
     scores, names = _head_to_head(circuit, {"q", "k", "v"})
     want = (f"L{PREVIOUS_TOKEN_HEAD[0]}H{PREVIOUS_TOKEN_HEAD[1]}", f"L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]}", "k")
     assert names[int(scores.mean(0).abs().argmax())] == want
+
+
+def test_integrated_dpa_ranks_the_k_composition_first(model, data):
+    """Integrated DPA (`dpa_edges_ig`, its default steps) against the corrupted prompt of the edge AtP test: DPA's reader
+    terms on runs between the corrupted and the clean embeddings, where the induction head is not yet saturated, rank
+    the previous-token → induction head key edge first among head → head edges; contrastive DPA, whose reader terms
+    are the clean run's (saturated), does not."""
+    position, key, target = _answer_positions(data)
+    corrupted = data.tokens.clone()
+    gen = torch.Generator().manual_seed(1)
+    for r, (start, n) in enumerate(zip(data.first.tolist(), data.length.tolist())):
+        unused = torch.tensor(sorted(set(range(1, 129)) - set(data.tokens[r].tolist())))
+        corrupted[r, start:start + n] = unused[torch.randperm(len(unused), generator=gen)[:n]].to(corrupted)
+    want = (f"L{PREVIOUS_TOKEN_HEAD[0]}H{PREVIOUS_TOKEN_HEAD[1]}", f"L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]}", "k")
+    integrated = dpa_lens.dpa_edges_ig(model, data.tokens, corrupted, target, position=position, progress=False)
+    scores, names = _head_to_head(integrated, {"q", "k", "v"})
+    assert names[int(scores.mean(0).abs().argmax())] == want
+    contrastive = dpa_lens.run("dpa_edges", model, data.tokens, target, corrupted=corrupted, position=position)
+    scores, names = _head_to_head(contrastive, {"q", "k", "v"})
+    assert names[int(scores.mean(0).abs().argmax())] != want

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -295,6 +296,44 @@ def test_ranking_keeps_the_top_edges_by_absolute_score(line):
     want = circuit_values(model, IOI_PROMPT, CORRUPTED, PAIR, keeps, progress=False)
     torch.testing.assert_close(curve.values, want)
     assert curve.n_edges.tolist() == k
+
+
+def test_signed_ranking_keeps_the_highest_scores(line):
+    """``absolute=False`` (MIB's CPR ranking) keeps the top k by signed score: the negative edges come last."""
+    model, _ = _model("gpt2", line)
+    circuit = edge_atp(model, IOI_PROMPT, CORRUPTED, PAIR)
+    exists = circuit.in_graph
+    scores = circuit.scores[0].masked_fill(~exists, float("-inf"))
+    assert float(scores[exists].min()) < 0 < float(scores[exists].max())  # both signs: the rankings differ
+    fractions = (0.1, 0.3)
+    k = kept_counts(list(fractions), int(exists.sum()))
+    keeps = torch.zeros(2, *exists.shape, dtype=torch.bool)
+    for i, n in enumerate(k):
+        keeps[i].view(-1)[scores.flatten().argsort(descending=True, stable=True)[:n]] = True
+    signed = circuit_faithfulness(model, IOI_PROMPT, CORRUPTED, PAIR, circuit, fractions=fractions, absolute=False, progress=False)
+    torch.testing.assert_close(signed.values, circuit_values(model, IOI_PROMPT, CORRUPTED, PAIR, keeps, progress=False))
+    by_size = circuit_faithfulness(model, IOI_PROMPT, CORRUPTED, PAIR, circuit, fractions=fractions, progress=False)
+    assert signed.absolute is False and by_size.absolute is True and not torch.allclose(signed.values, by_size.values)
+    with pytest.raises(InputError, match="ranking"):
+        CircuitCurve.concat([signed, by_size])
+    with pytest.raises(InputError, match="absolute"):
+        circuit_faithfulness(model, IOI_PROMPT, CORRUPTED, PAIR, circuit, absolute="yes", progress=False)
+
+
+def test_raw_areas_are_mibs():
+    """``raw=True``: MIB's ``evaluate_area_under_curve`` (trapezoids, no division; natural log on its log axis)."""
+    f = [0.2, 0.3, 0.5, 0.6, 0.7, 0.9, 1.1, 0.95, 1.0, 1.0]
+    curve = CircuitCurve("m", "corrupted", torch.tensor(MIB_FRACTIONS, dtype=torch.float64), torch.tensor([f]),
+                         torch.ones(1), torch.zeros(1), torch.zeros(10, dtype=torch.long), 1000)
+    under = from_1 = under_log = 0.0
+    for i in range(9):  # MIB's loop, written out
+        x1, x2 = MIB_FRACTIONS[i], MIB_FRACTIONS[i + 1]
+        under += (x2 - x1) * (f[i] + f[i + 1]) / 2
+        from_1 += (x2 - x1) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2
+        under_log += (math.log(x2) - math.log(x1)) * (f[i] + f[i + 1]) / 2
+    assert abs(curve.cpr(raw=True) - under) < 1e-6 and abs(curve.cmd(raw=True) - from_1) < 1e-6
+    assert abs(curve.cpr("log", raw=True) - under_log) < 1e-6
+    assert abs(curve.cpr() - under / 0.999) < 1e-6
 
 
 def test_areas_by_hand():

@@ -90,3 +90,26 @@ def test_run_checks_a_cache_given_not_one_it_made(line, monkeypatch):
     dpa_lens.run("dpa", model, IOI_PROMPT, PAIR, cache=cache)
     dpa_lens.dpa(model, cache, PAIR)
     assert calls == [id(cache), id(cache)]
+
+
+def test_run_checks_the_models_mode_once_per_cache(line, monkeypatch):
+    """The eval-mode check (a walk over the model's modules) runs once per cache: in `cache_for` for a cache `run` makes
+    (not again when the method reads it), in the method for a cache given."""
+    from dpa_lens import forward
+    from dpa_lens.methods import registry
+
+    model, _ = make_tiny("llama", line=line)
+    calls = []
+    for module in (forward, registry):
+        monkeypatch.setattr(module, "require_eval",
+                            lambda model, method, *a, real=module.require_eval, **k: calls.append(method) or real(model, method, *a, **k))
+    dpa_lens.run("dpa", model, IOI_PROMPT, PAIR)
+    assert len(calls) == 1, calls
+    calls.clear()
+    dpa_lens.run("dpa_edges", model, IOI_PROMPT, PAIR, corrupted="When Mary and John went to the store, Mary gave a drink to")
+    assert len(calls) == 2, calls  # the prompt's cache and the corrupted prompt's
+    cache = dpa_lens.cache_for(model, model.to_tokens(IOI_PROMPT))
+    calls.clear()
+    dpa_lens.run("dpa", model, IOI_PROMPT, PAIR, cache=cache)
+    dpa_lens.dpa(model, cache, PAIR)
+    assert len(calls) == 2, calls  # a cache given is checked by the method, in each call

@@ -116,7 +116,7 @@ def test_run_gives_both_forms_and_bad_options_are_refused(line):
 
 def test_a_model_configured_as_mib_configures_it_gives_the_same_scores(line):
     """MIB and the reference set ``use_split_qkv_input``, ``use_attn_result`` and ``use_hook_mlp_in``: same numbers.
-    (``ungroup_grouped_query_attention`` is still refused by the model check, issue 31.)"""
+    (With ``ungroup_grouped_query_attention`` too, every method: tests/models/test_mib_config.py.)"""
     plain, _ = _model("llama", line)
     model, _ = make_tiny("llama", line, seed=1)
     for flag in ("set_use_split_qkv_input", "set_use_attn_result", "set_use_hook_mlp_in"):

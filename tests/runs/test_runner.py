@@ -97,6 +97,46 @@ def test_each_record_is_its_result_alone(tiny, tmp_path, method, options):
         assert float(curve.faithfulness[0, -1]) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_records_are_tokenized_once_and_padded_batches_are_each_record_alone(tiny, tmp_path, monkeypatch, side):
+    """Each prompt is tokenized once (when its record is read); a batch's rows are padded as `prepare_tokens` pads them,
+    and a padded batch, given to `run` as token ids and mask (atp) or as text (dpa: `run` makes the cache), gives each
+    record's result alone."""
+    from dpa_lens.inputs import prepare_tokens
+    from dpa_lens.runs.records import batch_tokens, prepare
+
+    records = [dict(r, id=f"{r['id']}-{side}") for r in ioi_records(6)]
+    parsed, _ = read_records(records)
+    monkeypatch.setattr(tiny.tokenizer, "padding_side", side)
+    rows = [prepare(tiny, r, needs_target=True, needs_corrupted=True, takes_corrupted=True) for r in parsed]
+    tokens, mask = batch_tokens(tiny, [p.tokens for p in rows])
+    ref_tokens, ref_mask = prepare_tokens(tiny, [r.prompt for r in parsed])
+    assert mask is not None and torch.equal(tokens, ref_tokens.cpu()) and torch.equal(mask, ref_mask.cpu())
+    assert torch.equal(batch_tokens(tiny, [p.corrupted_tokens for p in rows])[0], prepare_tokens(tiny, [r.corrupted for r in parsed])[0].cpu())
+    calls = {"n": 0}
+    real_to_tokens = tiny.to_tokens
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_to_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "to_tokens", counting)
+    for method, per_record in (("atp", 2), ("dpa", 1)):
+        data = records if method == "atp" else [{k: v for k, v in r.items() if k != "corrupted"} for r in records]
+        calls["n"] = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = dpa_lens.attribute_dataset(tiny, method, data, tmp_path / method, batch_size=len(data), progress=False)
+        padded = 1 if method == "dpa" else 0  # a cache method's padded batch goes to `run` as text
+        assert calls["n"] == per_record * len(data) + padded * len(data), (method, calls["n"])
+        for record in data:
+            ref = alone(tiny, method, record)
+            got = res[record["id"]]
+            assert rel_err(got.heads, ref.heads) < 1e-5, record["id"]
+            assert torch.allclose(got.target_value, ref.target_value, atol=1e-5)
+            assert torch.equal(got.token_ids, ref.token_ids.cpu()) and got.str_tokens == ref.str_tokens
+
+
 def test_bad_records_are_skipped_with_their_id(tiny, tmp_path):
     good = ioi_records(3)
     long_prompt = "word " * (tiny.cfg.n_ctx + 5)
@@ -142,7 +182,8 @@ def test_a_killed_run_resumes_with_every_id_once(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(Store, "write_shard", real_write)
     computed = []
     real_call = runner_module._call
-    monkeypatch.setattr(runner_module, "_call", lambda model, spec, recs, *a: computed.extend(r.id for r in recs) or real_call(model, spec, recs, *a))
+    monkeypatch.setattr(runner_module, "_call",
+                        lambda model, spec, batch, *a: computed.extend(p.record.id for p in batch) or real_call(model, spec, batch, *a))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = dpa_lens.attribute_dataset(tiny, "dpa", records, out, batch_size=2, progress=False)

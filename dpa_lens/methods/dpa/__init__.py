@@ -29,13 +29,15 @@ never loops over heads, neurons or tokens.
 Modules: `mu` (path weights), `hooks` (what DPA reads from the cache), `rules` (one block's
 propagation), `attention_blocks` (the attention rule in query blocks), `root` (rerooting),
 `checkpoint` (layers recomputed from a cache of the streams alone), `method` (the sweep and `dpa`),
-`edges` (DPA's circuit edges from one sweep), `paths` (DPA's exact paths, found by best-first search).
+`edges` (DPA's circuit edges from one sweep), `integrated` (contrastive edges averaged
+along the corrupted → clean path), `paths` (DPA's exact paths, found by best-first search).
 """
 
 from dpa_lens.methods.dpa.edges import dpa_edges
 from dpa_lens.methods.dpa.hooks import dpa_hook_names, dpa_names_filter
+from dpa_lens.methods.dpa.integrated import dpa_edges_ig
 from dpa_lens.methods.dpa.method import dpa, start_target, sweep
 from dpa_lens.methods.dpa.mu import Mu
 from dpa_lens.methods.dpa.paths import dpa_paths
 
-__all__ = ["Mu", "dpa", "dpa_edges", "dpa_hook_names", "dpa_names_filter", "dpa_paths", "start_target", "sweep"]
+__all__ = ["Mu", "dpa", "dpa_edges", "dpa_edges_ig", "dpa_hook_names", "dpa_names_filter", "dpa_paths", "start_target", "sweep"]

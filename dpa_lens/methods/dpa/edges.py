@@ -16,16 +16,18 @@ by the query head that pulls them, so every query head has its own k and v reade
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from dpa_lens.errors import CacheError, InputError
 from dpa_lens.forward import CachedForward, read_forward
 from dpa_lens.graph import Graph, all_writer_outputs, entry_stream, mlp_hidden
 from dpa_lens.methods.dpa.hooks import required_hooks
-from dpa_lens.methods.dpa.method import start_target, sweep
+from dpa_lens.methods.dpa.method import SweepResult, start_target, sweep
 from dpa_lens.methods.dpa.mu import Mu
 from dpa_lens.methods.dpa.paths import search_paths
 from dpa_lens.methods.dpa.root import Root, parse_root
@@ -38,17 +40,35 @@ from dpa_lens.results import Circuit
 from dpa_lens.types import Cache, PositionLike, TargetLike, TLModel
 
 
-def _neuron_edges(fwd: CachedForward, layer: int, post_diff: Tensor | None, U: Tensor) -> Tensor:
+def _neuron_edges(fwd: CachedForward, layer: int, post_diff: Tensor | None, U: Tensor, steps: int = 1) -> Tensor:
     """Edges from the neurons of ``layer`` into readers whose updates are ``U [batch, pos, reader, d]``:
-    ``Σ_p post[p, n] · W_out[n] · U[p]``, ``[batch, d_mlp, reader]``, on the neurons' layer's device."""
+    ``Σ_p post[p, n] · W_out[n] · U[p]``, ``[batch, d_mlp, reader]``, on the neurons' layer's device (``steps``: the
+    rows of ``fwd`` and ``U`` are ``steps`` runs of ``post_diff``'s rows, whose terms are averaged)."""
     view = fwd.view
     m = view.mlp(layer)
     post = mlp_hidden(fwd, layer) if post_diff is None else post_diff
     U = U.to(post.device)
     if view.rules.post_norms:
         U = pull_norm(U, fwd.act(hooks.norm_scale(layer, "ln2_post"))[:, :, None], view.norm_weight("ln2_post", layer), center=False)
+    U = _step_mean(U, steps)
     lam = U @ m.W_out.T  # [b, n, reader, d_mlp]
     return torch.einsum("bnm,bnrm->bmr", post, lam)
+
+
+def parse_neuron_layers(neurons: bool | Iterable[int] | None, n_layers: int) -> list[int]:
+    """The layers whose neurons are writers: ``True`` every layer, ``False``/None none, or the layers listed."""
+    if neurons is True:
+        return list(range(n_layers))
+    if neurons is False or neurons is None:
+        return []
+    try:
+        layers = sorted({int(l) for l in neurons})
+    except (TypeError, ValueError):
+        raise InputError(f"neurons must be True, False or a list of layer indices, got {neurons!r}") from None
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise InputError(f"neuron layers {bad} are out of range (the model has {n_layers} layers)")
+    return layers
 
 
 @register(MethodSpec(name="dpa_edges", input="cache", scores=(), returns="edges", contrast="corrupted_cache",
@@ -107,16 +127,7 @@ def dpa_edges(
         raise InputError(f"paths must be a non-negative int (how many paths per row), got {paths!r}")
     if paths and corrupted_cache is not None:
         raise InputError("paths explain the clean run: pass paths= or corrupted_cache=, not both")
-    L, H = view.n_layers, view.n_heads
-    if neurons is True:
-        neuron_layers = list(range(L))
-    elif neurons is False or neurons is None:
-        neuron_layers = []
-    else:
-        neuron_layers = sorted({int(l) for l in neurons})
-        bad = [l for l in neuron_layers if not 0 <= l < L]
-        if bad:
-            raise InputError(f"neuron layers {bad} are out of range (the model has {L} layers)")
+    neuron_layers = parse_neuron_layers(neurons, view.n_layers)
     kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit)
     if rooted is not None:
         kwargs.update(hook_names=kwargs["hook_names"] + rooted.hooks, filter_hint=rooted.filter_hint)
@@ -128,62 +139,20 @@ def dpa_edges(
             raise CacheError(f"the corrupted cache is a run on {tuple(base.inputs.tokens.shape)} tokens, the clean one on "
                              f"{tuple(fwd.inputs.tokens.shape)}: contrastive scores need them aligned position by position")
     g = Graph.of(view, neuron_layers)
-    writers, readers, mask = g.writers, g.readers, g.mask.to(fwd.device, copy=True)
-    b, n, R = fwd.batch, fwd.seq_len, len(readers)
-    W0 = g.n_units  # writers that are not neurons
     with torch.no_grad():
         outs = all_writer_outputs(fwd)
+        post_diff = None
         if base is not None:
             outs = outs - all_writer_outputs(base)
+            post_diff = {l: mlp_hidden(fwd, l) - mlp_hidden(base, l) for l in neuron_layers}
         start, target_bias = start_target(fwd) if rooted is None else rooted.start(fwd)
-        scores = torch.zeros(b, mask.shape[0], R, device=fwd.device)
-        per_pos = torch.zeros(b, n, mask.shape[0], R, device=fwd.device) if per_position else None
-        post_diff = {}
-        if base is not None:
-            for l in neuron_layers:
-                post_diff[l] = mlp_hidden(fwd, l) - mlp_hidden(base, l)
-
-        # writer-major, so that the writers before a reader are a contiguous prefix: one matrix product per layer
-        outs_w = outs.permute(0, 2, 1, 3).contiguous()  # [b, writer, n, d]
+        edges = edge_sweep(fwd, outs, start, mu, g, neuron_layers, post_diff=post_diff, per_position=per_position,
+                           sweep_args={} if rooted is None else rooted.sweep_args)
         del outs
-        flat = outs_w.reshape(b, outs_w.shape[1], -1)
-
-        def add(writer_slice: slice, reader_slice: slice, U: Tensor) -> None:
-            """Edges of the writers ``writer_slice`` (a prefix) into readers whose updates are ``U [b, n, r, d]``
-            (on a split model, moved from the readers' layer to the writers' outputs, gathered on ``fwd.device``)."""
-            U = U.to(flat.device)
-            Ur = U.permute(0, 2, 1, 3).reshape(b, U.shape[2], -1)  # [b, r, n·d]
-            scores[:, writer_slice, reader_slice] = torch.bmm(flat[:, writer_slice], Ur.transpose(1, 2))
-            if per_pos is not None:
-                per_pos[:, :, writer_slice, reader_slice] = torch.einsum("bwnd,bnrd->bnwr", outs_w[:, writer_slice], U)
-
-        def add_neurons(before_layer: int, reader_slice: slice, U: Tensor) -> None:
-            for k, l in enumerate(neuron_layers):
-                if l < before_layer:
-                    rows = slice(W0 + k * view.d_mlp, W0 + (k + 1) * view.d_mlp)
-                    scores[:, rows, reader_slice] = _neuron_edges(fwd, l, post_diff.get(l), U).to(scores.device)
-                    mask[rows, reader_slice] = True
-
-        def on_layer(layer: int, attn: AttentionStep, mlp: MLPStep) -> None:
-            heads = g.head_readers(layer)
-            U = attn.readers.reshape(b, n, 3 * H, -1)
-            if not g.has_mlp:  # an attention-only layer: its heads read the embeddings and earlier layers
-                add(slice(0, g.read_by_heads(layer)), heads, U)
-                return
-            m = g.mlp_reader(layer)
-            # heads read the embeddings and earlier layers; a sequential MLP also reads its own layer's heads
-            # (one product for both: the same-layer head → head entries are outside the graph, zeroed by ``mask``)
-            add(slice(0, g.read_by_mlp(layer)), slice(heads.start, m + 1), torch.cat([U, mlp.update[:, :, None]], dim=2))
-            add_neurons(layer, heads, U)
-            add_neurons(layer, slice(m, m + 1), mlp.update[:, :, None])
-
-        result = sweep(fwd, start, mu, kinds={"tokens", "heads", "neurons"}, readers=True, on_layer=on_layer,
-                       **({} if rooted is None else rooted.sweep_args))
-        logit = slice(g.logit_reader, g.logit_reader + 1)
-        add(slice(0, W0), logit, start[:, :, None])
-        add_neurons(L, logit, start[:, :, None])
         value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
         found = search_paths(fwd, start, mu, root=rooted, k=paths) if paths else None
+    result, mask, per_pos = edges.result, edges.mask, edges.per_position
+    writers, readers, b = g.writers, g.readers, fwd.batch
     nodes = None
     if base is None:  # each writer's DPA node score, in the order of the graph's writers
         units = [result.heads.sum(2)] + ([result.neurons.sum((2, 3))[:, :, None]] if g.has_mlp else [])
@@ -197,7 +166,7 @@ def dpa_edges(
         method="dpa_edges" if base is None else "dpa_edges (contrastive)",
         writers=writers,
         readers=readers,
-        scores=scores * mask,
+        scores=edges.scores * mask,
         in_graph=mask,
         per_position=per_pos,
         nodes=nodes,
@@ -211,6 +180,92 @@ def dpa_edges(
         settings={"mu": mu.as_dict(), "neurons": neuron_layers, "contrastive": base is not None, **({} if root is None else {"root": root})},
         model_name=view.name,
     )
+
+
+@dataclass
+class EdgeSweep:
+    """What `edge_sweep` returns: ``scores [batch, writer, reader]`` (zero off ``mask``), ``mask [writer,
+    reader]`` (the edges that exist; neuron rows included), ``per_position [batch, pos, writer, reader]`` when
+    asked, and the sweep's node scores (``result``)."""
+
+    scores: Tensor
+    mask: Tensor
+    per_position: Tensor | None
+    result: SweepResult
+
+
+def edge_sweep(
+    fwd: CachedForward,
+    outs: Float[Tensor, "batch pos unit d_model"],
+    start: Float[Tensor, "batch pos d_model"],
+    mu: Mu,
+    g: Graph,
+    neuron_layers: list[int],
+    *,
+    post_diff: dict[int, Tensor] | None = None,
+    per_position: bool = False,
+    sweep_args: dict | None = None,
+    steps: int = 1,
+) -> EdgeSweep:
+    """One DPA sweep of ``fwd`` from the target ``start``, every edge ``Σ_p outs_u[p] · R_r[p]`` on the way.
+
+    ``outs`` are the writers' outputs in `Graph` order, neurons aside (``all_writer_outputs(fwd)`` for DPA's
+    edges, a difference of two runs for contrastive and integrated DPA); a neuron layer's activations are
+    ``post_diff[layer]`` where given, else ``fwd``'s own. The readers' terms ``R_r`` are those of ``fwd``'s sweep;
+    with ``steps > 1`` the rows of ``fwd`` are ``steps`` runs of each row of ``outs`` (run-major) and ``R_r`` is their
+    mean (integrated DPA: one sweep for every run of the path)."""
+    view = fwd.view
+    mask = g.mask.to(fwd.device, copy=True)
+    b, n, R = outs.shape[0], fwd.seq_len, len(g.readers)
+    if fwd.batch != steps * b:
+        raise ValueError(f"the forward has {fwd.batch} rows, not steps × {b}")
+    W0 = g.n_units  # writers that are not neurons
+    post_diff = post_diff or {}
+    scores = torch.zeros(b, mask.shape[0], R, device=fwd.device)
+    per_pos = torch.zeros(b, n, mask.shape[0], R, device=fwd.device) if per_position else None
+    # writer-major, so that the writers before a reader are a contiguous prefix: one matrix product per layer
+    outs_w = outs.permute(0, 2, 1, 3).contiguous()  # [b, writer, n, d]
+    flat = outs_w.reshape(b, outs_w.shape[1], -1)
+
+    def add(writer_slice: slice, reader_slice: slice, U: Tensor) -> None:
+        """Edges of the writers ``writer_slice`` (a prefix) into readers whose updates are ``U [b, n, r, d]``
+        (on a split model, moved from the readers' layer to the writers' outputs, gathered on ``fwd.device``)."""
+        U = _step_mean(U.to(flat.device), steps)
+        Ur = U.permute(0, 2, 1, 3).reshape(b, U.shape[2], -1)  # [b, r, n·d]
+        scores[:, writer_slice, reader_slice] = torch.bmm(flat[:, writer_slice], Ur.transpose(1, 2))
+        if per_pos is not None:
+            per_pos[:, :, writer_slice, reader_slice] = torch.einsum("bwnd,bnrd->bnwr", outs_w[:, writer_slice], U)
+
+    def add_neurons(before_layer: int, reader_slice: slice, U: Tensor) -> None:
+        for k, l in enumerate(neuron_layers):
+            if l < before_layer:
+                rows = slice(W0 + k * view.d_mlp, W0 + (k + 1) * view.d_mlp)
+                scores[:, rows, reader_slice] = _neuron_edges(fwd, l, post_diff.get(l), U, steps).to(scores.device)
+                mask[rows, reader_slice] = True
+
+    def on_layer(layer: int, attn: AttentionStep, mlp: MLPStep) -> None:
+        heads = g.head_readers(layer)
+        U = attn.readers.reshape(fwd.batch, n, 3 * view.n_heads, -1)
+        if not g.has_mlp:  # an attention-only layer: its heads read the embeddings and earlier layers
+            add(slice(0, g.read_by_heads(layer)), heads, U)
+            return
+        m = g.mlp_reader(layer)
+        # heads read the embeddings and earlier layers; a sequential MLP also reads its own layer's heads
+        # (one product for both: the same-layer head → head entries are outside the graph, zeroed by ``mask``)
+        add(slice(0, g.read_by_mlp(layer)), slice(heads.start, m + 1), torch.cat([U, mlp.update[:, :, None]], dim=2))
+        add_neurons(layer, heads, U)
+        add_neurons(layer, slice(m, m + 1), mlp.update[:, :, None])
+
+    result = sweep(fwd, start, mu, kinds={"tokens", "heads", "neurons"}, readers=True, on_layer=on_layer, **(sweep_args or {}))
+    logit = slice(g.logit_reader, g.logit_reader + 1)
+    add(slice(0, W0), logit, start[:, :, None])
+    add_neurons(view.n_layers, logit, start[:, :, None])
+    return EdgeSweep(scores=scores, mask=mask, per_position=per_pos, result=result)
+
+
+def _step_mean(U: Tensor, steps: int) -> Tensor:
+    """``U [steps·b, ...]`` (run-major) averaged over the runs: ``[b, ...]``."""
+    return U if steps == 1 else U.reshape(steps, U.shape[0] // steps, *U.shape[1:]).mean(0)
 
 
 def _upstream(root: Root, writers: list[str], readers: list[tuple[str, str]], parallel: bool) -> Tensor:
