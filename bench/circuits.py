@@ -50,6 +50,8 @@ COST = {"dpa": "node DPA (cache forward + sweep: tokens, heads, neurons)", "dpa_
         "eap_ig": "EAP-IG (inputs), 5 steps (clean forward; per step, a forward + backward)",
         "eap_ig_activations": "EAP-IG (activations), 5 steps (2 forwards; (1 + 2·30)·5 forwards + backwards)",
         "edge_patching": "exact edge patching, per edge (sample)"}
+MODELS = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}  # --model -> the results file's stem
+MODEL_TITLES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M"}
 COST_LENGTHS = {"eap_ig_activations": (32,)}  # 305 passes a prompt: at 256 tokens and beyond, hours of a 2-core machine
 
 
@@ -197,7 +199,7 @@ def mib_section(args) -> dict:
     import dpa_lens
     from dpa_lens.evaluation.circuit_faithfulness import circuit_faithfulness
 
-    model = dpa_lens.load_model("smollm2-135m")
+    model = dpa_lens.load_model(args.model)
     items = ioi_prompts(model, args.mib_train + args.mib_test)
     train, test = items[: args.mib_train], items[args.mib_train :]
     target = lambda its: [(first_token(model, i.correct), first_token(model, i.incorrect)) for i in its]  # noqa: E731
@@ -229,7 +231,8 @@ def mib_section(args) -> dict:
     return {"train": len(train), "test": len(test), "batch": args.mib_batch, "fractions": first.fractions.tolist(),
             "n_edges": first.n_edges.tolist(), "n_total": first.n_total, "full": float(first.full.mean()),
             "empty": float(first.empty.mean()), "methods": out, "not_run": [label for label in MIB_METHODS if label not in circuits],
-            "test_prompts": [i.prompt for i in test][:3], "seconds": None}
+            "test_prompts": [i.prompt for i in test][:3], "seconds": None,
+            "eap_ig_activations_passes": (1 + 2 * model.cfg.n_layers) * 5}
 
 
 # ---------------------------------------------------------------------------------------------- cost
@@ -296,31 +299,49 @@ def cost_section(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def mib_markdown(m: dict) -> list[str]:
+def mib_markdown(m: dict, per_prompt_section: bool = True) -> list[str]:
     lines = ["## MIB's protocol on IOI: a circuit found on train prompts, evaluated on held-out prompts", "",
              f"Each method's edge scores are averaged over {m['train']} IOI prompts (the train split; {m['batch']} prompts per "
              f"call) into one circuit, whose top ⌊x·N⌋ of the {m['n_total']:,} edges are kept at MIB's grid and evaluated on "
              f"{m['test']} other IOI prompts (held out) with corrupted ablation (MIB's patching; m(M) {m['full']:.2f}, "
-             f"m(∅) {m['empty']:.2f}: the held-out prompts' mean IO − S logit difference, clean and corrupted). Prompts as in the "
-             "per-prompt section below (the train split is its first prompts). As MIB's leaderboard reports them: **CPR** from "
+             f"m(∅) {m['empty']:.2f}: the held-out prompts' mean IO − S logit difference, clean and corrupted). "
+             + ("Prompts as in the per-prompt section below (the train split is its first prompts). " if per_prompt_section else
+                "Prompts: the authors' IOI benchmark items that the model answers correctly (top-1 with p > 0.1), whose corrupted "
+                "partner tokenizes to the same length and whose two names start with different tokens, in the benchmark's order "
+                "(the train split first). ")
+             + "As MIB's leaderboard reports them: **CPR** from "
              "the edges ranked by signed score, highest first, **CMD** from the edges ranked by |score|, both MIB's raw areas "
-             "(trapezoids on the linear fraction axis, not divided by its width 0.999). Cost: see the cost section (this "
-             f"section's wall times are not measurements: other work shared the 2 cores). The section took {m['seconds'] / 60:.0f} min.",
+             "(trapezoids on the linear fraction axis, not divided by its width 0.999). Cost: see the cost section"
+             + ("" if per_prompt_section else " of bench/results/circuits_smollm2.md (SmolLM2)")
+             + f" (this section's wall times are not measurements: other work shared the 2 cores). The section took {m['seconds'] / 60:.0f} min.",
              "", "| method | CPR (signed ranking) | CMD (\\|score\\| ranking) | CPR (\\|score\\|) | CMD (signed) |",
              "|---|---:|---:|---:|---:|"]
     for label, v in sorted(m["methods"].items(), key=lambda kv: -kv[1]["cpr"]):
         lines.append(f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} | {v['cpr_abs']:.3f} | {v['cmd_signed']:.3f} |")
     if m.get("not_run"):
         lines += ["", "Not run in this section: " + ", ".join(m["not_run"]) + "." + (
-            " EAP-IG-activations takes (1 + 2·30)·5 = 305 forward and backward passes a prompt on SmolLM2: one batch of 4 "
-            "train prompts ran over 40 minutes here (other work shared the 2 cores) and was stopped; its cost per prompt "
-            "is in the cost section." if "EAP-IG (activations)" in m["not_run"] else "")]
+            f" EAP-IG-activations takes {m.get('eap_ig_activations_passes', 305)} forward and backward passes a prompt (1 + 2 per "
+            "layer, 5 steps each)" + ("" if "eap_ig_activations_passes" in m else ": one batch of 4 train prompts ran over 40 minutes "
+                                      "here (other work shared the 2 cores) and was stopped") + "; its cost per prompt of SmolLM2 is in "
+            "the cost section of bench/results/circuits_smollm2.md." if "EAP-IG (activations)" in m["not_run"] else "")]
     header = "| method | " + " | ".join(f"{100 * x:g} % ({n:,})" for x, n in zip(m["fractions"], m["n_edges"])) + " |"
     for key, title in (("curve_signed", "signed ranking"), ("curve_abs", "|score| ranking")):
         lines += ["", f"Faithfulness f on the held-out prompts at each fraction of edges kept ({title}):", "", header,
                   "|---|" + "---:|" * len(m["fractions"])]
         lines += [f"| {label} | " + " | ".join(f"{y:.2f}" for y in v[key]) + " |" for label, v in m["methods"].items()]
     return lines + [""]
+
+
+def mib_only_markdown(r: dict) -> str:
+    """The results of a model whose only section is MIB's protocol (``--model gemma3-270m --mib-only``)."""
+    s, m = r["settings"], r["mib"]
+    lines = [f"# Circuit edges on {s['model']}: MIB's protocol on IOI", "",
+             f"Produced by `python -m bench.circuits --model {s['model_name']} --mib-only` in {m['seconds'] / 60:.0f} min on "
+             f"{s['machine']['cpu_count']} CPU cores (torch {s['machine']['torch']}, TransformerLens {s['machine']['transformer_lens']}). "
+             f"Graph: {m['n_total']:,} edges (writers: embeddings, heads, MLPs; readers: each head's q, k, v, each MLP, the logit). "
+             "On a model with output norms (Gemma) a head's output is taken after its norm, with the scale of each run frozen "
+             "(`dpa_lens.graph`), where the reference implementation of EAP-IG differences the outputs before the norm.", ""]
+    return "\n".join(lines + mib_markdown(m, per_prompt_section=False))
 
 
 def markdown(r: dict) -> str:
@@ -346,7 +367,9 @@ def markdown(r: dict) -> str:
         "writer's ablated output instead of its output in the current forward. f = (m(C) − m(∅)) / (m(M) − m(∅)) of the "
         "prompts' means (MIB). CPR: area under f (higher is better); CMD: area under |1 − f| (lower is better); trapezoids over "
         "the fraction grid divided by its width. Linear axis: MIB's (its `evaluate_area_under_curve` default), where the "
-        "points at or below 10 % span a tenth of the width; log axis: each decade of the grid weighs the same.",
+        "points at or below 10 % span a tenth of the width; log axis: each decade of the grid weighs the same."
+        + (f" This section was re-run alone (`--faith-only`, {s['faithfulness_seconds'] / 60:.0f} min), with integrated DPA and "
+           "EAP-IG added." if "faithfulness_seconds" in s else ""),
         "",
     ]
     titles = (("corrupted", "corrupted ablation (MIB's patching)"),
@@ -446,10 +469,14 @@ def main() -> None:
                         help="with --cost-only: re-measure only these (the other rows are kept)")
     parser.add_argument("--agree-only", action="store_true", help="re-run only the agreement section, into the existing results")
     parser.add_argument("--mib-only", action="store_true", help="run only MIB's protocol section, into the existing results")
+    parser.add_argument("--faith-only", action="store_true",
+                        help="re-run only the per-prompt faithfulness section, into the existing results")
     parser.add_argument("--mib-train", type=int, default=None, help="IOI prompts whose edge scores are averaged (default 11, quick 2)")
     parser.add_argument("--mib-test", type=int, default=None, help="held-out IOI prompts the circuits are evaluated on (default 12, quick 2)")
     parser.add_argument("--mib-batch", type=int, default=4, help="train prompts per method call")
     parser.add_argument("--mib-methods", nargs="+", choices=list(MIB_METHODS), default=None, help="only these methods in MIB's section")
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m",
+                        help="the model of MIB's section (another than SmolLM2 only with --mib-only, into its own results file)")
     parser.add_argument("--child", nargs=3, metavar=("MEASUREMENT", "LENGTH", "SAMPLE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -474,6 +501,23 @@ def main() -> None:
         args.ioi = 0
         _, _, result["agreement"] = ioi_sections(args)
         result["settings"]["agreement_seconds"] = round(time.perf_counter() - started)
+        write_results(stem, result, markdown)
+        return
+    if args.model != "smollm2-135m":
+        if not args.mib_only:
+            parser.error("--model other than smollm2-135m runs MIB's section only: add --mib-only")
+        stem = args.out / f"circuits_{MODELS[args.model]}{'_quick' if args.quick else ''}"
+        mib = mib_section(args)
+        mib["seconds"] = round(time.perf_counter() - started)
+        result = {"settings": {"model": f"{MODEL_TITLES[args.model]} (bundled GGUF, float32)", "model_name": args.model,
+                               "quick": args.quick, "machine": machine("cpu")}, "mib": mib}
+        write_results(stem, result, mib_only_markdown)
+        return
+    if args.faith_only:
+        result = json.loads(stem.with_suffix(".json").read_text())
+        args.agree = 0
+        result["faithfulness"], result["grid"], _ = ioi_sections(args)
+        result["settings"]["faithfulness_seconds"] = round(time.perf_counter() - started)
         write_results(stem, result, markdown)
         return
     if args.mib_only:

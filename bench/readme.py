@@ -253,6 +253,19 @@ def mib_protocol(r: dict) -> list[str]:
     return lines + (["", "Not shown: " + "; ".join(notes) + "."] if notes else [])
 
 
+def mib_second_model(r: dict) -> str:
+    """MIB's protocol on a second model (``python -m bench.circuits --model ... --mib-only``)."""
+    m, name = r["mib"], r["settings"]["model"].split(" (")[0]
+    lines = [f"The same protocol on {name} ({m['train']} train and {m['test']} held-out IOI prompts that it answers correctly, "
+             f"{m['n_total']:,} edges), from [`bench/results/circuits_gemma3.md`](bench/results/circuits_gemma3.md) "
+             f"(`python -m bench.circuits --model {r['settings']['model_name']} --mib-only`, {m['seconds'] / 60:.0f} min):", "",
+             "| edges by | CPR | CMD | f at 0.1 % / 1 % of the edges (signed) | CPR, \\|score\\| ranking |", "|---|---:|---:|---:|---:|"]
+    for label, v in sorted(m["methods"].items(), key=lambda kv: -kv[1]["cpr"]):
+        curve = v["curve_signed"]
+        lines.append(f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} | {curve[0]:.2f} / {curve[3]:.2f} | {v['cpr_abs']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def ioi_heads(r: dict) -> str:
     a, n = r["agreement"], r["settings"]["agreement_prompts"]
     return (f"Over the {n} IOI prompts of the faithfulness benchmark, AtP tracks exact patching of whole heads with Pearson "
@@ -348,6 +361,7 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed-answer-gemma3": ((RESULTS / "speed_gemma3.json",), speed_answer),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
+    "circuits-gemma3": ((RESULTS / "circuits_gemma3.json",), mib_second_model),
     "notebooks": ((RESULTS / "notebooks.json",), notebooks),
     "loading": ((RESULTS / "loading.json",), loading),
     "datasets": ((RESULTS / "datasets_smollm2.json",), datasets),

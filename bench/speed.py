@@ -148,8 +148,12 @@ def run_one(name: str, measurement: str, length: int, repeats: int, device: str,
         "tl_forward": tl_forward,
         "cache_forward": lambda: dpa_lens.cache_for(model, clean) if answer else dpa_cache(model, clean, checkpoint=checkpoint),
         "dpa_sweep": lambda: dpa_lens.run("dpa", model, clean, target, cache=held, flow=False),
-        "cache_check": lambda: check_cache_model(ModelView(model), held),
+        "cache_check": lambda: check_cache_model(ModelView(model), held, every_weight=option == "every"),
     }
+    if measurement == "dpa_sweep" and option == "noprobe":  # the A/B of DPA's weight probe: a call without it
+        import dpa_lens.forward
+
+        dpa_lens.forward.WeightProbe = lambda view: None
     method = METHOD_NAMES.get(measurement, measurement)
     spec = None if measurement in parts else dpa_lens.get_method(method)
     options = {} if spec is None else method_options(measurement, option, length, quick)
@@ -222,6 +226,8 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     rows = [(m, n, "", "floor") for n in (32, 256, 1024, 4096) for m in floor]
     rows += [(m, 8192, "", "floor") for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
     rows += [("cache_check", n, "", "floor") for n in (32, 256, 1024)]  # a fixed cost, inside the sweep's row
+    # the A/B of the weight probe (a DPA call with and without it) and the explicit check of the same weights
+    rows += [(m, n, o, "probe") for n in (32, 256, 1024) for m, o in (("dpa_sweep", "noprobe"), ("cache_check", "every"))]
     rows += [(m, n, "", "methods") for n in (32, 256, 1024) for m in ("dpa_edges", "depass", "atp")]
     rows += [("unpack", n, "", "methods") for n in (32, 256)]  # float64 components × positions × d_mlp per layer: not at 1024
     rows += [(m, n, "", "methods") for n in (32, 256) for m in ("integrated_gradients", "patching")]
@@ -231,7 +237,7 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     rows += [(m, n, "answer", "answer") for n in (32, 256, 1024, 4096, 8192) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa")]
     rows += [("tl_forward", n, "answer", "answer") for n in (32, 256, 1024)]  # the host's fixed cost, beside the cache forward's
     rows += [(m, n, "checkpoint", "checkpoint") for n in (256, 1024, 4096, 8192) for m in ("cache_forward", "dpa_sweep", "dpa")]
-    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "profile", "checkpoint", "answer") else max_method_length)]
+    return [r for r in rows if r[1] <= (max_length if r[3] in ("floor", "probe", "profile", "checkpoint", "answer") else max_method_length)]
 
 
 _get = find_row
@@ -348,6 +354,25 @@ def markdown(result: dict) -> str:
             r = _get(rows, m, n, o)
             if r is not None:
                 lines.append(f"| {label} | {r['seconds']:.3g} | {r['peak_bytes'] / 2**20:,.0f} MiB |")
+    probe = sorted({r["length"] for r in rows if r["measurement"] == "dpa_sweep" and r.get("option") == "noprobe"})
+    if probe:
+        lines += ["", "## The check of the weights the sweep reads", "",
+                  "DPA's sweep multiplies by W_Q, W_K, W_V and the MLP's input weights anyway; one random row more in each of "
+                  "those products checks them against the cache "
+                  "(`dpa_lens.validation.WeightProbe`, on in every DPA call). "
+                  "The A/B: a DPA call on a full cache with the probe and without it (rows measured in the same `--rounds` "
+                  "command, interleaved), and, for comparison, the explicit check of the same weights by recomputing the "
+                  "queries, keys and MLP inputs at 4 positions (`check_cache_model(every_weight=True)`, what DPA edges, "
+                  "DePass and Unpack run). The rounds of one row differ by up to 45 % on this shared 2-core machine (e.g. "
+                  "0.149-0.221 s for the call without the probe at 32 tokens in the run below), so the ratio of the fastest "
+                  "rounds says no more than that the probe's cost is within that spread.", "",
+                  "| tokens | DPA call, probe | DPA call, no probe | probe / no probe | cache check (W_V, W_O, W_out) | "
+                  "cache check, every weight |", "|---:|---|---|---:|---|---|"]
+        for n in probe:
+            a, b = _get(rows, "dpa_sweep", n), _get(rows, "dpa_sweep", n, "noprobe")
+            ratio = f"{a['seconds'] / b['seconds']:.3f}" if a and b else "—"
+            lines.append(f"| {n} | {cost_cell(a)} | {cost_cell(b)} | {ratio} | {cost_cell(_get(rows, 'cache_check', n))} | "
+                         f"{cost_cell(_get(rows, 'cache_check', n, 'every'))} |")
     profiles = sorted((r for r in rows if r["measurement"] == "profile" and "error" not in r), key=lambda r: r["length"])
     if profiles:
         lines += ["", "## Where a DPA call spends its time", "",

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -42,6 +43,7 @@ from dpa_lens.ops import rotate
 from dpa_lens.targets import MetricTarget, Target, final_input, resolve_target, target_values, warn_if_not_predicted
 from dpa_lens.types import Cache, PositionLike, PromptLike, TargetLike, TLModel, typechecked
 from dpa_lens.validation import (
+    WeightProbe,
     check_cache_model,
     check_cache_object,
     check_cache_shape,
@@ -70,6 +72,7 @@ class CachedForward:
     target: Target | None
     device: torch.device
     layer_devices: tuple[torch.device, ...] | None = None  # per layer, where its step runs (a split model); None: all on device
+    weight_probe: WeightProbe | None = field(default=None, repr=False)  # DPA's check of the weights its sweep reads
     _rotary: Rotary | None = field(default=None, repr=False)
     _rotary_read: bool = field(default=False, repr=False)
 
@@ -292,6 +295,7 @@ def read_forward(
     attention_mask: Tensor | None = None,
     logit: str = "auto",
     check_model: bool = True,
+    weights: Literal["probe", "every", "default"] = "default",
 ) -> CachedForward:
     """The prelude of every cache-based method: checks, inputs, positions and target.
 
@@ -301,6 +305,10 @@ def read_forward(
         filter_hint: the ``names_filter`` expression that caches them (shown in the error).
         target: the target, or None for methods that explain no target.
         check_model: check that the cache was made by this model's weights (not for a cache `run` made, see `made_here`).
+        weights: which weights that check covers beyond ``W_V``, ``W_O`` and ``W_out`` (`check_cache_model`):
+            ``"every"``, the queries', keys' and MLP inputs' too (for a method that reads them); ``"probe"``, those
+            through the forward's `WeightProbe` (``weight_probe``: the method's sweep records into it and calls its
+            ``verify``); ``"default"``, as ``DPA_LENS_CHECK`` says.
     """
     view = ModelView(model)
     made = id(cache) in _MADE_HERE.get()  # by `cache_for` in this call, which checked the mode and the model
@@ -316,14 +324,15 @@ def read_forward(
         check_cache_shapes(view, cache, inputs)
         check_finite(cache, hook_names, method)
         check_padding(inputs.real, cache, given_mask=attention_mask is not None)
-        if check_model and not made:
-            check_cache_model(view, cache)
+        checked = check_model and not made
+        if checked:
+            check_cache_model(view, cache, every_weight=True if weights == "every" else None)
     positions = resolve_positions(position, inputs)
     resolved = None if target is None else resolve_target(model, view, target, inputs.batch, logit=logit)
     device = cache[hooks.EMBED].device
     layer_devices = tuple(view.layer_device(l) for l in range(view.n_layers)) if view.split else None
     fwd = CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device,
-                        layer_devices=layer_devices)
+                        layer_devices=layer_devices, weight_probe=WeightProbe(view) if checked and weights == "probe" else None)
     if resolved is not None and hooks.FINAL_NORMALIZED in cache:  # the logits where the unembedding is (never moved)
         warn_if_not_predicted(model, resolved, fwd.final_input().to(fwd.unembed_device))
     return fwd

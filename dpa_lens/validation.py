@@ -15,7 +15,7 @@ from dpa_lens.blocks import attn_write, mlp_post, mlp_write, qk_normalize
 from dpa_lens.errors import CacheError, TrainModeError
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
-from dpa_lens.ops import heads_in, push_norm, rotary_invariant
+from dpa_lens.ops import heads_in, push_norm, rotary_invariant, unrotate
 
 
 def require_eval(model: Any, method: str, *, dropout_only: bool = False) -> None:
@@ -144,11 +144,12 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
     the rotation keeps, `ops.rotary_invariant`); the MLP's inputs are ``W_in`` and the gate ``W_gate``
     applied to ``ln2`` of the stream after attention; and the layer's write, ``resid_post − resid_pre``,
     is ``hook_z`` and the MLP activations through ``W_O`` and ``W_out``. At every position, the final
-    norm's scale and output are those of the last stream. Every weight a method reads is so covered; the
-    cost is one read of the block weights (products of ``n_pos`` rows). Queries, keys and the MLP's inputs
-    are checked only with ``every_weight`` (default: ``DPA_LENS_CHECK=every-weight`` in the environment): they
-    double the check's cost (on SmolLM2 on CPU, about 50 -> 120 ms a call). Raises `CacheError` when no
-    layer can be checked at all.
+    norm's scale and output are those of the last stream. The cost is one read of the block weights
+    (products of ``n_pos`` rows). Queries, keys (with the query-key norm's cached scale, as the sweep reads
+    them) and the MLP's inputs are checked only with ``every_weight`` (default: ``DPA_LENS_CHECK=every-weight``
+    in the environment; the methods that read those weights ask for it, `read_forward`'s ``weights``): they
+    double the check's cost (on SmolLM2 on CPU, about 50 -> 120 ms a call). Node DPA checks them through its
+    sweep instead, at no measurable cost (`WeightProbe`). Raises `CacheError` when no layer can be checked at all.
 
     Any model TransformerLens builds passes: norms and biases that processing did not fold (their
     biases are in `ModelView.attn` and `ModelView.mlp`), ``ln1`` scales cached per head
@@ -210,7 +211,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
                 pred = (x @ heads_in(W.to(x.device))).unflatten(-1, W.shape[::2])  # one flat product: [pos, heads·d_head]
                 pred = pred + (b.to(x.device) if b is not None else 0.0)
                 if rotated:  # compared by what the rotation keeps, after the query-key norm
-                    pred = qk_normalize(pred, view, layer, which.lower()) if rules.qk_norm else pred
+                    pred = _qk_norm_cached(view, cache, layer, which.lower(), pred, n_pos) if rules.qk_norm else pred
                     pred, cached = rotary_invariant(pred, r, view.adjacent_pairs), rotary_invariant(cached, r, view.adjacent_pairs)
                 if differ(pred, cached):
                     fail(layer, f"{what} differ from W_{which} applied to the cached stream")
@@ -254,6 +255,22 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
                          "the method's hooks (dpa_lens.names_filter(model, <method>)) or run_with_cache without a names_filter")
 
 
+def _qk_norm_cached(view: ModelView, cache: Any, layer: int, which: str, y: torch.Tensor, n_pos: int) -> torch.Tensor:
+    """The query/key norm of the projections ``y [batch, P, heads, d_head]`` (at `_spread`'s positions) with the
+    cached scale, as DPA's sweep reads it (the scale recomputed would hide an edit that scales a head's weights),
+    or in full where the cache has no scale."""
+    name = hooks.qk_norm(layer, which)
+    if name not in cache:
+        return qk_normalize(y, view, layer, which)
+    n = cache[hooks.EMBED].shape[1]
+    s = view.qk_norm_scale(cache, layer, which, y.shape[0], n)[:, _spread(n, n_pos)].float().to(y.device)
+    if s.shape[2] != y.shape[2]:
+        s = s.repeat_interleave(y.shape[2] // s.shape[2], dim=2)
+    gain = view.qk_norm_weight(layer, which)
+    y = y / s
+    return y * gain.detach().float().to(y.device) if gain is not None else y
+
+
 def _spread(n: int, k: int) -> list[int]:
     """``k`` positions of ``n`` spread evenly, the first and the last included (all of them when ``n ≤ k``)."""
     m = min(n, k)
@@ -268,3 +285,160 @@ def _rotary_dim(view: ModelView, cache: Any, layer: int) -> int | None:
         name = hooks.attn(layer, "cos")
         return cache[name].shape[-1] if name in cache else None
     return view.rotary_buffers(layer)[0].shape[-1]
+
+
+class WeightProbe:
+    """Freivalds' check of the input weights a sweep multiplies anyway (``W_Q``, ``W_K``, ``W_V``, ``W_in``,
+    ``W_gate``), at the cost of one row more in each product of the sweep with them.
+
+    `check_cache_model` checks ``W_V``, ``W_O`` and ``W_out`` by recomputing cached activations at a few
+    positions, which reads every weight once more from memory; doing the same for the queries, keys and the
+    MLP's inputs doubles the check (`check_cache_model`'s ``every_weight``). DPA's sweep reads those weights
+    already, in products ``g_i @ W_iᵀ``: `rows` gives one random row ``r_i`` per product (seeded; the same
+    for every layer), which the sweep appends to ``g_i``, and `record` keeps the extra output row
+    ``v = Σ_i w_i W_i r_i`` (``w_i`` the path weights). After the sweep `verify` checks, at ``n_pos`` positions ``p``, that ``x_p · v`` equals
+    ``Σ_i w_i (y_{i,p} − b_i) · r_i``, with ``x_p`` the normalised stream the sublayer reads and ``y_i`` its
+    cached projections (queries and keys un-rotated and their norms undone): a weight edited after the cache
+    was made breaks the equality for a random ``r`` (with probability one), a cache of this model's weights
+    keeps it up to float error. Query and key dimensions whose norm gain is 0 are left out of ``r``: they
+    reach neither the model's output nor the sweep.
+    """
+
+    def __init__(self, view: ModelView, n_pos: int = 4, seed: int = 0):
+        self.view, self.n_pos, self.seed = view, n_pos, seed
+        self._drawn: dict[tuple[str, int, torch.device], torch.Tensor] = {}  # one vector per kind and width, for every layer
+        self._rows: dict[tuple[int, str], list[tuple[str, float, torch.Tensor]]] = {}
+        self._products: dict[tuple[int, str], torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def rows(self, layer: int, block: str, terms: list[tuple[str, float, int]], device: torch.device) -> list[torch.Tensor]:
+        """Random rows ``r_i`` for the products of a layer's ``block`` (``"attn"``: ``("q"|"k"|"v", w_i, width)``,
+        ``"mlp"``: ``("in"|"gate", w_i, width)``), on ``device``."""
+        out = []
+        for which, _, width in terms:
+            key = (which, width, torch.device(device))
+            if key not in self._drawn:
+                gen = torch.Generator().manual_seed(self.seed + len(self._drawn))
+                self._drawn[key] = torch.randn(width, generator=gen).to(device)
+            r = self._drawn[key]
+            gain = self.view.qk_norm_weight(layer, which) if which in ("q", "k") and self.view.rules.qk_norm else None
+            if gain is not None:  # dimensions the query/key norm zeroes out reach nothing: leave them out
+                r = (r.view(-1, gain.shape[-1]) * (gain.detach().to(r) != 0)).flatten()
+            out.append(r)
+        self._rows[(layer, block)] = [(which, weight, r) for (which, weight, _), r in zip(terms, out)]
+        return out
+
+    def with_row(self, g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``g [rows, k]`` with ``r [k]`` as one row more, in a buffer reused from product to product (a new
+        tensor per product would leave the allocator holding memory after the sweep)."""
+        n = (g.shape[0] + 1) * g.shape[1]
+        key = (g.device, g.dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[key] = torch.empty(n, device=g.device, dtype=g.dtype)
+        x = buf[:n].view(g.shape[0] + 1, g.shape[1])
+        x[:-1].copy_(g)
+        x[-1].copy_(r)
+        return x
+
+    def record(self, layer: int, block: str, product: torch.Tensor) -> None:
+        """``v = Σ_i w_i W_i r_i [d_model]`` of a layer's ``block``."""
+        self._products[(layer, block)] = product.detach()
+
+    def verify(self, cache: Any, rotary: Any, real: torch.Tensor | None = None) -> None:
+        """Raise `CacheError` where a recorded product disagrees with the cache (``rotary(layer)``: the
+        forward's ``(cos, sin) [batch or 1, pos, 1, rot]`` or None, as `CachedForward.rotary`; ``real [batch, pos]``:
+        the real tokens, the only positions compared: padding's rotary positions are not the forward's)."""
+        self._buffers.clear()  # the sweep is over
+        view, rules = self.view, self.view.rules
+        center = rules.norm == "ln"
+        low = cache[hooks.EMBED].dtype in (torch.float16, torch.bfloat16)
+        rel = 3e-2 if low else 1e-4
+        for (layer, block), v in self._products.items():
+            n = cache[hooks.EMBED].shape[1]
+            P = _spread(n, self.n_pos)
+            dev = v.device
+
+            def get(name: str, P: list[int] = P, dev: torch.device = dev) -> torch.Tensor | None:
+                return cache[name][:, P].float().to(dev) if name in cache else None
+
+            if block == "attn":
+                stream, scale, gain = get(hooks.resid_pre(layer)), get(hooks.norm_scale(layer, "ln1")), view.norm_weight("ln1", layer)
+            else:
+                stream, scale, gain = _mlp_stream(view, cache, layer, get), get(hooks.norm_scale(layer, "ln2")), view.norm_weight("ln2", layer)
+            if stream is None or scale is None:
+                continue  # not checkable from this cache (as in check_cache_model)
+            x = push_norm(stream, view.stream_scale(scale), gain, center=center)  # [b, P, d_model]
+            lhs = x @ v
+            size = (x * v).abs().sum(-1)
+            rhs = torch.zeros_like(lhs)
+            for which, weight, r in self._rows[(layer, block)]:
+                y, b = _projection(view, cache, layer, which, P, rotary, get)
+                if y is None:
+                    break
+                y = y.flatten(2) - (b.to(dev).flatten() if b is not None else 0.0)
+                rhs = rhs + weight * (y @ r)
+                size = size + abs(weight) * (y * r).abs().sum(-1)
+            else:
+                off = (lhs - rhs).abs() > rel * size + 1e-6
+                if real is not None:
+                    off &= real[:, P].to(off.device).bool()
+                if bool(off.any()):
+                    names = {"attn": "W_Q, W_K and W_V", "mlp": "W_in and W_gate" if rules.gated else "W_in"}[block]
+                    raise CacheError(f"the cache does not match this model's weights at layer {layer} ({names} applied to the "
+                                     "cached stream differ from the cached projections): it was made by another model (another "
+                                     "checkpoint or seed) or before the weights were edited, or its activations were edited after "
+                                     "caching; pass the cache of this model's run")
+
+
+def _mlp_stream(view: ModelView, cache: Any, layer: int, get: Any) -> torch.Tensor | None:
+    """The stream a layer's MLP reads, at the positions ``get`` reads (cached, or the stream before the
+    layer plus its attention's write)."""
+    rules = view.rules
+    resid = get(hooks.resid_pre(layer))
+    if rules.parallel:
+        return resid
+    mid = get(hooks.resid_mid(layer))
+    if mid is not None or resid is None:
+        return mid
+    z = get(hooks.attn(layer, "z"))
+    if z is None or (rules.post_norms and hooks.norm_scale(layer, "ln1_post") not in cache):
+        return None
+    attn = attn_write(view, layer, z)
+    if rules.post_norms:
+        attn = push_norm(attn, get(hooks.norm_scale(layer, "ln1_post")), view.norm_weight("ln1_post", layer), center=False)
+    return resid + attn
+
+
+def _projection(view: ModelView, cache: Any, layer: int, which: str, P: list[int], rotary: Any,
+                get: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A sublayer's cached projection ``y = x W + b`` before any rotary or query-key norm, ``[batch, P, heads,
+    d_head]`` (``[batch, P, d_mlp]`` for ``"in"``/``"gate"``), with its bias ``b``; None where the cache lacks it."""
+    rules = view.rules
+    if which in ("in", "gate"):
+        m = view.mlp(layer)
+        name = hooks.mlp(layer, "pre_linear" if which == "in" and rules.gated else "pre")
+        return get(name), (m.b_in if which == "in" else None)
+    a = view.attn(layer)
+    bias = {"q": a.b_Q, "k": a.b_K, "v": a.b_V}[which]
+    if which == "v":
+        return get(hooks.attn(layer, "v")), bias
+    name = view.qk_hook_names(layer)["qk".index(which)]
+    y = get(name)
+    if y is None or not (rules.rotary and rules.rot_hooks):
+        return y, bias  # cached before the rotation (and any query-key norm)
+    rot = rotary(layer)
+    if rot is None:
+        return None, bias
+    cos, sin = (t[:, P].float().to(y.device) for t in rot)
+    y = unrotate(y, cos, sin, view.adjacent_pairs)
+    if rules.qk_norm:  # y was normed per head: undo it with the cached scale (dimensions of gain 0 are out of r)
+        gain = view.qk_norm_weight(layer, which)
+        s = view.qk_norm_scale(cache, layer, which, y.shape[0], cache[hooks.EMBED].shape[1])[:, P].float().to(y.device)
+        if s.shape[2] != y.shape[2]:
+            s = s.repeat_interleave(y.shape[2] // s.shape[2], dim=2)
+        y = y * s
+        if gain is not None:
+            g = gain.detach().float().to(y.device)
+            y = torch.where(g != 0, y / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(y))
+    return y, bias

@@ -64,16 +64,21 @@ def test_a_cache_made_before_the_weights_were_edited_is_refused(tiny, line):
         dpa_lens.dpa(model, cache, " Mary")
 
 
-EDITED = {"llama": ("W_Q", "W_K", "W_gate", "W_in"), "gpt2": ("W_Q", "W_in"), "neox": ("W_K",)}
+EDITED = {"llama": ("W_Q", "W_K", "W_gate", "W_in"), "gpt2": ("W_Q", "W_in"), "neox": ("W_K",), "gemma3": ("W_Q", "W_K", "W_gate"),
+          "qwen2": ("W_Q", "W_K", "W_in")}
 PARAMETERS = {"W_Q": ("q_proj", "attn.q.", "attn.W_Q"), "W_K": ("k_proj", "attention.k.", "attn._W_K", "attn.W_K"),
               "W_gate": ("gate_proj", "mlp.W_gate"), "W_in": ("up_proj", "c_fc", "mlp.W_in")}  # bridge, then HookedTransformer
+# how each check names what it found: DPA's sweep probes the weights it reads (WeightProbe), the others recompute
+PROBED = {"W_Q": "W_Q, W_K and W_V applied", "W_K": "W_Q, W_K and W_V applied", "W_gate": "W_in and W_gate applied", "W_in": "W_in"}
+RECOMPUTED = {"W_Q": "queries differ from W_Q", "W_K": "keys differ from W_K", "W_gate": "MLP's inputs differ", "W_in": "MLP's inputs differ"}
 
 
 @pytest.mark.parametrize("family", sorted(EDITED))
 def test_a_cache_made_before_the_weights_the_sweep_reads_were_edited_is_refused(family, line, monkeypatch):
-    """With DPA_LENS_CHECK=every-weight, queries, keys (rotated by the full or a partial rotary, or not) and the
-    MLP's inputs (gate and up, or the one input) are checked against the weights too, not only values and writes."""
-    monkeypatch.setenv("DPA_LENS_CHECK", "every-weight")
+    """Queries, keys (rotated by the full or a partial rotary, or not; query-key norms) and the MLP's inputs (gate
+    and up, or the one input) are checked against the weights too, not only values and writes: by node DPA through
+    its sweep's products (`WeightProbe`), by DPA edges by recomputing them; neither needs DPA_LENS_CHECK."""
+    monkeypatch.delenv("DPA_LENS_CHECK", raising=False)
     model, _ = make_tiny(family, line=line, seed=5)
     _, cache = model.run_with_cache(IOI_PROMPT)
     clean = dpa_lens.dpa(model, cache, " Mary")
@@ -81,10 +86,33 @@ def test_a_cache_made_before_the_weights_the_sweep_reads_were_edited_is_refused(
         p = next(p for n, p in model.blocks[1].named_parameters() if any(key in n for key in PARAMETERS[weight]))
         old = p.data
         p.data = old * 1.1  # edited after caching
-        with pytest.raises(CacheError, match="weights at layer 1"):
+        with pytest.raises(CacheError, match=f"weights at layer 1 \\({PROBED[weight]}"):
             dpa_lens.dpa(model, cache, " Mary")
+        with pytest.raises(CacheError, match=f"weights at layer 1 \\(.*{RECOMPUTED[weight]}"):
+            dpa_lens.dpa_edges(model, cache, " Mary")
         p.data = old
     assert torch.equal(dpa_lens.dpa(model, cache, " Mary").heads, clean.heads)
+
+
+def test_the_weight_probe_sees_a_small_edit_and_no_float_error(line):
+    """The probe's tolerance: a 1 % change of one query head's weights is refused; caches of the model itself,
+    at several lengths and batch rows with padding, are not (the float error of both sides stays under it)."""
+    model, _ = make_tiny("llama", line=line, seed=6)
+    prompts = [IOI_PROMPT, "Then, Alice and Bob had a long day at the office. Bob gave a book to", "A short one"]
+    for batch in ([prompts[0]], prompts):
+        tokens, mask = dpa_lens.inputs.prepare_tokens(model, batch)
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
+        dpa_lens.dpa(model, cache, " Mary", attention_mask=mask)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    p = next(p for n, p in model.blocks[0].named_parameters() if any(key in n for key in PARAMETERS["W_Q"]))
+    old = p.data
+    edited = old.clone()
+    rows = slice(0, edited.shape[0] // model.cfg.n_heads) if line == "bridge" else 0  # one head's queries
+    edited[rows] *= 1.01
+    p.data = edited
+    with pytest.raises(CacheError, match="weights at layer 0"):
+        dpa_lens.dpa(model, cache, " Mary")
+    p.data = old
 
 
 @pytest.mark.parametrize("name", ["ln_final.hook_scale", "ln_final.hook_normalized", "blocks.1.ln1.hook_scale"])

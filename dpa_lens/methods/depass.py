@@ -416,7 +416,8 @@ def depass(
                                     "attention-only: use dpa_lens.dpa, whose content paths decompose it exactly")
     _check_options(view, level, start_layer, mlp_rule, temperature, chunk_size, unassigned, by_position, ignore_first)
     fwd = read_forward(model, cache, target, position, method="DePass", hook_names=depass_hook_names(model),
-                       filter_hint="dpa_lens.names_filter(model, 'depass')", tokens=tokens, attention_mask=attention_mask, logit=logit)
+                       filter_hint="dpa_lens.names_filter(model, 'depass')", tokens=tokens, attention_mask=attention_mask, logit=logit,
+                       weights="every")  # its MLP rule reads W_in or W_gate
     L = view.n_layers
     runs = math.ceil(int(fwd.inputs.real.sum(-1).max()) / chunk_size) if level == "tokens" and chunk_size else 1
     steps = runs * (L - start_layer) if level == "tokens" else sum(L - l for l in range(start_layer, L))

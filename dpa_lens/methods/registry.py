@@ -191,12 +191,15 @@ def cache_for(
     position's only, a ``HookedTransformer`` none). The methods read the target's value from the
     cached final stream; on a small model the ``[pos, vocab]`` logits are a fifth of the forward's work.
 
+    ``tokens`` are checked as `run` checks them (`dpa_lens.inputs.prepare_tokens`): empty token ids, ids outside the
+    vocabulary or more tokens than the model's context are an `InputError`.
     ``names_filter`` caches something else instead, e.g. ``dpa_names_filter(model, checkpoint=True)``.
     ``attention_mask`` goes to the forward as it is (pass the same one to the method)::
 
         cache = dpa_lens.cache_for(model, tokens)           # what dpa reads
         attr = dpa_lens.dpa(model, cache, (" Mary", " John"))
     """
+    from dpa_lens.inputs import prepare_tokens
     from dpa_lens.models import tl
     from dpa_lens.models.fast_attention import fused_attention
 
@@ -204,6 +207,7 @@ def cache_for(
         raise InputError(f"cache_for takes token ids [batch, pos], got {type(tokens).__name__}: tokenize first, "
                          "tokens = model.to_tokens(prompt) (or dpa_lens.inputs.prepare_tokens(model, prompts) for padded rows)")
     require_eval(model, ", ".join(methods) or "cache_for", dropout_only=True)
+    tokens, _ = prepare_tokens(model, tokens)  # run's checks: not empty, ids in the vocabulary, within the context
     if names_filter is None:
         names_filter = _filter(model, methods or ("dpa",))
     elif methods:

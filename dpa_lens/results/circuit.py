@@ -203,18 +203,19 @@ class Circuit(Rows):
 
     # ------------------------------------------------------------------ MIB's graph JSON
     def to_mib_json(self, path: str | os.PathLike, *, keep: int | Tensor | None = None, row: int = 0,
-                    cfg: dict[str, Any] | None = None) -> FilePath:
+                    cfg: dict[str, Any] | None = None, absolute: bool = True) -> FilePath:
         """Write one row as MIB's circuit-localization graph JSON (``cfg``, ``nodes``, ``edges``; the format of
         ``hannamw/EAP-IG``'s ``Graph.to_json``), every edge of the graph with its score and ``in_graph`` flag.
 
         ``keep``: the edges marked ``in_graph``: None, this circuit's ``in_graph [writer, reader]``; an int ``n``,
-        the ``n`` held edges of largest ``|score|`` (ties in graph order); a bool mask ``[writer, reader]``.
+        the ``n`` held edges of largest ``|score|`` (``absolute=False``: of largest signed score, MIB's ranking for
+        CPR; ties in graph order); a bool mask ``[writer, reader]``.
         ``row``: the batch row of ``scores [batch, writer, reader]`` written. ``cfg``: MIB cfg values a circuit cannot
         know (``d_model``, required unless it was read from a MIB file; ``parallel_attn_mlp`` where its edges do not
         tell). Scores keep dpa_lens's sign. See `dpa_lens.results.mib.write_mib_json`. Returns the path written."""
         from dpa_lens.results.mib import write_mib_json
 
-        return write_mib_json(self, path, keep=keep, row=row, cfg=cfg)
+        return write_mib_json(self, path, keep=keep, row=row, cfg=cfg, absolute=absolute)
 
     @classmethod
     def from_mib_json(cls, path: str | os.PathLike, *, edges: Literal["all", "kept"] = "all") -> Circuit:

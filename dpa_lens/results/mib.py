@@ -178,9 +178,11 @@ def _graph_of(circuit: Circuit, cfg: Mapping[str, Any]) -> tuple[Graph, dict[str
     return (par if parallel else seq), out
 
 
-def _kept(circuit: Circuit, graph: Graph, keep: Any, scores: Tensor) -> Bool[Tensor, "writer reader"]:
+def _kept(circuit: Circuit, graph: Graph, keep: Any, scores: Tensor, absolute: bool = True) -> Bool[Tensor, "writer reader"]:
     """The edges to mark ``in_graph`` (see `write_mib_json`)."""
     held = circuit.in_graph.cpu() & graph.mask
+    if not isinstance(absolute, bool):
+        raise InputError(f"absolute must be True (rank by |score|) or False (by the signed score), got {absolute!r}")
     if keep is None:
         return held
     if isinstance(keep, Tensor):
@@ -199,14 +201,15 @@ def _kept(circuit: Circuit, graph: Graph, keep: Any, scores: Tensor) -> Bool[Ten
     if not 0 <= keep <= n_held:
         raise InputError(f"keep={keep} edges: the circuit holds {n_held}; pass 0 ≤ keep ≤ {n_held}")
     index = torch.nonzero(held.flatten()).flatten()
-    order = index[torch.argsort(-scores.float().abs().flatten()[index], stable=True)]  # as circuit_faithfulness ranks
+    ranked = scores.float().abs() if absolute else scores.float()
+    order = index[torch.argsort(-ranked.flatten()[index], stable=True)]  # as circuit_faithfulness ranks
     kept = torch.zeros_like(held)
     kept.view(-1)[order[:keep]] = True
     return kept
 
 
 def to_mib_dict(circuit: Circuit, *, keep: int | Tensor | None = None, row: int = 0,
-                cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                cfg: Mapping[str, Any] | None = None, absolute: bool = True) -> dict[str, Any]:
     """The MIB graph JSON of one row of ``circuit``, as a dict (``{"cfg", "nodes", "edges"}``; see `write_mib_json`)."""
     if not isinstance(circuit, Circuit):
         raise InputError(f"expected a dpa_lens Circuit, got {type(circuit).__name__}")
@@ -216,7 +219,7 @@ def to_mib_dict(circuit: Circuit, *, keep: int | Tensor | None = None, row: int 
     scores = circuit.scores[circuit.row_index(row)].detach().cpu()
     if not bool(torch.isfinite(scores).all()):
         raise InputError("the circuit has NaN or infinite edge scores: MIB's files hold numbers (JSON has no NaN)")
-    kept = _kept(circuit, graph, keep, scores)
+    kept = _kept(circuit, graph, keep, scores, absolute)
     values, flags = scores.double().tolist(), kept.tolist()
     w_names = [mib_node_name(w) for w in graph.writers]
     r_names = [mib_child_name(r) for r in graph.readers]
@@ -228,7 +231,7 @@ def to_mib_dict(circuit: Circuit, *, keep: int | Tensor | None = None, row: int 
 
 
 def write_mib_json(circuit: Circuit, path: str | os.PathLike, *, keep: int | Tensor | None = None, row: int = 0,
-                   cfg: Mapping[str, Any] | None = None) -> FilePath:
+                   cfg: Mapping[str, Any] | None = None, absolute: bool = True) -> FilePath:
     """Write one row of a circuit as MIB's graph JSON (what the reference's ``Graph.from_json`` and MIB read).
 
     Args:
@@ -238,7 +241,8 @@ def write_mib_json(circuit: Circuit, path: str | os.PathLike, *, keep: int | Ten
         keep: the edges marked ``in_graph`` (the circuit MIB evaluates when it is given circuits rather than
             scores): None, every edge the circuit holds (its ``in_graph``: the edges scored); an int ``n``, the
             ``n`` held edges of largest ``|score|`` (ties in graph order, as `dpa_lens.evaluation.circuit_faithfulness`
-            ranks); or a bool mask ``[writer, reader]`` inside ``circuit.in_graph``.
+            ranks; ``absolute=False``: of largest signed score, as MIB ranks for CPR); or a bool mask
+            ``[writer, reader]`` inside ``circuit.in_graph``.
         row: the batch row written (MIB's files hold one set of scores: pass ``circuit.mean()`` for a dataset).
         cfg: values of MIB's ``cfg`` that a circuit cannot know, above all ``d_model`` (the residual width; required
             unless the circuit was read from a MIB file); ``parallel_attn_mlp`` where the circuit's edges do not tell
@@ -259,7 +263,7 @@ def write_mib_json(circuit: Circuit, path: str | os.PathLike, *, keep: int | Ten
     Returns:
         The path written.
     """
-    data = to_mib_dict(circuit, keep=keep, row=row, cfg=cfg)
+    data = to_mib_dict(circuit, keep=keep, row=row, cfg=cfg, absolute=absolute)
     return write_text_atomic(path, json.dumps(data, allow_nan=False), what="the MIB graph JSON")
 
 

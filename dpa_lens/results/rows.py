@@ -10,6 +10,7 @@ lists beside shared values; `Diagnostics` holds per-row numbers a method reports
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -270,7 +271,17 @@ class Rows:
             state["paths"] = None if self.paths is None else [[path_state(p) for p in row] for row in self.paths]
         state = self._to_state(state)
         key, version = self.FORMAT
-        return write_atomic(path, lambda handle: torch.save({key: version, **state}, handle), what=f"the {type(self).__name__}")
+        name = type(self).__name__
+
+        def write(handle: Any) -> None:
+            try:
+                torch.save({key: version, **state}, handle)
+            except (pickle.PicklingError, AttributeError, TypeError) as err:  # what pickle raises for what it cannot write
+                raise InputError(f"cannot save the {name}: its {_unpicklable(state)} cannot be written to a file ({type(err).__name__}: "
+                                 f"{err}); keep tensors, numbers, strings, lists and dicts in its fields (the earlier file, if "
+                                 "any, is left as it was)") from None
+
+        return write_atomic(path, write, what=f"the {name}")
 
     @classmethod
     def load(cls: type[R], path: str | FilePath) -> R:
@@ -288,10 +299,14 @@ class Rows:
         if found not in (version, *cls.READS):
             raise InputError(f"{path} is not a saved dpa_lens {name}")
         known = {f.name for f in fields(cls)}
+        wrong = _wrong_field(cls, state) or _wrong_field(Diagnostics, state.get("diagnostics") or {}, "diagnostics")
+        if wrong:
+            raise InputError(f"{path} holds a dpa_lens {name} that does not read back: its {wrong}; was it edited by hand? "
+                             "Compute and save it again")
         state["diagnostics"] = Diagnostics(**(state.get("diagnostics") or {}))
-        if state.get("paths") is not None:
-            state["paths"] = [[path_from_state(p) for p in row] for row in state["paths"]]
         try:
+            if state.get("paths") is not None:
+                state["paths"] = [[path_from_state(p) for p in row] for row in state["paths"]]
             return cls(**{k: v for k, v in cls._from_state(state).items() if k in known})
         except Exception as err:  # whatever a hand-edited or foreign file breaks in the result's checks
             raise InputError(f"{path} holds a dpa_lens {name} that does not read back ({type(err).__name__}: {err}); "
@@ -520,3 +535,105 @@ def figure(result: Any, kind: str, **kwargs: Any) -> Any:
     if (name, kind) not in _FIGURES:
         raise InputError(f"kind must be one of {kinds}, got {kind!r}")
     return _FIGURES[(name, kind)](result, **kwargs)
+
+
+def _wrong_field(cls: type, state: Any, within: str | None = None) -> str | None:
+    """What is wrong with a loaded ``state`` (the dict a result's `save` wrote, or ``within`` it, its diagnostics):
+    a field of another type than ``cls`` declares (checked into lists and dicts), a field ``cls`` does not have
+    (``within`` only), a target whose labels or logit kinds are not lists; None when every field fits."""
+    where = (lambda name: f"{within}[{name!r}]") if within else (lambda name: f"field {name!r}")
+    if not isinstance(state, dict):
+        return f"{within or 'content'} is a {type(state).__name__}, not a dict"
+    declared = {f.name: f.type for f in fields(cls)}
+    for name, value in state.items():
+        if name not in declared:
+            if within:
+                return f"{where(name)} is not one of {cls.__name__}'s fields ({', '.join(declared)})"
+            continue  # what other versions kept (a circuit's `mask`): the class's own checks read it
+        hint = declared[name]
+        if isinstance(hint, str) and not _fits(value, hint):
+            return f"{where(name)} is {_describe(value)}: expected {hint}"
+    target = state.get("target") if isinstance(state.get("target"), dict) else {}
+    for key in ("labels", "logit"):  # per-row lists, read by repr, plots and reports
+        if target.get(key) is not None and not isinstance(target[key], list):
+            return f"field 'target' has {key} {_describe(target[key])}: expected a list, one per row"
+    return None
+
+
+def _fits(value: Any, hint: str) -> bool:
+    """Whether a loaded value fits a field's annotation, as the result classes write them: ``str``, ``Any``,
+    ``list[...]``, ``tuple[...]`` (a list in a file), ``dict[..., ...]``, jaxtyping tensors, ``... | None``,
+    ``Diagnostics`` and ``Path`` (dicts in a file)."""
+    hint = hint.strip()
+    options = _split(hint, "|")
+    if len(options) > 1:
+        return any(_fits(value, option) for option in options)
+    if hint == "None":
+        return value is None
+    head, _, inner = hint.partition("[")
+    args = _split(inner[:-1], ",") if inner else []
+    if head in ("list", "Sequence"):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if head == "tuple":
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if head == "dict":
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if args and args[0] == "Tensor":  # Float[Tensor, "batch pos"] and the like
+        return isinstance(value, Tensor)
+    if head in ("Diagnostics", "Path"):  # saved as dicts (`Diagnostics.as_dict`, `path_state`; no diagnostics: None)
+        return isinstance(value, dict) or (head == "Diagnostics" and value is None)
+    simple = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    if head in simple:
+        return isinstance(value, simple[head]) and (head == "bool" or not isinstance(value, bool))
+    return True  # Any, and what no file holds
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets and quotes, each part stripped."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, c in enumerate(text):
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == "[":
+            depth += 1
+        elif not quoted and c == "]":
+            depth -= 1
+        elif not quoted and depth == 0 and c == sep:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
+
+
+def _describe(value: Any) -> str:
+    """A value as an error message names it: ``an int (5)``, ``a list of 3``, ``a Tensor [2, 3]``."""
+    kind = type(value).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    if isinstance(value, Tensor):
+        return f"a Tensor {list(value.shape)}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{article} {kind} of {len(value)}"
+    text = repr(value)
+    return f"{article} {kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _unpicklable(state: dict[str, Any]) -> str:
+    """Where in a result's saved state the first thing pickle cannot write is: ``settings['f'] (a function)``."""
+
+    def find(value: Any, where: str) -> str | None:
+        try:
+            pickle.dumps(value)
+            return None
+        except Exception:  # whatever pickle raises, the search goes on inside
+            pass
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+        for key, item in items:
+            found = find(item, f"{where}[{key!r}]")
+            if found:
+                return found
+        return f"{where} ({_describe(value)})"
+
+    for name, value in state.items():
+        found = find(value, name)
+        if found:
+            return found
+    return "content"

@@ -25,6 +25,14 @@ def test_committed_table_is_rendered_from_the_committed_results():
     assert (results / "circuits_smollm2.md").read_text() == _markdown()(data)
 
 
+def test_committed_second_model_table_is_rendered_from_its_results():
+    from bench.circuits import mib_only_markdown
+
+    data = json.loads((BENCH / "results" / "circuits_gemma3.json").read_text())
+    assert not data["settings"]["quick"] and data["settings"]["model_name"] == "gemma3-270m"
+    assert (BENCH / "results" / "circuits_gemma3.md").read_text() == mib_only_markdown(data)
+
+
 @pytest.mark.smollm2
 @pytest.mark.tl4_only
 def test_bench_quick_run(tmp_path):

@@ -66,9 +66,9 @@ def node_flags(edges_in_graph: dict[str, bool], nodes: list[str]) -> dict[str, b
     return {n: (n == "logits") or (n in has_out and n in has_in) for n in nodes}
 
 
-def top_n_names(scores: dict[str, float], n: int) -> set[str]:
-    """The ``n`` edges of largest ``|score|`` (ties: the earlier in the given order first)."""
-    ranked = sorted(enumerate(scores.items()), key=lambda item: (-abs(item[1][1]), item[0]))
+def top_n_names(scores: dict[str, float], n: int, absolute: bool = True) -> set[str]:
+    """The ``n`` edges of largest ``|score|`` (``absolute=False``: signed score; ties: the earlier in the given order first)."""
+    ranked = sorted(enumerate(scores.items()), key=lambda item: (-(abs(item[1][1]) if absolute else item[1][1]), item[0]))
     return {name for _, (name, _) in ranked[:n]}
 
 

@@ -195,6 +195,24 @@ def test_keep_n_marks_the_top_n_by_absolute_score(family, atp, tmp_path):
     assert kept[0] >= max(abs(got.scores[e]) for e in got.edges if not got.in_graph[e])
 
 
+def test_keep_n_with_absolute_false_marks_the_top_n_by_signed_score(atp, tmp_path):
+    circuit = atp("llama")
+    cfg = cfg_of(FAMILIES["llama"])
+    held = circuit.scores[0][circuit.in_graph]
+    assert bool((held < 0).any()) and bool((held > 0).any())  # both signs: the two rankings differ
+    for n in (1, 7, 40):
+        got = parse_like_from_json(circuit.to_mib_json(tmp_path / "c.json", keep=n, absolute=False, cfg={"d_model": D_MODEL}))
+        in_order = dict(sorted(got.scores.items(), key=lambda kv: graph_rank(kv[0], cfg)))
+        # the file lists every edge of the graph; the circuit holds all of them here (edge AtP scores every edge)
+        kept = {e for e, flag in got.in_graph.items() if flag}
+        assert kept == top_n_names(in_order, n, absolute=False), n
+        assert min(got.scores[e] for e in kept) >= max(got.scores[e] for e in got.edges if e not in kept)
+    absolute = parse_like_from_json(circuit.to_mib_json(tmp_path / "a.json", keep=40, cfg={"d_model": D_MODEL}))
+    assert {e for e, f in absolute.in_graph.items() if f} != kept  # the default ranks by |score|
+    with pytest.raises(InputError, match="absolute"):
+        circuit.to_mib_json(tmp_path / "c.json", keep=3, absolute="signed", cfg={"d_model": D_MODEL})
+
+
 def test_keep_n_breaks_ties_in_graph_order(atp, tmp_path):
     base = atp("gpt2")
     # three levels of |score|, many ties, signs mixed: ties go to the earlier edge of dpa_lens's graph order

@@ -80,7 +80,7 @@ def test_each_record_is_its_result_alone(tiny, tmp_path, method, options):
         ref = alone(tiny, method, record, **options)
         got = res[record["id"]]
         field = "scores" if method == "dpa_edges" else "heads"
-        assert rel_err(getattr(got, field), getattr(ref, field)) < 1e-5, record["id"]
+        assert rel_err(getattr(got, field), getattr(ref, field)) < 2e-5, record["id"]  # float32: a batch sums in another order
         assert torch.allclose(got.target_value, ref.target_value, atol=1e-5)
         assert torch.equal(got.token_ids, ref.token_ids.cpu()) and got.str_tokens == ref.str_tokens  # no padding kept
     expected = type(whole).concat([alone(tiny, method, r, **options) for r in records])

@@ -25,21 +25,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpa_lens.blocks import attn_write, mlp_post, mlp_write
-from dpa_lens.errors import CacheError
+from dpa_lens.errors import CacheError, UnsupportedModelError
 from dpa_lens.forward import CachedForward
-from dpa_lens.methods.dpa.hooks import check_checkpointable, checkpoint_hook_names, layer_internals
+from dpa_lens.methods.dpa.hooks import check_checkpointable, checkpoint_hook_names, flow_hooks, layer_internals
 from dpa_lens.models import hooks
 from dpa_lens.models.view import ModelView
 from dpa_lens.ops import heads_in, normalize, rotate
 from dpa_lens.types import Cache
+from dpa_lens.validation import check_cache_shape, check_hooks
 
 Rotary = Callable[[int], "tuple[Tensor, Tensor] | None"]
 CHECK_ROWS = 512  # positions of each recomputed layer checked against the next cached stream (all, up to this)
 
 
 def is_checkpointed(view: ModelView, cache: Cache) -> bool:
-    """True when ``cache`` holds what `checkpoint_hook_names` lists but not the layers' internals."""
-    return hooks.attn(0, "v") not in cache and all(name in cache for name in checkpoint_hook_names(view))
+    """True when ``cache`` holds what `checkpoint_hook_names` lists but not the layers' internals.
+
+    A cache that holds most of the layers' input streams and none of the internals of the layers after the
+    first is a checkpointed cache too (a full cache holds them, a DLA cache the head outputs): when it lacks
+    some of what `checkpoint_hook_names` lists, a `CacheError` names them and the ``names_filter`` that caches
+    them, ``dpa_names_filter(model, checkpoint=True)`` (read as a full cache, its error would list the layers'
+    internals instead)."""
+    names = checkpoint_hook_names(view)
+    if hooks.attn(0, "v") in cache:
+        return False
+    if all(name in cache for name in names):
+        return True
+    streams = flow_hooks(view)
+    if 2 * sum(name in cache for name in streams) < len(streams):
+        return False
+    if any(name in cache for layer in range(1, view.n_layers) for name in layer_internals(view, layer)):
+        return False
+    try:
+        check_checkpointable(view)  # a model dpa_names_filter(model, checkpoint=True) refuses: read as a full cache
+    except UnsupportedModelError:
+        return False
+    check_cache_shape(view, cache, names)  # another model's cache is named as such first
+    check_hooks(cache, names, method="checkpointed DPA", filter_hint="dpa_lens.dpa_names_filter(model, checkpoint=True)")
+    return True
 
 
 def recomputed(fwd: CachedForward) -> CachedForward:

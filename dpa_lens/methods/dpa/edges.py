@@ -128,7 +128,8 @@ def dpa_edges(
     if paths and corrupted_cache is not None:
         raise InputError("paths explain the clean run: pass paths= or corrupted_cache=, not both")
     neuron_layers = parse_neuron_layers(neurons, view.n_layers)
-    kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit)
+    kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit,
+                  weights="every")  # the sweep by reader reads W_Q, W_K and the MLP inputs' weights
     if rooted is not None:
         kwargs.update(hook_names=kwargs["hook_names"] + rooted.hooks, filter_hint=rooted.filter_hint)
     fwd = read_forward(model, cache, target, position, method="DPA edges", tokens=tokens, attention_mask=attention_mask, **kwargs)

@@ -211,7 +211,7 @@ def dpa(
         model, cache, target, position, method="DPA" + (" with flow=True" if flow else ""),
         hook_names=needed + ([] if rooted is None else rooted.hooks),
         filter_hint=f"dpa_lens.dpa_names_filter(model{', flow=True' if flow else ''})" if rooted is None else rooted.filter_hint,
-        tokens=tokens, attention_mask=attention_mask, logit=logit, check_model=not checkpointed,
+        tokens=tokens, attention_mask=attention_mask, logit=logit, check_model=not checkpointed, weights="probe",
     )
     if checkpointed:  # every recomputed layer is checked against the next cached stream instead
         fwd = recomputed(fwd)
@@ -220,6 +220,8 @@ def dpa(
         scores = sweep(fwd, start, mu, kinds=kinds, neuron_target=neuron_target, head_keys=head_keys,
                        keep_targets=effective_targets, flow=flow, **({} if rooted is None else rooted.sweep_args))
         value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
+        if fwd.weight_probe is not None:  # the queries', keys' and MLP inputs' weights, read by the sweep (WeightProbe)
+            fwd.weight_probe.verify(fwd.cache, fwd.rotary, fwd.inputs.real)
     return Attribution(
         method="dpa",
         tokens=scores.tokens,

@@ -106,7 +106,7 @@ def read_dpa_forward(model: TLModel, cache: Cache, target: TargetLike, position:
     rooted = None if root is None else parse_root(view, root)
     fwd = read_forward(model, cache, target, position, method=method,
                        hook_names=required_hooks(view, False) + ([] if rooted is None else rooted.hooks),
-                       filter_hint="dpa_lens.dpa_names_filter(model)" if rooted is None else rooted.filter_hint, **kwargs)
+                       filter_hint="dpa_lens.dpa_names_filter(model)" if rooted is None else rooted.filter_hint, weights="every", **kwargs)
     return fwd, rooted, mu
 
 

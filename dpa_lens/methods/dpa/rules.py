@@ -84,15 +84,15 @@ class Propagator:
             a, slope = activation(self.rules.act, g)
             post = a * u
             # content path through W_in, control path through W_gate (secant slope)
-            terms = [(mu.up, lam * a, w.W_in.T)] if mu.up else []
-            terms += [(mu.gate, (lam * u).mul_(slope), w.W_gate.T)] if mu.gate else []
-            update = _sum_of_products(terms) if terms else torch.zeros_like(t)
+            used = [("in", mu.up, (lam * a).view(-1, a.shape[-1]), w.W_in.T)] if mu.up else []
+            used += [("gate", mu.gate, (lam * u).mul_(slope).view(-1, a.shape[-1]), w.W_gate.T)] if mu.gate else []
         else:  # a plain MLP has one path, post = (act(s)/s)·s with the slope frozen, at full weight
             post, slope = activation(self.rules.act, act(hooks.mlp(layer, "pre")))
             grad_pre = lam * slope
             if w.b_in is not None:
                 bias = bias + (grad_pre @ w.b_in).sum(-1)
-            update = grad_pre @ w.W_in.T
+            used = [("in", 1.0, grad_pre.view(-1, grad_pre.shape[-1]), w.W_in.T)]
+        update = self._products(layer, "mlp", used, t.new_zeros(self.b * self.n, t.shape[-1])).view_as(t)
         return MLPStep(update=self.in_norm(update, layer, "ln2"), post=post, lam=lam, bias=bias)
 
     def neuron_targets(self, layer: int, t: Tensor) -> Float[Tensor, "batch pos d_mlp"]:
@@ -156,11 +156,29 @@ class Propagator:
         mu, b, n = self.mu, self.b, self.n
         H, K, dh = self.view.n_heads, self.view.n_kv_heads, self.view.d_head
         d = a.W_Q.shape[1]
-        terms = [(weight, grad_.reshape(b, n, heads * dh), heads_in(W).T)
-                 for weight, grad_, W, heads in ((mu.q, grad_q, a.W_Q, H), (mu.k, grad_k, a.W_K, K), (mu.v, grad_v, a.W_V, K))
-                 if weight]
-        update = _sum_of_products(terms) if terms else grad_q.new_zeros(b, n, d)
+        used = [(which, weight, grad_.reshape(b * n, heads * dh), heads_in(W).T)
+                for which, weight, grad_, W, heads in (("q", mu.q, grad_q, a.W_Q, H), ("k", mu.k, grad_k, a.W_K, K),
+                                                        ("v", mu.v, grad_v, a.W_V, K))
+                if weight]
+        update = self._products(layer, "attn", used, grad_q.new_zeros(b * n, d)).view(b, n, d)
         return AttentionStep(update=self.in_norm(update, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
+
+    def _products(self, layer: int, block: str, used: list[tuple[str, float, Tensor, Tensor]], zero: Tensor) -> Tensor:
+        """``Σ w_i g_i @ W_i`` over ``(which, w_i, g_i [rows, k_i], W_i [k_i, d])``; with the forward's weight
+        probe (`dpa_lens.validation.WeightProbe`), one random row more in each ``g_i``, whose output it keeps."""
+        if not used:
+            return zero
+        probe = self.fwd.weight_probe
+        terms = [(w, g, W) for _, w, g, W in used]
+        if probe is None:
+            return _sum_of_products(terms)
+        rows = probe.rows(layer, block, [(which, w, g.shape[-1]) for which, w, g, _ in used], used[0][2].device)
+        out = None
+        for (w, g, W), r in zip(terms, rows):  # each input with its extra row, in the probe's reused buffer
+            x = probe.with_row(g, r)
+            out = _sum_of_products([(w, x, W)]) if out is None else out.addmm_(x, W, alpha=w)
+        probe.record(layer, block, out[-1].clone())  # not a view: the products' output is not held
+        return out[:-1]
 
     def _pull_qk(self, grad: Tensor, layer: int, which: str, rot: tuple[Tensor, Tensor] | None) -> Tensor:
         """From the rotated, normed query or key back to the projection's output (rotary undone,
@@ -193,9 +211,9 @@ class Propagator:
 
 
 def _sum_of_products(terms: list[tuple[float, Tensor, Tensor]]) -> Tensor:
-    """``Σ w·(x @ W)`` over ``(w, x [..., k_i], W [k_i, d])`` terms, accumulated in place: no concatenated
-    copy of the inputs or of the weights (at short inputs reading the weights is most of the cost), and
-    each weight applied to the ``d``-wide product rather than to its input."""
+    """``Σ w·(x @ W)`` over ``(w, x [rows, k_i], W [k_i, d])`` terms, accumulated in place: no concatenated
+    copy of the weights (at short inputs reading the weights is most of the cost), and each weight applied
+    to the ``d``-wide product rather than to its input."""
     (w, x, W), *rest = terms
     out = x @ W
     if w != 1:

@@ -82,7 +82,7 @@ def _read(model: TLModel, cache: Cache, target: TargetLike | None, position: Pos
     _check_model(ModelView(model))
     return read_forward(model, cache, target, position, method="Unpack",
                         hook_names=unpack_hook_names(model), filter_hint="dpa_lens.names_filter(model, 'unpack')",
-                        tokens=tokens, attention_mask=attention_mask, logit="centered")
+                        tokens=tokens, attention_mask=attention_mask, logit="centered", weights="every")  # it reads W_in, W_gate
 
 
 def _preset(preset: str | Preset) -> tuple[str, Preset]:
