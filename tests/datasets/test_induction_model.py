@@ -142,14 +142,20 @@ def test_dpa_edges_find_the_k_composition(model, data):
     assert float(scores.abs().max()) == 0.0
 
 
-def test_edge_atp_ranks_the_k_composition_first(model, data):
-    """Edge AtP against a corrupted prompt whose first copy of the segment is replaced by unused ids."""
-    position, key, target = _answer_positions(data)
+def _corrupted(data):
+    """The prompts with the first copy of each row's segment replaced by ids the row does not use (seeded)."""
     corrupted = data.tokens.clone()
     gen = torch.Generator().manual_seed(1)
     for r, (start, n) in enumerate(zip(data.first.tolist(), data.length.tolist())):
         unused = torch.tensor(sorted(set(range(1, 129)) - set(data.tokens[r].tolist())))
         corrupted[r, start:start + n] = unused[torch.randperm(len(unused), generator=gen)[:n]].to(corrupted)
+    return corrupted
+
+
+def test_edge_atp_ranks_the_k_composition_first(model, data):
+    """Edge AtP against a corrupted prompt whose first copy of the segment is replaced by unused ids."""
+    position, key, target = _answer_positions(data)
+    corrupted = _corrupted(data)
     circuit = dpa_lens.edge_atp(model, data.tokens, corrupted, target, position=position)
     scores, names = _head_to_head(circuit, {"q", "k", "v"})
     want = (f"L{PREVIOUS_TOKEN_HEAD[0]}H{PREVIOUS_TOKEN_HEAD[1]}", f"L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]}", "k")
@@ -162,11 +168,7 @@ def test_integrated_dpa_ranks_the_k_composition_first(model, data):
     the previous-token → induction head key edge first among head → head edges; contrastive DPA, whose reader terms
     are the clean run's (saturated), does not."""
     position, key, target = _answer_positions(data)
-    corrupted = data.tokens.clone()
-    gen = torch.Generator().manual_seed(1)
-    for r, (start, n) in enumerate(zip(data.first.tolist(), data.length.tolist())):
-        unused = torch.tensor(sorted(set(range(1, 129)) - set(data.tokens[r].tolist())))
-        corrupted[r, start:start + n] = unused[torch.randperm(len(unused), generator=gen)[:n]].to(corrupted)
+    corrupted = _corrupted(data)
     want = (f"L{PREVIOUS_TOKEN_HEAD[0]}H{PREVIOUS_TOKEN_HEAD[1]}", f"L{INDUCTION_HEAD[0]}H{INDUCTION_HEAD[1]}", "k")
     integrated = dpa_lens.dpa_edges_ig(model, data.tokens, corrupted, target, position=position, progress=False)
     scores, names = _head_to_head(integrated, {"q", "k", "v"})
