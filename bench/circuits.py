@@ -235,6 +235,17 @@ def mib_section(args) -> dict:
             "eap_ig_activations_passes": (1 + 2 * model.cfg.n_layers) * 5}
 
 
+def merged_mib(earlier: dict | None, new: dict, args) -> dict:
+    """With ``--mib-methods``, the new methods' rows added to the committed section (the same splits, the same
+    held-out prompts: each method's circuit is evaluated on its own, so the rows are comparable); else ``new``."""
+    same = ("train", "test", "batch", "test_prompts", "n_total", "fractions")
+    if not args.mib_methods or earlier is None or any(earlier.get(k) != new[k] for k in same):
+        return new
+    methods = {**earlier["methods"], **new["methods"]}
+    return {**earlier, "methods": methods, "not_run": [m for m in MIB_METHODS if m not in methods],
+            "seconds": earlier["seconds"] + new["seconds"], "eap_ig_activations_passes": new["eap_ig_activations_passes"]}
+
+
 # ---------------------------------------------------------------------------------------------- cost
 # what each cost row runs: its options, beside the sample of edges exact patching is timed on; a DPA row computes no
 # flow, as a user's DPA call does not by default, and includes the cache forward a user runs for it
@@ -509,8 +520,9 @@ def main() -> None:
         stem = args.out / f"circuits_{MODELS[args.model]}{'_quick' if args.quick else ''}"
         mib = mib_section(args)
         mib["seconds"] = round(time.perf_counter() - started)
+        earlier = json.loads(stem.with_suffix(".json").read_text())["mib"] if stem.with_suffix(".json").exists() else None
         result = {"settings": {"model": f"{MODEL_TITLES[args.model]} (bundled GGUF, float32)", "model_name": args.model,
-                               "quick": args.quick, "machine": machine("cpu")}, "mib": mib}
+                               "quick": args.quick, "machine": machine("cpu")}, "mib": merged_mib(earlier, mib, args)}
         write_results(stem, result, mib_only_markdown)
         return
     if args.faith_only:
@@ -522,8 +534,9 @@ def main() -> None:
         return
     if args.mib_only:
         result = json.loads(stem.with_suffix(".json").read_text())
-        result["mib"] = mib_section(args)
-        result["mib"]["seconds"] = round(time.perf_counter() - started)
+        mib = mib_section(args)
+        mib["seconds"] = round(time.perf_counter() - started)
+        result["mib"] = merged_mib(result.get("mib"), mib, args)
         write_results(stem, result, markdown)
         return
     if args.cost_only:

@@ -250,7 +250,13 @@ def mib_protocol(r: dict) -> list[str]:
     notes = failed + (
         [f"EAP-IG (activations) is not in the table: {activations['seconds']:.0f} s a prompt at 32 tokens (305 passes)"]
         if activations and "EAP-IG (activations)" in m.get("not_run", []) else [])
-    return lines + (["", "Not shown: " + "; ".join(notes) + "."] if notes else [])
+    act = m["methods"].get("EAP-IG (activations)")
+    after = ([f"EAP-IG (activations) ranked by |score| has CPR {act['cpr_abs']:.3f}: its signed ranking keeps edges that "
+              "carry little of the clean run to the logits (f near 0 up to half of the edges), where its |score| ranking "
+              "does not" + (f"; its cost ({activations['seconds']:.0f} s at 32 tokens) was measured with one run of the "
+                            "path per pass, before runs were batched (`chunk`)" if activations else "") + "."]
+             if act else [])
+    return lines + (["", "Not shown: " + "; ".join(notes) + "."] if notes else []) + (["", *after] if after else [])
 
 
 def mib_second_model(r: dict) -> str:

@@ -361,6 +361,13 @@ class Pair:
         """The keyword arguments a forward of these tokens takes (the attention mask, where there is one)."""
         return {} if self.mask is None else {"attention_mask": self.mask}
 
+    def rows(self, index: Int[Tensor, " rows"]) -> Pair:
+        """The pair of some rows (``index`` may repeat rows, e.g. one per integration step)."""
+        pick = lambda t: t[index.to(t.device)]  # noqa: E731
+        return Pair(view=self.view, tokens=pick(self.tokens), corrupted_tokens=pick(self.corrupted_tokens),
+                    mask=None if self.mask is None else pick(self.mask), clean=self.clean.rows(index),
+                    corrupted=self.corrupted.rows(index), positions=pick(self.positions), target=self.target.rows(index))
+
 
 def read_pair(
     model: TLModel,

@@ -35,6 +35,11 @@ class RunInputs:
     def seq_len(self) -> int:
         return self.tokens.shape[1]
 
+    def rows(self, index: Tensor) -> RunInputs:
+        """The inputs of some rows (``index`` may repeat rows, e.g. one per integration step)."""
+        return RunInputs(self.tokens[index.to(self.tokens.device)], self.real[index.to(self.real.device)],
+                         [self.str_tokens[i] for i in index.tolist()])
+
 
 def _recover_tokens(view: ModelView, embed: Tensor) -> Tensor:
     """Token ids whose ``W_E`` rows equal the cached embeddings (sorted random projections)."""

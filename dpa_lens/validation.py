@@ -263,9 +263,7 @@ def _qk_norm_cached(view: ModelView, cache: Any, layer: int, which: str, y: torc
     if name not in cache:
         return qk_normalize(y, view, layer, which)
     n = cache[hooks.EMBED].shape[1]
-    s = view.qk_norm_scale(cache, layer, which, y.shape[0], n)[:, _spread(n, n_pos)].float().to(y.device)
-    if s.shape[2] != y.shape[2]:
-        s = s.repeat_interleave(y.shape[2] // s.shape[2], dim=2)
+    s = view.qk_norm_scale(cache, layer, which, y.shape[0], n, heads=y.shape[2])[:, _spread(n, n_pos)].float().to(y.device)
     gain = view.qk_norm_weight(layer, which)
     y = y / s
     return y * gain.detach().float().to(y.device) if gain is not None else y
@@ -434,9 +432,8 @@ def _projection(view: ModelView, cache: Any, layer: int, which: str, P: list[int
     y = unrotate(y, cos, sin, view.adjacent_pairs)
     if rules.qk_norm:  # y was normed per head: undo it with the cached scale (dimensions of gain 0 are out of r)
         gain = view.qk_norm_weight(layer, which)
-        s = view.qk_norm_scale(cache, layer, which, y.shape[0], cache[hooks.EMBED].shape[1])[:, P].float().to(y.device)
-        if s.shape[2] != y.shape[2]:
-            s = s.repeat_interleave(y.shape[2] // s.shape[2], dim=2)
+        s = view.qk_norm_scale(cache, layer, which, y.shape[0], cache[hooks.EMBED].shape[1], heads=y.shape[2])[:, P]
+        s = s.float().to(y.device)
         y = y * s
         if gain is not None:
             g = gain.detach().float().to(y.device)

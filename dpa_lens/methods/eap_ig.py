@@ -38,6 +38,7 @@ BOS token; pass the same token ids to compare with it on a model whose default d
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -70,6 +71,7 @@ def eap_ig(
     *,
     mode: Literal["inputs", "activations"] = "inputs",
     steps: int = MIB_STEPS,
+    chunk: int | None = None,
     per_position: bool = False,
     clean_cache: Cache | None = None,
     attention_mask: Tensor | None = None,
@@ -83,6 +85,8 @@ def eap_ig(
         mode: ``"inputs"`` interpolates the token embeddings (``steps`` forward and backward passes);
             ``"activations"`` each group of writers in turn (``(1 + 2·n_layers)·steps`` passes; the module's note).
         steps: points of the path (MIB's default, 5). ``steps=1`` with ``"inputs"`` is `edge_atp`.
+        chunk: runs per forward and backward, as one batch of ``chunk × batch`` rows (default: as many as keep the
+            readers' gradients of one pass within `CHUNK_BUDGET` elements, at most ``steps``; 1 holds the least memory).
         per_position: also return ``per_position [batch, pos, writer, reader]``, the scores split by the
             position where the writer writes and the reader reads.
         progress: a progress bar over the passes.
@@ -96,29 +100,34 @@ def eap_ig(
         raise InputError(f"mode must be 'inputs' or 'activations', got {mode!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive int (MIB runs {MIB_STEPS}), got {steps!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InputError(f"chunk must be a positive int (runs per forward and backward), got {chunk!r}")
     name = "eap_ig" if mode == "inputs" else "eap_ig_activations"
     pair, clean_fwd, corr_fwd = pair_forwards(model, prompt, corrupted, target, position, clean_cache=clean_cache,
                                               attention_mask=attention_mask, logit=logit, method=name,
                                               run_corrupted=mode == "activations")
+    chunk = min(steps, chunk or _default_chunk(pair))
     if mode == "inputs":
         clean_embed = clean_fwd.cache[hooks.EMBED].detach()
-        total = None
-        with tqdm(range(steps), desc="EAP-IG", disable=not progress or steps < 2, leave=False) as bar:
-            for k in bar:
-                alpha = k / steps
+        b, total = pair.tokens.shape[0], None
+        with tqdm(range(0, steps, chunk), desc="EAP-IG", disable=not progress or steps <= chunk, leave=False) as bar:
+            for start in bar:  # the runs k = start … start + chunk − 1 as one batch, run-major
+                ks = range(start, min(start + chunk, steps))
+                alphas = torch.tensor([k / steps for k in ks]).repeat_interleave(b)[:, None, None]
 
-                def interpolate(x: Tensor, alpha: float = alpha) -> Tensor:  # x: the corrupted prompt's embeddings
-                    return x + alpha * (clean_embed.to(x) - x)
+                def interpolate(x: Tensor, alphas: Tensor = alphas) -> Tensor:  # x: the corrupted prompt's embeddings
+                    return x + alphas.to(x) * (clean_embed.repeat(len(alphas) // b, 1, 1).to(x) - x)
 
-                G, value, live = reader_gradients(model, pair, clean_fwd, pair.corrupted_tokens, embed_override=interpolate)
-                total = G if total is None else total + G
-                if k == 0:  # the corrupted run itself
+                runs, fwd = _repeated(pair, clean_fwd, len(ks))
+                G, value, live = reader_gradients(model, runs, fwd, runs.corrupted_tokens, embed_override=interpolate)
+                total = _add_runs(total, G, b)
+                if start == 0:  # its first run is the corrupted run itself
                     with torch.no_grad():
-                        deltas = writer_deltas(clean_fwd, live)
-                    corrupted_value = value
+                        deltas = writer_deltas(clean_fwd, _first_run(live, b))
+                    corrupted_value = value[:b]
         G = total / steps
     else:
-        G = _activation_path_gradients(model, pair, clean_fwd, steps, progress)
+        G = _activation_path_gradients(model, pair, clean_fwd, steps, chunk, progress)
         with torch.no_grad():
             deltas = writer_deltas(clean_fwd, corr_fwd)
             corrupted_value = corr_fwd.target_value(pair.target)
@@ -126,10 +135,41 @@ def eap_ig(
                         settings={"mode": mode, "steps": steps})
 
 
-def _activation_path_gradients(model: TLModel, pair: Pair, clean_fwd: CachedForward, steps: int, progress: bool) -> Tensor:
+CHUNK_BUDGET = 2**27  # elements of the readers' gradients [rows, pos, reader, d_model] one pass holds by default (512 MiB)
+
+
+def _default_chunk(pair: Pair) -> int:
+    """Runs per pass such that the readers' gradients of one pass stay within `CHUNK_BUDGET` elements (at least 1)."""
+    b, n = pair.tokens.shape
+    per_run = b * n * len(Graph.of(pair.view).readers) * pair.view.d_model
+    return max(1, CHUNK_BUDGET // per_run)
+
+
+def _repeated(pair: Pair, clean_fwd: CachedForward, runs: int) -> tuple[Pair, CachedForward]:
+    """The pair and the clean forward's answer positions repeated ``runs`` times, run-major (one batch of runs)."""
+    rows = torch.arange(pair.tokens.shape[0]).repeat(runs)
+    return pair.rows(rows), dataclasses.replace(clean_fwd, positions=clean_fwd.positions[rows.to(clean_fwd.positions.device)])
+
+
+def _add_runs(total: Tensor | None, G: Tensor, b: int) -> Tensor:
+    """``total`` plus the gradients of a batch of runs ``[runs·b, ...]`` summed over its runs."""
+    G = G.reshape(-1, b, *G.shape[1:]).sum(0)
+    return G if total is None else total + G
+
+
+def _first_run(live: CachedForward, b: int) -> CachedForward:
+    """The first run (``b`` rows) of a batch of runs."""
+    rows = torch.arange(b)
+    return dataclasses.replace(live, cache={k: v[:b] for k, v in live.cache.items()}, inputs=live.inputs.rows(rows),
+                               positions=live.positions[:b], target=live.target.rows(rows))
+
+
+def _activation_path_gradients(model: TLModel, pair: Pair, clean_fwd: CachedForward, steps: int, chunk: int,
+                               progress: bool) -> Tensor:
     """EAP-IG-activations' ``ḡ [batch, pos, reader, d_model]``: the readers' gradients averaged over the clean
-    runs in which one group of writers outputs ``(k/S)·clean + (1 − k/S)·corrupted``, ``k = 1 … S``."""
-    view = pair.view
+    runs in which one group of writers outputs ``(k/S)·clean + (1 − k/S)·corrupted``, ``k = 1 … S`` (``chunk`` of
+    them per pass)."""
+    view, b = pair.view, pair.tokens.shape[0]
     groups = [hooks.EMBED]
     for layer in range(view.n_layers):
         groups += [hooks.attn(layer, "z")] + ([hooks.mlp_out(layer)] if view.rules.has_mlp else [])
@@ -147,21 +187,22 @@ def _activation_path_gradients(model: TLModel, pair: Pair, clean_fwd: CachedForw
     total = None
     with tqdm(total=len(groups) * steps, desc="EAP-IG (activations)", disable=not progress, leave=False) as bar:
         for group in groups:
-            for k in range(1, steps + 1):
-                alpha = k / steps
-                value = alpha * clean[group] + (1 - alpha) * corrupted[group]
+            for start in range(1, steps + 1, chunk):  # the runs k = start … start + chunk − 1 as one batch, run-major
+                ks = range(start, min(start + chunk, steps + 1))
+                value = torch.cat([(k / steps) * clean[group] + (1 - k / steps) * corrupted[group] for k in ks])
+                runs, fwd = _repeated(pair, clean_fwd, len(ks))
 
                 def replace(x: Tensor, hook: object = None, value: Tensor = value) -> Tensor:  # a constant: no gradient
                     return value.to(x)
 
                 if group == hooks.EMBED:
-                    G, _, _ = reader_gradients(model, pair, clean_fwd, pair.tokens, embed_override=replace, cut=True)
+                    G, _, _ = reader_gradients(model, runs, fwd, runs.tokens, embed_override=replace, cut=True)
                     if view.rules.rotary:  # the first block reads the constant alone: no gradient in the reference
                         G[:, :, first_readers] = 0
                 else:
-                    G, _, _ = reader_gradients(model, pair, clean_fwd, pair.tokens, extra_hooks=[(group, replace)], cut=True)
-                total = G if total is None else total + G
-                bar.update(1)
+                    G, _, _ = reader_gradients(model, runs, fwd, runs.tokens, extra_hooks=[(group, replace)], cut=True)
+                total = _add_runs(total, G, b)
+                bar.update(len(ks))
     return total / (len(groups) * steps)
 
 

@@ -473,9 +473,10 @@ class ModelView:
         a = self._block(layer).attn
         return a.rotary_cos, a.rotary_sin
 
-    def qk_norm_scale(self, cache: Any, layer: int, which: str, batch: int, n: int) -> Tensor:
-        """The query/key norm's cached scale as ``[batch, pos, heads, 1]`` (lines lay it out differently)."""
+    def qk_norm_scale(self, cache: Any, layer: int, which: str, batch: int, n: int, heads: int | None = None) -> Tensor:
+        """The query/key norm's cached scale as ``[batch, pos, heads, 1]`` (lines lay it out differently); with
+        ``heads``, one per query head (a key norm's scale per key head repeated over the query heads of its group)."""
         s = cache[hooks.qk_norm(layer, which)]
-        if s.ndim == 4:  # bridge: [batch, heads, pos, 1]
-            return s.permute(0, 2, 1, 3)
-        return s.reshape(batch, n, -1, 1)  # HookedTransformer: [(batch pos heads), 1]
+        s = s.permute(0, 2, 1, 3) if s.ndim == 4 else s.reshape(batch, n, -1, 1)  # bridge: [batch, heads, pos, 1];
+        # HookedTransformer: [(batch pos heads), 1]
+        return s if heads is None or s.shape[2] == heads else s.repeat_interleave(heads // s.shape[2], dim=2)

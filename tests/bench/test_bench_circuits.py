@@ -54,3 +54,25 @@ def test_bench_quick_run(tmp_path):
     assert set(mib["methods"]) == {"EAP-IG (inputs)", "integrated DPA (1 step)", "DPA", "random"}
     assert all(abs(v["curve_signed"][-1] - 1) < 1e-6 and abs(v["curve_abs"][-1] - 1) < 1e-6 for v in mib["methods"].values())
     assert mib["methods"]["random"]["cpr"] < mib["methods"]["EAP-IG (inputs)"]["cpr"]
+
+
+def test_methods_run_alone_join_the_committed_section_only_on_the_same_splits():
+    """``--mib-only --mib-methods X`` adds X's rows to a section of the same train and held-out prompts, and replaces
+    a section of other prompts."""
+    from types import SimpleNamespace
+
+    from bench.circuits import MIB_METHODS, merged_mib
+
+    def section(methods, seconds, prompts=("a", "b")):
+        return {"train": 2, "test": 2, "batch": 4, "test_prompts": list(prompts), "n_total": 10, "fractions": [0.5, 1.0],
+                "methods": {m: {"cpr": 1.0} for m in methods}, "not_run": [m for m in MIB_METHODS if m not in methods],
+                "seconds": seconds, "eap_ig_activations_passes": 305}
+
+    earlier = section(["DPA", "random"], 100)
+    new = section(["EAP-IG (activations)"], 50)
+    alone = SimpleNamespace(mib_methods=["EAP-IG (activations)"])
+    joined = merged_mib(earlier, new, alone)
+    assert set(joined["methods"]) == {"DPA", "random", "EAP-IG (activations)"} and joined["seconds"] == 150
+    assert "EAP-IG (activations)" not in joined["not_run"] and "DPA" not in joined["not_run"]
+    assert merged_mib(earlier, section(["EAP-IG (activations)"], 50, prompts=("c", "d")), alone)["methods"].keys() == {"EAP-IG (activations)"}
+    assert merged_mib(earlier, new, SimpleNamespace(mib_methods=None)) is new

@@ -100,6 +100,20 @@ def test_the_riemann_sums_converge(mode, grid, line):
     assert all(later < 0.75 * earlier for earlier, later in zip(moves, moves[1:])), moves
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "neox"])
+@pytest.mark.parametrize("mode", ["inputs", "activations"])
+def test_runs_batched_together_give_the_scores_of_runs_one_at_a_time(family, mode, line):
+    """``chunk`` runs of the path in one batch (run-major) are the same sum as one run per pass: a partial last
+    chunk and a padded batch of two prompts included."""
+    model, _ = _model(family, line)
+    prompts, corrupted = [IOI_PROMPT, "Then Mary gave a book to"], [CORRUPTED, "Then John gave a book to"]
+    one = eap_ig(model, prompts, corrupted, PAIR, mode=mode, steps=3, chunk=1, progress=False)
+    for chunk in (2, None):
+        got = eap_ig(model, prompts, corrupted, PAIR, mode=mode, steps=3, chunk=chunk, progress=False)
+        assert rel_err(got.scores, one.scores) < 1e-5, (chunk, rel_err(got.scores, one.scores))
+        torch.testing.assert_close(got.target_value, one.target_value)
+
+
 def test_run_gives_both_forms_and_bad_options_are_refused(line):
     model, _ = _model("llama", line)
     inputs = dpa_lens.run("eap_ig", model, IOI_PROMPT, PAIR, corrupted=CORRUPTED, progress=False)
@@ -107,7 +121,8 @@ def test_run_gives_both_forms_and_bad_options_are_refused(line):
     with pytest.raises(InputError, match="cannot be changed"):
         dpa_lens.run("eap_ig_activations", model, IOI_PROMPT, PAIR, corrupted=CORRUPTED, mode="inputs")
     for options, message in [({"mode": "outputs"}, "mode must be"), ({"steps": 0}, "steps must be"),
-                             ({"steps": 2.5}, "steps must be"), ({"steps": True}, "steps must be")]:
+                             ({"steps": 2.5}, "steps must be"), ({"steps": True}, "steps must be"),
+                             ({"chunk": 0}, "chunk must be"), ({"chunk": 1.0}, "chunk must be")]:
         with pytest.raises(InputError, match=message):
             eap_ig(model, IOI_PROMPT, CORRUPTED, PAIR, **options)
     per_position = eap_ig(model, IOI_PROMPT, CORRUPTED, PAIR, steps=2, per_position=True, progress=False)

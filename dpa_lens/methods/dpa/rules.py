@@ -187,9 +187,7 @@ class Propagator:
         if rot is not None:
             grad = unrotate(grad, *rot, view.adjacent_pairs)
         if self.rules.qk_norm:
-            scale = view.qk_norm_scale(self.fwd.cache, layer, which, self.b, self.n).to(grad).float()
-            if scale.shape[2] != grad.shape[2]:  # a key norm's scale per key head, read per query head
-                scale = scale.repeat_interleave(grad.shape[2] // scale.shape[2], dim=2)
+            scale = view.qk_norm_scale(self.fwd.cache, layer, which, self.b, self.n, heads=grad.shape[2]).to(grad).float()
             grad = pull_norm(grad, scale, view.qk_norm_weight(layer, which), center=False)
         return grad
 
