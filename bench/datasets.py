@@ -16,8 +16,14 @@ length, the method, and writing the Parquet shards.
    targets (parameters frozen);
 2. one process with every core's threads against ``torchrun --nproc_per_node 2`` with half the
    threads each (DPA, batch 8; the records dealt between the processes);
-3. peak memory above the loaded model of DPA over 10, 100 and 1,000 records (batch 8): 16 records cycled (each
-   copy its own id), so that every batch has the same shapes and only what grows with the number of records shows.
+3. peak memory above the loaded model of DPA over 10, 100 and 1,000 records (batch 8), two ways:
+   ``memory-one-length``: 16 records of one token length cycled (each copy its own id), after a warm-up on 8
+   other records of that length: every batch (but a last, shorter one) has the shape of the warm-up's, so only
+   what grows with the number of records shows (the goal's measure);
+   ``memory``: 16 records of different lengths cycled. Batching by length puts the copies of a record
+   together, so 1,000 records meet more (batch, length) shapes than 10, and the native libraries under torch
+   keep some memory for each shape met (measured: a matmul forward and backward over 120 shapes keeps 18 MiB
+   after ``malloc_trim``, one shape 0); this row shows that, and that it levels off.
 
 Writes bench/results/datasets_smollm2[_cuda].md and .json.
 """
@@ -127,15 +133,30 @@ def child_floor(batch: int, n: int, device: str, dtype: str) -> dict:
 
 
 def repeated(model, n: int, k: int = 16) -> list[dict]:
-    """``n`` records cycling through the first ``k`` (each its own id): every batch the same shapes, so that what
-    grows with the number of records, and only that, shows in the peak memory."""
+    """``n`` records cycling through the first ``k`` (each copy its own id), of different lengths: batched by length,
+    more records meet more batch shapes (see `one_length` for records that all have one)."""
     base = records(model, k)
     return [{**base[i % k], "id": f"{base[i % k]['id']}#{i // k}"} for i in range(n)]
 
 
-def child_method(method: str, batch: int, n: int, device: str, dtype: str, memory: bool = False) -> dict:
-    """`attribute_dataset` of ``method`` over ``n`` records into a fresh folder, after a warm-up (``memory``: the
-    records of `repeated`)."""
+def one_length(model, n: int, k: int = 16, warm: int = WARMUP) -> tuple[list[dict], list[dict]]:
+    """``warm`` records and ``n`` records cycling through ``k`` others (each copy its own id), all of the token
+    length most common among the benchmark's first 400 records."""
+    from dpa_lens.inputs import prepare_tokens
+
+    by_length: dict[int, list[dict]] = {}
+    for rec in records(model, 400):
+        by_length.setdefault(int(prepare_tokens(model, rec["prompt"])[0].shape[-1]), []).append(rec)
+    same = max(by_length.values(), key=len)
+    if len(same) < k + warm:
+        raise RuntimeError(f"only {len(same)} records of one length, {k + warm} wanted")
+    base = same[warm : warm + k]
+    return same[:warm], [{**base[i % k], "id": f"{base[i % k]['id']}#{i // k}"} for i in range(n)]
+
+
+def child_method(method: str, batch: int, n: int, device: str, dtype: str, memory: str | None = None) -> dict:
+    """`attribute_dataset` of ``method`` over ``n`` records into a fresh folder, after a warm-up (``memory``:
+    "memory", the records of `repeated`; "memory-one-length", those of `one_length`)."""
     import warnings
 
     import torch
@@ -145,8 +166,11 @@ def child_method(method: str, batch: int, n: int, device: str, dtype: str, memor
     model = load(device, dtype)
     warnings.simplefilter("ignore")  # "the target is not the model's prediction" for some Known 1000 records
     with tempfile.TemporaryDirectory() as tmp:
-        dpa_lens.attribute_dataset(model, method, records(model, WARMUP, skip=n), Path(tmp) / "warm", batch_size=batch, progress=False)
-        recs = repeated(model, n) if memory else records(model, n)
+        if memory == "memory-one-length":
+            warm, recs = one_length(model, n)
+        else:
+            warm, recs = records(model, WARMUP, skip=n), (repeated(model, n) if memory else records(model, n))
+        dpa_lens.attribute_dataset(model, method, warm, Path(tmp) / "warm", batch_size=batch, progress=False)
         with PeakMemory(device) as mem:
             start = time.perf_counter()
             res = dpa_lens.attribute_dataset(model, method, recs, Path(tmp) / "run", batch_size=batch, progress=False)
@@ -204,7 +228,7 @@ def plan(quick: bool) -> list[tuple[str, str, int, int]]:
     rows = [("speed", m, b, 64) for b in (1, 8, 16) for m in ("floor", "dpa")]
     rows += [("speed", m, b, 32) for b in (1, 8) for m in ("floor", "dpa_edges")]
     rows += [("processes", "dpa", 8, 64)]
-    rows += [("memory", "dpa", 8, n) for n in (10, 100, 1000)]
+    rows += [(kind, "dpa", 8, n) for kind in ("memory-one-length", "memory") for n in (10, 100, 1000)]
     return rows
 
 
@@ -250,12 +274,18 @@ def markdown(result: dict) -> str:
                 continue
             lines.append(f"| {r['measurement']} | {r['batch']} | {r['records']} | {one['seconds']:.1f} s ({one.get('threads', '?')} threads) | "
                          f"{r['seconds']:.1f} s ({r.get('threads_each', '?')} threads each) | {r['seconds'] / one['seconds']:.2f}× |")
-    memory = [r for r in rows if r["section"] == "memory" and "error" not in r]
-    if memory:
-        lines += ["", "## Peak memory against the number of records (DPA, batch 8; 16 records cycled, every batch the same shapes)", "",
-                  "| records | peak above the model | seconds per record |", "|---|---|---|"]
-        for r in sorted(memory, key=lambda r: r["records"]):
-            lines.append(f"| {r['records']:,} | {r['peak_bytes'] / 2**20:,.0f} MiB | {per(r) * 1000:.0f} ms |")
+    memory = {kind: sorted((r for r in rows if r["section"] == kind and "error" not in r), key=lambda r: r["records"])
+              for kind in ("memory-one-length", "memory")}
+    if any(memory.values()):
+        lines += ["", "## Peak memory against the number of records (DPA, batch 8)", "",
+                  "Above the loaded model, after a warm-up. *One length*: 16 records of one token length cycled, so "
+                  "every batch has the warm-up's shape (the goal: 10 and 1,000 records within 10 %). *Mixed lengths*: 16 "
+                  "records of different lengths cycled; 1,000 records meet more batch shapes than 10, and the native "
+                  "libraries under torch keep memory for each shape met (it levels off).", "",
+                  "| records | records of | peak above the model | seconds per record |", "|---|---|---|---|"]
+        for kind, label in (("memory-one-length", "one length"), ("memory", "mixed lengths")):
+            for r in memory[kind]:
+                lines.append(f"| {r['records']:,} | {label} | {r['peak_bytes'] / 2**20:,.0f} MiB | {per(r) * 1000:.0f} ms |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed rows: " + "; ".join(f"{r['section']}/{r['measurement']} batch {r['batch']}: {r['error']}" for r in failed)]
@@ -271,7 +301,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--sections", nargs="+", choices=["speed", "processes", "memory"], default=None,
+    parser.add_argument("--sections", nargs="+", choices=["speed", "processes", "memory-one-length", "memory"], default=None,
                         help="measure these sections only (default: all)")
     parser.add_argument("--update", action="store_true", help="merge the rows measured into the committed results")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "BATCH", "RECORDS"), help=argparse.SUPPRESS)
@@ -284,7 +314,7 @@ def main() -> None:
             elif method == "floor":
                 out = child_floor(batch, n, args.device, args.dtype)
             else:
-                out = child_method(method, batch, n, args.device, args.dtype, memory=kind == "memory")
+                out = child_method(method, batch, n, args.device, args.dtype, memory=kind if kind.startswith("memory") else None)
         except Exception:
             traceback.print_exc()
             sys.exit(1)

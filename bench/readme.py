@@ -347,10 +347,13 @@ def datasets(r: dict) -> str:
     if two and one:
         text += (f" Two processes under torchrun with {two.get('threads_each', '?')} thread each: {two['seconds'] / one['seconds']:.2f}× "
                  f"the time of one process with {one.get('threads', '?')} ({two['records']} records).")
-    memory = sorted((x for x in ok if x["section"] == "memory"), key=lambda x: x["records"])
-    if len(memory) >= 2:
-        text += (" Peak memory above the model: " + ", ".join(f"{x['peak_bytes'] / 2**20:,.0f} MiB for {x['records']:,} records"
-                                                               for x in memory) + ".")
+    for kind, label in (("memory-one-length", "records of one length, every batch of one shape"),
+                        ("memory", "records of mixed lengths, whose batches take more shapes as records are added, each "
+                                   "keeping some native memory under torch")):
+        memory = sorted((x for x in ok if x["section"] == kind), key=lambda x: x["records"])
+        if len(memory) >= 2:
+            text += (f" Peak memory above the model ({label}): "
+                     + ", ".join(f"{x['peak_bytes'] / 2**20:,.0f} MiB for {x['records']:,} records" for x in memory) + ".")
     return text + "\n"
 
 

@@ -369,6 +369,15 @@ class Pair:
                     corrupted=self.corrupted.rows(index), positions=pick(self.positions), target=self.target.rows(index))
 
 
+def reduce_runs(x: Tensor, runs: int, how: Literal["sum", "mean"] = "sum") -> Tensor:
+    """``x [runs·b, ...]``, rows run-major (as `Pair.rows` of ``arange(b).repeat(runs)`` gives them), summed or
+    averaged over its runs: ``[b, ...]``."""
+    if runs == 1:
+        return x
+    x = x.reshape(runs, x.shape[0] // runs, *x.shape[1:])
+    return x.sum(0) if how == "sum" else x.mean(0)
+
+
 def read_pair(
     model: TLModel,
     prompt: PromptLike,

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from dpa_lens.errors import InputError
-from dpa_lens.forward import CachedForward, Pair
+from dpa_lens.forward import CachedForward, Pair, reduce_runs
 from dpa_lens.graph import Graph, writer_deltas
 from dpa_lens.interventions import pair_forwards
 from dpa_lens.methods.edge_atp import edge_circuit, reader_gradients
@@ -120,7 +120,7 @@ def eap_ig(
 
                 runs, fwd = _repeated(pair, clean_fwd, len(ks))
                 G, value, live = reader_gradients(model, runs, fwd, runs.corrupted_tokens, embed_override=interpolate)
-                total = _add_runs(total, G, b)
+                total = reduce_runs(G, len(ks)) + (0 if total is None else total)
                 if start == 0:  # its first run is the corrupted run itself
                     with torch.no_grad():
                         deltas = writer_deltas(clean_fwd, _first_run(live, b))
@@ -151,12 +151,6 @@ def _repeated(pair: Pair, clean_fwd: CachedForward, runs: int) -> tuple[Pair, Ca
     return pair.rows(rows), dataclasses.replace(clean_fwd, positions=clean_fwd.positions[rows.to(clean_fwd.positions.device)])
 
 
-def _add_runs(total: Tensor | None, G: Tensor, b: int) -> Tensor:
-    """``total`` plus the gradients of a batch of runs ``[runs·b, ...]`` summed over its runs."""
-    G = G.reshape(-1, b, *G.shape[1:]).sum(0)
-    return G if total is None else total + G
-
-
 def _first_run(live: CachedForward, b: int) -> CachedForward:
     """The first run (``b`` rows) of a batch of runs."""
     rows = torch.arange(b)
@@ -169,7 +163,7 @@ def _activation_path_gradients(model: TLModel, pair: Pair, clean_fwd: CachedForw
     """EAP-IG-activations' ``ḡ [batch, pos, reader, d_model]``: the readers' gradients averaged over the clean
     runs in which one group of writers outputs ``(k/S)·clean + (1 − k/S)·corrupted``, ``k = 1 … S`` (``chunk`` of
     them per pass)."""
-    view, b = pair.view, pair.tokens.shape[0]
+    view = pair.view
     groups = [hooks.EMBED]
     for layer in range(view.n_layers):
         groups += [hooks.attn(layer, "z")] + ([hooks.mlp_out(layer)] if view.rules.has_mlp else [])
@@ -201,7 +195,7 @@ def _activation_path_gradients(model: TLModel, pair: Pair, clean_fwd: CachedForw
                         G[:, :, first_readers] = 0
                 else:
                     G, _, _ = reader_gradients(model, runs, fwd, runs.tokens, extra_hooks=[(group, replace)], cut=True)
-                total = _add_runs(total, G, b)
+                total = reduce_runs(G, len(ks)) + (0 if total is None else total)
                 bar.update(len(ks))
     return total / (len(groups) * steps)
 

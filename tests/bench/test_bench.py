@@ -98,6 +98,21 @@ def test_datasets_bench_quick_run(tmp_path):
     assert "| 2 | 4 |" in text and "## One process or two" in text
 
 
+@pytest.mark.smollm2
+def test_memory_rows_of_one_length_give_batches_of_one_shape():
+    """The records of the goal's memory rows: one token length, the warm-up's records apart from the timed ones,
+    16 records cycled, every id once."""
+    from dpa_lens.inputs import prepare_tokens
+
+    datasets = _module("datasets")
+    model = datasets.load("cpu", "float32")
+    warm, recs = datasets.one_length(model, 40)
+    assert len({prepare_tokens(model, r["prompt"])[0].shape[-1] for r in warm + recs}) == 1
+    assert len({r["id"] for r in warm + recs}) == len(warm) + 40
+    cycled = {r["id"].split("#")[0] for r in recs}
+    assert len(cycled) == 16 and not cycled & {r["id"] for r in warm}
+
+
 @pytest.mark.gemma3
 @pytest.mark.tl4_only
 def test_faithfulness_bench_on_the_second_model(tmp_path):

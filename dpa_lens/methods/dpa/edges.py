@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpa_lens.errors import CacheError, InputError
-from dpa_lens.forward import CachedForward, read_forward
+from dpa_lens.forward import CachedForward, read_forward, reduce_runs
 from dpa_lens.graph import Graph, all_writer_outputs, entry_stream, mlp_hidden
 from dpa_lens.methods.dpa.hooks import required_hooks
 from dpa_lens.methods.dpa.method import SweepResult, start_target, sweep
@@ -50,7 +50,7 @@ def _neuron_edges(fwd: CachedForward, layer: int, post_diff: Tensor | None, U: T
     U = U.to(post.device)
     if view.rules.post_norms:
         U = pull_norm(U, fwd.act(hooks.norm_scale(layer, "ln2_post"))[:, :, None], view.norm_weight("ln2_post", layer), center=False)
-    U = _step_mean(U, steps)
+    U = reduce_runs(U, steps, "mean")
     lam = U @ m.W_out.T  # [b, n, reader, d_mlp]
     return torch.einsum("bnm,bnrm->bmr", post, lam)
 
@@ -231,7 +231,7 @@ def edge_sweep(
     def add(writer_slice: slice, reader_slice: slice, U: Tensor) -> None:
         """Edges of the writers ``writer_slice`` (a prefix) into readers whose updates are ``U [b, n, r, d]``
         (on a split model, moved from the readers' layer to the writers' outputs, gathered on ``fwd.device``)."""
-        U = _step_mean(U.to(flat.device), steps)
+        U = reduce_runs(U.to(flat.device), steps, "mean")
         Ur = U.permute(0, 2, 1, 3).reshape(b, U.shape[2], -1)  # [b, r, n·d]
         scores[:, writer_slice, reader_slice] = torch.bmm(flat[:, writer_slice], Ur.transpose(1, 2))
         if per_pos is not None:
@@ -262,11 +262,6 @@ def edge_sweep(
     add(slice(0, W0), logit, start[:, :, None])
     add_neurons(view.n_layers, logit, start[:, :, None])
     return EdgeSweep(scores=scores, mask=mask, per_position=per_pos, result=result)
-
-
-def _step_mean(U: Tensor, steps: int) -> Tensor:
-    """``U [steps·b, ...]`` (run-major) averaged over the runs: ``[b, ...]``."""
-    return U if steps == 1 else U.reshape(steps, U.shape[0] // steps, *U.shape[1:]).mean(0)
 
 
 def _upstream(root: Root, writers: list[str], readers: list[tuple[str, str]], parallel: bool) -> Tensor:

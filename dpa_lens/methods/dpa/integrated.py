@@ -112,16 +112,13 @@ def dpa_edges_ig(
     def on_path(alphas: list[float]) -> CachedForward:
         """The runs of the corrupted prompt with its token embeddings ``α`` of the way to the clean prompt's, for each
         ``α`` (one batch, run-major), caching what DPA's sweep reads (inputs: the corrupted run's, repeated)."""
-        b = pair.corrupted_tokens.shape[0]
+        runs = pair.rows(torch.arange(pair.corrupted_tokens.shape[0]).repeat(len(alphas)))
         embed = torch.cat([e_corr + alpha * (e_clean - e_corr) for alpha in alphas])
-        tokens = pair.corrupted_tokens.repeat(len(alphas), 1)
-        mask = None if pair.mask is None else pair.mask.repeat(len(alphas), 1)
         with torch.no_grad(), model.hooks(fwd_hooks=[(hooks.EMBED, lambda x, hook: embed.to(x))]):
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted, **({} if mask is None else {"attention_mask": mask}))
+            _, cache = model.run_with_cache(runs.corrupted_tokens, names_filter=lambda n: n in wanted, **runs.forward_kwargs)
         check_finite(cache, sweep_names, method)
-        rows = torch.arange(b).repeat(len(alphas))
-        return dataclasses.replace(corr, cache=cache, inputs=inputs_from_tokens(view, tokens, mask), positions=corr.positions[rows],
-                                   target=pair.target.rows(rows), _rotary=None, _rotary_read=False)
+        return dataclasses.replace(corr, cache=cache, inputs=inputs_from_tokens(view, runs.corrupted_tokens, runs.mask),
+                                   positions=runs.positions, target=runs.target, _rotary=None, _rotary_read=False)
 
     clean, corr = forward(pair.tokens, writer_names), forward(pair.corrupted_tokens, writer_names)
     wanted = set(sweep_names)
