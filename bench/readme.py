@@ -194,7 +194,7 @@ def speed_checkpoint(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def circuits(r: dict) -> str:
+def circuits(r: dict, signed: dict | None = None) -> str:
     s, g, a = r["settings"], r["grid"], r["agreement"]
     faith = r["faithfulness"]
     ablations = [x for x in ("corrupted", "mean") if x in faith]
@@ -222,12 +222,13 @@ def circuits(r: dict) -> str:
     if costs:
         lines += ["", "Every edge with its q/k/v label from one sweep: " + "; ".join(costs) + "."]
     if "mib" in r:
-        lines += ["", *mib_protocol(r)]
+        lines += ["", *mib_protocol(r, signed)]
     return "\n".join(lines) + "\n"
 
 
-def mib_protocol(r: dict) -> list[str]:
-    """MIB's protocol (a circuit averaged over train prompts, evaluated on held-out prompts) with each method's cost."""
+def mib_protocol(r: dict, signed: dict | None = None) -> list[str]:
+    """MIB's protocol (a circuit averaged over train prompts, evaluated on held-out prompts) with each method's cost;
+    ``signed``: bench/results/eap_ig_signed.json, why EAP-IG-activations' signed ranking fails."""
     m = r["mib"]
     get = lambda name, n: next((x for x in r["cost"] if x["measurement"] == name and x["length"] == n and "error" not in x), None)  # noqa: E731
     lengths = sorted({x["length"] for x in r["cost"]})
@@ -256,6 +257,21 @@ def mib_protocol(r: dict) -> list[str]:
               "does not" + (f"; its cost ({activations['seconds']:.0f} s at 32 tokens) was measured with one run of the "
                             "path per pass, before runs were batched (`chunk`)" if activations else "") + "."]
              if act else [])
+    if act and signed:
+        (writer, reader, _), x, f = signed["edge"], signed["scores"], list(signed["faithfulness"].values())
+        acts, inputs = x["EAP-IG (activations)"], x["EAP-IG (inputs)"]
+        after.append(
+            f"Why ([`bench/results/eap_ig_signed.md`](bench/results/eap_ig_signed.md), `python -m bench.eap_ig_signed`, "
+            f"{signed['train']} train and {signed['test']} held-out prompts of this section): EAP-IG (activations) scores the "
+            f"edge {writer} → {reader} {acts['score']:+.3f} (signed rank {acts['rank']:,} of {signed['n_edges']:,}), where "
+            f"EAP-IG (inputs) scores it {inputs['score']:+.3f} (rank {inputs['rank']:,}) and exact edge patching "
+            f"{signed['exact']:+.3f}. Every circuit of its signed ranking short of the full graph leaves that edge out, so "
+            f"layer 0's MLP, which the value edges it keeps on top read, gets the corrupted input. With that one edge scored "
+            f"as by the inputs form its signed CPR on those prompts goes from {f[1]['cpr']:.3f} to {f[2]['cpr']:.3f} "
+            f"(EAP-IG (inputs) {f[0]['cpr']:.3f}). The activations form averages each reader's gradient over runs that "
+            "each interpolate one group of writers between the corrupted and the clean output and keep the others clean (the "
+            "reference's rule): that MLP's input is the clean run's in all of them but those of the embeddings and layer 0's "
+            "attention, where the inputs form's runs go from the corrupted input to the clean one.")
     return lines + (["", "Not shown: " + "; ".join(notes) + "."] if notes else []) + (["", *after] if after else [])
 
 
@@ -369,13 +385,13 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed-fixed": ((RESULTS / "speed_smollm2.json",), speed_fixed),
     "speed-answer-gemma3": ((RESULTS / "speed_gemma3.json",), speed_answer),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
-    "circuits": ((RESULTS / "circuits_smollm2.json",), circuits),
+    "circuits": ((RESULTS / "circuits_smollm2.json", RESULTS / "eap_ig_signed.json"), circuits),
     "circuits-gemma3": ((RESULTS / "circuits_gemma3.json",), mib_second_model),
     "notebooks": ((RESULTS / "notebooks.json",), notebooks),
     "loading": ((RESULTS / "loading.json",), loading),
     "datasets": ((RESULTS / "datasets_smollm2.json",), datasets),
 }
-OPTIONAL = {RESULTS / "faithfulness_gemma3.json"}
+OPTIONAL = {RESULTS / "faithfulness_gemma3.json", RESULTS / "eap_ig_signed.json"}
 
 
 def render(text: str) -> str:

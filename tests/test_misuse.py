@@ -77,7 +77,8 @@ RECOMPUTED = {"W_Q": "queries differ from W_Q", "W_K": "keys differ from W_K", "
 def test_a_cache_made_before_the_weights_the_sweep_reads_were_edited_is_refused(family, line, monkeypatch):
     """Queries, keys (rotated by the full or a partial rotary, or not; query-key norms) and the MLP's inputs (gate
     and up, or the one input) are checked against the weights too, not only values and writes: by node DPA through
-    its sweep's products (`WeightProbe`), by DPA edges by recomputing them; neither needs DPA_LENS_CHECK."""
+    its sweep's products (`WeightProbe`), by DPA edges through theirs, by DPA paths by recomputing them; none needs
+    DPA_LENS_CHECK."""
     monkeypatch.delenv("DPA_LENS_CHECK", raising=False)
     model, _ = make_tiny(family, line=line, seed=5)
     _, cache = model.run_with_cache(IOI_PROMPT)
@@ -88,8 +89,10 @@ def test_a_cache_made_before_the_weights_the_sweep_reads_were_edited_is_refused(
         p.data = old * 1.1  # edited after caching
         with pytest.raises(CacheError, match=f"weights at layer 1 \\({PROBED[weight]}"):
             dpa_lens.dpa(model, cache, " Mary")
-        with pytest.raises(CacheError, match=f"weights at layer 1 \\(.*{RECOMPUTED[weight]}"):
+        with pytest.raises(CacheError, match=f"weights at layer 1 \\({PROBED[weight]}"):
             dpa_lens.dpa_edges(model, cache, " Mary")
+        with pytest.raises(CacheError, match=f"weights at layer 1 \\(.*{RECOMPUTED[weight]}"):
+            dpa_lens.dpa_paths(model, cache, " Mary", k=1)
         p.data = old
     assert torch.equal(dpa_lens.dpa(model, cache, " Mary").heads, clean.heads)
 
@@ -113,6 +116,23 @@ def test_the_weight_probe_sees_a_small_edit_and_no_float_error(line):
     with pytest.raises(CacheError, match="weights at layer 0"):
         dpa_lens.dpa(model, cache, " Mary")
     p.data = old
+
+
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_the_weight_probe_checks_every_layer_of_node_and_edge_sweeps(family, line, monkeypatch):
+    """Every layer's attention and MLP products reach the probe, in node DPA's sweep and in the sweep by reader of
+    DPA edges (its per-head products go through the probe by a row of their own): none is left unchecked."""
+    from dpa_lens.validation import WeightProbe
+
+    model, _ = make_tiny(family, line=line, seed=5)
+    _, cache = model.run_with_cache(IOI_PROMPT)
+    seen = []
+    verify = WeightProbe.verify
+    monkeypatch.setattr(WeightProbe, "verify", lambda self, *a, **k: (seen.append(set(self._products)), verify(self, *a, **k))[1])
+    dpa_lens.dpa(model, cache, " Mary")
+    dpa_lens.dpa_edges(model, cache, " Mary")
+    every = {(layer, block) for layer in range(model.cfg.n_layers) for block in ("attn", "mlp")}
+    assert seen == [every, every]
 
 
 @pytest.mark.parametrize("name", ["ln_final.hook_scale", "ln_final.hook_normalized", "blocks.1.ln1.hook_scale"])

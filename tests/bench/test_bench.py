@@ -30,6 +30,11 @@ def test_committed_tables_are_rendered_from_the_committed_results(stem):
     assert (results / f"{stem}.md").read_text() == markdown(data)
 
 
+def test_the_eap_ig_signed_table_is_rendered_from_its_committed_results():
+    data = json.loads((BENCH / "results" / "eap_ig_signed.json").read_text())
+    assert (BENCH / "results" / "eap_ig_signed.md").read_text() == _module("eap_ig_signed").markdown(data)
+
+
 def test_failures_are_reported_by_their_first_sentence_and_readme_cells_say_why():
     short_error = _module("common").short_error
     trace = "Traceback ...\ndpa_lens.errors.UnsupportedModelError: Unpack does not support this model (x, y). " + "More. " * 60

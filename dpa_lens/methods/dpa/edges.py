@@ -128,14 +128,17 @@ def dpa_edges(
     if paths and corrupted_cache is not None:
         raise InputError("paths explain the clean run: pass paths= or corrupted_cache=, not both")
     neuron_layers = parse_neuron_layers(neurons, view.n_layers)
-    kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit,
-                  weights="every")  # the sweep by reader reads W_Q, W_K and the MLP inputs' weights
+    kwargs = dict(hook_names=required_hooks(view, False), filter_hint="dpa_lens.dpa_names_filter(model)", logit=logit)
     if rooted is not None:
         kwargs.update(hook_names=kwargs["hook_names"] + rooted.hooks, filter_hint=rooted.filter_hint)
-    fwd = read_forward(model, cache, target, position, method="DPA edges", tokens=tokens, attention_mask=attention_mask, **kwargs)
+    # the sweep by reader reads W_Q, W_K and the MLP inputs' weights: checked through its products (the weight
+    # probe), and on the corrupted cache, which no sweep reads, by recomputing them
+    fwd = read_forward(model, cache, target, position, method="DPA edges", tokens=tokens, attention_mask=attention_mask,
+                       weights="probe", **kwargs)
     base = None
     if corrupted_cache is not None:
-        base = read_forward(model, corrupted_cache, None, position, method="contrastive DPA edges (corrupted cache)", **kwargs)
+        base = read_forward(model, corrupted_cache, None, position, method="contrastive DPA edges (corrupted cache)",
+                            weights="every", **kwargs)
         if base.inputs.tokens.shape != fwd.inputs.tokens.shape:
             raise CacheError(f"the corrupted cache is a run on {tuple(base.inputs.tokens.shape)} tokens, the clean one on "
                              f"{tuple(fwd.inputs.tokens.shape)}: contrastive scores need them aligned position by position")
@@ -152,6 +155,8 @@ def dpa_edges(
         del outs
         value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
         found = search_paths(fwd, start, mu, root=rooted, k=paths) if paths else None
+        if fwd.weight_probe is not None:
+            fwd.weight_probe.verify(fwd.cache, fwd.rotary, fwd.inputs.real)
     result, mask, per_pos = edges.result, edges.mask, edges.per_position
     writers, readers, b = g.writers, g.readers, fwd.batch
     nodes = None

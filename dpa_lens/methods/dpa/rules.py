@@ -145,6 +145,9 @@ class Propagator:
         if readers:
             with record_function("dpa.attention.readers"):
                 split = self._readers(layer, a, grad_q, grad_k_h, paths.value, rot)
+            if fwd.weight_probe is not None:  # the split reads W_Q, W_K, W_V per head: the probe's row alone through them
+                terms = [(which, w, g[:0], W) for which, w, g, W in self._qkv_terms(a, grad_q, grad_k, grad_v)]
+                self._products(layer, "attn", terms, grad_q.new_zeros(0, a.W_Q.shape[1]))
             return AttentionStep(update=split.sum(dim=(2, 3)), heads=head_score, head_keys=paths.head_keys, bias=bias,
                                  readers=split)
         with record_function("dpa.attention.projections"):
@@ -153,15 +156,18 @@ class Propagator:
     def _project(self, layer: int, a, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, head_score: Tensor,
                  head_keys: Tensor | None, bias: Tensor) -> AttentionStep:
         """The three paths through W_Q, W_K, W_V and the input norm, weighted by ``mu``."""
-        mu, b, n = self.mu, self.b, self.n
-        H, K, dh = self.view.n_heads, self.view.n_kv_heads, self.view.d_head
-        d = a.W_Q.shape[1]
-        used = [(which, weight, grad_.reshape(b * n, heads * dh), heads_in(W).T)
+        b, n, d = self.b, self.n, a.W_Q.shape[1]
+        update = self._products(layer, "attn", self._qkv_terms(a, grad_q, grad_k, grad_v), grad_q.new_zeros(b * n, d)).view(b, n, d)
+        return AttentionStep(update=self.in_norm(update, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
+
+    def _qkv_terms(self, a, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> list[tuple[str, float, Tensor, Tensor]]:
+        """`_products`' terms of the query, key and value paths: ``(which, mu, grad [rows, heads·d_head], W [heads·d_head, d])``
+        (``grad_q [b, pos, H, d_head]``, ``grad_k``, ``grad_v [b, pos, K, d_head]``)."""
+        mu, H, K, dh = self.mu, self.view.n_heads, self.view.n_kv_heads, self.view.d_head
+        return [(which, weight, grad_.reshape(-1, heads * dh), heads_in(W).T)
                 for which, weight, grad_, W, heads in (("q", mu.q, grad_q, a.W_Q, H), ("k", mu.k, grad_k, a.W_K, K),
                                                         ("v", mu.v, grad_v, a.W_V, K))
                 if weight]
-        update = self._products(layer, "attn", used, grad_q.new_zeros(b * n, d)).view(b, n, d)
-        return AttentionStep(update=self.in_norm(update, layer, "ln1"), heads=head_score, head_keys=head_keys, bias=bias)
 
     def _products(self, layer: int, block: str, used: list[tuple[str, float, Tensor, Tensor]], zero: Tensor) -> Tensor:
         """``Σ w_i g_i @ W_i`` over ``(which, w_i, g_i [rows, k_i], W_i [k_i, d])``; with the forward's weight
