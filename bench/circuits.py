@@ -47,8 +47,8 @@ LABELS = ("q", "k", "v", "mlp", "logit")
 COST = {"dpa": "node DPA (cache forward + sweep: tokens, heads, neurons)", "dpa_edges": "DPA edges, all (cache forward + sweep)",
         "dpa_edges_ig": "integrated DPA edges, 3 steps (a forward of each prompt; one cache forward + sweep of the 3 runs as a batch)",
         "edge_atp": "edge AtP, all (clean forward, corrupted forward + backward)",
-        "eap_ig": "EAP-IG (inputs), 5 steps (clean forward; per step, a forward + backward)",
-        "eap_ig_activations": "EAP-IG (activations), 5 steps (2 forwards; (1 + 2·30)·5 forwards + backwards)",
+        "eap_ig": "EAP-IG (inputs), 5 steps (clean forward; a forward + backward per batch of runs, `chunk` by default)",
+        "eap_ig_activations": "EAP-IG (activations), 5 steps (2 forwards; (1 + 2·30)·5 runs, a forward + backward per batch of runs)",
         "edge_patching": "exact edge patching, per edge (sample)"}
 MODELS = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}  # --model -> the results file's stem
 MODEL_TITLES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M"}
@@ -287,6 +287,8 @@ def cost_one(measurement: str, length: int, sample: int, repeats: int) -> dict:
 
     times, peak = time_calls(once, "cpu", repeats)
     row = {"measurement": measurement, "length": length, "seconds": min(times), "peak_bytes": peak}
+    if measurement.startswith("eap_ig"):  # several runs of the path in one pass (`chunk`), since that was added
+        row["batched_runs"] = True
     if "edges" in options:  # timed on a sample of the edges: extrapolated to all of them
         row.update(sample=len(edges), edges=len(patched) + int(exists[:, -1].sum()), patched_edges=len(patched),
                    seconds_per_edge=row["seconds"] / len(edges), extrapolated_seconds=row["seconds"] / len(edges) * len(patched))

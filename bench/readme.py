@@ -255,7 +255,8 @@ def mib_protocol(r: dict, signed: dict | None = None) -> list[str]:
     after = ([f"EAP-IG (activations) ranked by |score| has CPR {act['cpr_abs']:.3f}: its signed ranking keeps edges that "
               "carry little of the clean run to the logits (f near 0 up to half of the edges), where its |score| ranking "
               "does not" + (f"; its cost ({activations['seconds']:.0f} s at 32 tokens) was measured with one run of the "
-                            "path per pass, before runs were batched (`chunk`)" if activations else "") + "."]
+                            "path per pass, before runs were batched (`chunk`)" if activations and not activations.get("batched_runs")
+                            else "") + "."]
              if act else [])
     if act and signed:
         (writer, reader, _), x, f = signed["edge"], signed["scores"], list(signed["faithfulness"].values())

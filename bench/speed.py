@@ -362,10 +362,9 @@ def markdown(result: dict) -> str:
                   "(`dpa_lens.validation.WeightProbe`, on in every DPA call). "
                   "The A/B: a DPA call on a full cache with the probe and without it (rows measured in the same `--rounds` "
                   "command, interleaved), and, for comparison, the explicit check of the same weights by recomputing the "
-                  "queries, keys and MLP inputs at 4 positions (`check_cache_model(every_weight=True)`, what DPA edges, "
-                  "DePass and Unpack run). The rounds of one row differ by up to 45 % on this shared 2-core machine (e.g. "
-                  "0.149-0.221 s for the call without the probe at 32 tokens in the run below), so the ratio of the fastest "
-                  "rounds says no more than that the probe's cost is within that spread.", "",
+                  "queries, keys and MLP inputs at 4 positions (`check_cache_model(every_weight=True)`, what DPA paths, "
+                  "DePass and Unpack run; DPA edges use the probe). The rounds of one row differ by up to 45 % on this "
+                  "shared 2-core machine, so the ratio of the fastest rounds is a rough guide to the probe's cost.", "",
                   "| tokens | DPA call, probe | DPA call, no probe | probe / no probe | cache check (W_V, W_O, W_out) | "
                   "cache check, every weight |", "|---:|---|---|---:|---|---|"]
         for n in probe:
