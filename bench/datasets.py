@@ -18,8 +18,8 @@ length, the method, and writing the Parquet shards.
    threads each (DPA, batch 8; the records dealt between the processes);
 3. peak memory above the loaded model of DPA over 10, 100 and 1,000 records (batch 8), two ways:
    ``memory-one-length``: 16 records of one token length cycled (each copy its own id), after a warm-up on 8
-   other records of that length: every batch (but a last, shorter one) has the shape of the warm-up's, so only
-   what grows with the number of records shows (the goal's measure);
+   other records of that length: every full batch has the shape of the warm-up's (10 and 100 records end on a
+   shorter one, of 2 and 4), so what grows with the number of records shows (the goal's measure);
    ``memory``: 16 records of different lengths cycled. Batching by length puts the copies of a record
    together, so 1,000 records meet more (batch, length) shapes than 10, and the native libraries under torch
    keep some memory for each shape met (measured: a matmul forward and backward over 120 shapes keeps 18 MiB
@@ -279,7 +279,8 @@ def markdown(result: dict) -> str:
     if any(memory.values()):
         lines += ["", "## Peak memory against the number of records (DPA, batch 8)", "",
                   "Above the loaded model, after a warm-up. *One length*: 16 records of one token length cycled, so "
-                  "every batch has the warm-up's shape (the goal: 10 and 1,000 records within 10 %). *Mixed lengths*: 16 "
+                  "every full batch has the warm-up's shape (10 and 100 records end on a shorter one; the goal: 10 and 1,000 "
+                  "records within 10 %). *Mixed lengths*: 16 "
                   "records of different lengths cycled; 1,000 records meet more batch shapes than 10, and the native "
                   "libraries under torch keep memory for each shape met (it levels off).", "",
                   "| records | records of | peak above the model | seconds per record |", "|---|---|---|---|"]

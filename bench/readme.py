@@ -364,7 +364,7 @@ def datasets(r: dict) -> str:
     if two and one:
         text += (f" Two processes under torchrun with {two.get('threads_each', '?')} thread each: {two['seconds'] / one['seconds']:.2f}× "
                  f"the time of one process with {one.get('threads', '?')} ({two['records']} records).")
-    for kind, label in (("memory-one-length", "records of one length, every batch of one shape"),
+    for kind, label in (("memory-one-length", "records of one length, every full batch of the warm-up's shape"),
                         ("memory", "records of mixed lengths, whose batches take more shapes as records are added, each "
                                    "keeping some native memory under torch")):
         memory = sorted((x for x in ok if x["section"] == kind), key=lambda x: x["records"])

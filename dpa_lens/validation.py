@@ -148,8 +148,8 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
     (products of ``n_pos`` rows). Queries, keys (with the query-key norm's cached scale, as the sweep reads
     them) and the MLP's inputs are checked only with ``every_weight`` (default: ``DPA_LENS_CHECK=every-weight``
     in the environment; the methods that read those weights ask for it, `read_forward`'s ``weights``): they
-    double the check's cost (on SmolLM2 on CPU, about 50 -> 120 ms a call). Node DPA checks them through its
-    sweep instead, at no measurable cost (`WeightProbe`). Raises `CacheError` when no layer can be checked at all.
+    double the check's cost (on SmolLM2 on CPU, about 50 -> 120 ms a call). Node DPA and DPA edges check them
+    through their sweep instead (`WeightProbe`; its cost: bench/results/speed_smollm2.md). Raises `CacheError` when no layer can be checked at all.
 
     Any model TransformerLens builds passes: norms and biases that processing did not fold (their
     biases are in `ModelView.attn` and `ModelView.mlp`), ``ln1`` scales cached per head

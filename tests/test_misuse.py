@@ -97,6 +97,20 @@ def test_a_cache_made_before_the_weights_the_sweep_reads_were_edited_is_refused(
     assert torch.equal(dpa_lens.dpa(model, cache, " Mary").heads, clean.heads)
 
 
+@pytest.mark.parametrize("weight", ["W_Q", "W_in"])
+def test_contrastive_edges_refuse_a_corrupted_cache_made_before_a_weight_edit(weight, line, monkeypatch):
+    """No sweep reads the corrupted cache of contrastive DPA edges, so the probe cannot see it: its queries, keys and
+    MLP inputs are recomputed (the clean cache, made after the edit, is the model's own)."""
+    monkeypatch.delenv("DPA_LENS_CHECK", raising=False)
+    model, _ = make_tiny("llama", line=line, seed=5)
+    _, corrupted = model.run_with_cache(CORRUPTED)
+    p = next(p for n, p in model.blocks[1].named_parameters() if any(key in n for key in PARAMETERS[weight]))
+    p.data = p.data * 1.1
+    _, clean = model.run_with_cache(IOI_PROMPT)
+    with pytest.raises(CacheError, match=f"^corrupted_cache: .*weights at layer 1 \\(.*{RECOMPUTED[weight]}"):
+        dpa_lens.dpa_edges(model, clean, PAIR, corrupted_cache=corrupted)
+
+
 def test_the_weight_probe_sees_a_small_edit_and_no_float_error(line):
     """The probe's tolerance: a 1 % change of one query head's weights is refused; caches of the model itself,
     at several lengths and batch rows with padding, are not (the float error of both sides stays under it)."""

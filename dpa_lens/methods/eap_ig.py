@@ -85,8 +85,8 @@ def eap_ig(
         mode: ``"inputs"`` interpolates the token embeddings (``steps`` forward and backward passes);
             ``"activations"`` each group of writers in turn (``(1 + 2·n_layers)·steps`` passes; the module's note).
         steps: points of the path (MIB's default, 5). ``steps=1`` with ``"inputs"`` is `edge_atp`.
-        chunk: runs per forward and backward, as one batch of ``chunk × batch`` rows (default: as many as keep a
-            pass's estimated memory within `CHUNK_BUDGET` bytes, at most ``steps``; 1 holds the least memory, more
+        chunk: runs per forward and backward, as one batch of ``chunk × batch`` rows (default: as many as keep the
+            memory the runs add to a pass within an estimated `CHUNK_BUDGET` bytes, at most ``steps``; 1 holds the least memory, more
             are faster at short inputs, where a pass is mostly fixed cost).
         per_position: also return ``per_position [batch, pos, writer, reader]``, the scores split by the
             position where the writer writes and the reader reads.
@@ -136,15 +136,15 @@ def eap_ig(
                         settings={"mode": mode, "steps": steps})
 
 
-CHUNK_BUDGET = 2**32  # bytes the runs of one pass may hold by default (4 GiB), estimated by `_RUN_MEMORY`
+CHUNK_BUDGET = 2**32  # bytes the runs of one pass may add by default (4 GiB), estimated by `_RUN_MEMORY`
 # a run's memory over its readers' gradients [rows, pos, reader, d_model] in float32: the increase of the peak per
 # run added to a pass, measured on SmolLM2-135M (CPU; inputs at 32 and 64 tokens: 5.4× and 7.2×; activations at
-# 16 tokens: 24×)
-_RUN_MEMORY = {"inputs": 8, "activations": 24}
+# 16 and 32 tokens: 24× and 30×). What one run and the call itself hold comes on top.
+_RUN_MEMORY = {"inputs": 8, "activations": 32}
 
 
 def _default_chunk(pair: Pair, mode: str) -> int:
-    """Runs per pass such that a pass's estimated memory stays within `CHUNK_BUDGET` bytes (at least 1)."""
+    """Runs per pass such that what they add to a pass's memory stays within an estimated `CHUNK_BUDGET` bytes (at least 1)."""
     b, n = pair.tokens.shape
     gradients = b * n * len(Graph.of(pair.view).readers) * pair.view.d_model * 4
     return max(1, CHUNK_BUDGET // (_RUN_MEMORY[mode] * gradients))

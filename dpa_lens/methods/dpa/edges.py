@@ -137,8 +137,11 @@ def dpa_edges(
                        weights="probe", **kwargs)
     base = None
     if corrupted_cache is not None:
-        base = read_forward(model, corrupted_cache, None, position, method="contrastive DPA edges (corrupted cache)",
-                            weights="every", **kwargs)
+        try:
+            base = read_forward(model, corrupted_cache, None, position, method="contrastive DPA edges (corrupted cache)",
+                                weights="every", **kwargs)
+        except CacheError as err:  # which of the two caches
+            raise CacheError(f"corrupted_cache: {err}") from None
         if base.inputs.tokens.shape != fwd.inputs.tokens.shape:
             raise CacheError(f"the corrupted cache is a run on {tuple(base.inputs.tokens.shape)} tokens, the clean one on "
                              f"{tuple(fwd.inputs.tokens.shape)}: contrastive scores need them aligned position by position")
