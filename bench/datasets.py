@@ -16,7 +16,9 @@ length, the method, and writing the Parquet shards.
    targets (parameters frozen);
 2. one process with every core's threads against ``torchrun --nproc_per_node 2`` with half the
    threads each (DPA, batch 8; the records dealt between the processes);
-3. peak memory above the loaded model of DPA over 10, 100 and 1,000 records (batch 8), two ways:
+3. where the time of a batch-8 DPA run goes (``breakdown``): in one process, the floor, its forward alone, DPA's
+   cache forward, DPA's calls as the runner makes them, and the whole dataset call, timed in turn for 4 rounds;
+4. peak memory above the loaded model of DPA over 10, 100 and 1,000 records (batch 8), two ways:
    ``memory-one-length``: 16 records of one token length cycled (each copy its own id), after a warm-up on 8
    other records of that length: every full batch has the shape of the warm-up's (10 and 100 records end on a
    shorter one, of 2 and 4), so what grows with the number of records shows (the goal's measure);
@@ -181,6 +183,66 @@ def child_method(method: str, batch: int, n: int, device: str, dtype: str, memor
     return {"seconds": seconds, "peak_bytes": mem.peak, "written": written, "skipped": skipped}
 
 
+def child_breakdown(batch: int, n: int, device: str, dtype: str, rounds: int = 4) -> dict:
+    """Where a dataset run's time goes, in one process, the stages measured in turn for ``rounds`` rounds (fastest
+    kept): the floor, the floor's forward alone, the method's cache forward, the method's calls as the runner makes
+    them (cache forward included, no files), and the whole `attribute_dataset` call (tokenizing, batching, shards)."""
+    import warnings
+
+    import torch
+
+    import dpa_lens
+    from bench.speed import load_hf
+    from dpa_lens.methods.registry import cache_for, get_method
+    from dpa_lens.runs.records import Prepared, batches, prepare, read_records
+    from dpa_lens.runs.runner import _call
+
+    model, hf = load(device, dtype), load_hf(NAME, device, dtype)
+    warnings.simplefilter("ignore")
+    recs = records(model, n)
+    padded = [(tokens.to(device), mask.to(device), last, targets) for tokens, mask, last, targets in floor_batches(model, recs, batch)]
+    parsed, _ = read_records(recs)
+    prepared = [p for p in (prepare(model, r, needs_target=True, needs_corrupted=False, takes_corrupted=False) for r in parsed)
+                if isinstance(p, Prepared)]
+    groups, spec = list(batches(prepared, batch)), get_method("dpa")
+
+    def floor(backward: bool = True) -> None:
+        for tokens, mask, last, targets in padded:
+            embeds = hf.get_input_embeddings()(tokens).detach().requires_grad_(backward)
+            with torch.set_grad_enabled(backward):
+                logits = hf(inputs_embeds=embeds, attention_mask=mask).logits
+                if backward:
+                    at = logits[torch.arange(len(targets), device=device), last.to(device)]
+                    sum(at[i, a] - (at[i, b] if b is not None else 0) for i, (a, b) in enumerate(targets)).backward()
+
+    def forward() -> None:
+        for tokens, mask, _, _ in padded:
+            cache_for(model, tokens, attention_mask=mask)
+
+    def calls() -> None:
+        for group in groups:
+            _call(model, spec, group, -1, {})
+
+    written: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def dataset() -> None:
+            folder = Path(tmp) / f"run{len(os.listdir(tmp))}"
+            written.append(len(dpa_lens.attribute_dataset(model, "dpa", recs, folder, batch_size=batch, progress=False)))
+
+        stages = {"floor": floor, "floor_forward": lambda: floor(False), "cache_forward": forward, "method_calls": calls,
+                  "dataset_call": dataset}
+        seconds: dict[str, list[float]] = {k: [] for k in stages}
+        for _ in range(rounds + 1):  # the first round warms up
+            for name, fn in stages.items():
+                start = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - start)
+    return {"seconds": min(seconds["dataset_call"][1:]), "written": min(written), "stages": {k: min(v[1:]) for k, v in seconds.items()},
+            "rounds": {k: v[1:] for k, v in seconds.items()}}
+
+
 def child_processes(method: str, batch: int, n: int, device: str, dtype: str) -> dict | None:
     """One of ``torchrun``'s processes: the dataset call between two barriers; rank 0 reports the wall time."""
     import warnings
@@ -221,15 +283,34 @@ def run_processes(method: str, batch: int, n: int, device: str, dtype: str, npro
     return json.loads(lines[-1])
 
 
+def fastest(runs: list[dict]) -> dict:
+    """One row from its rounds: the fastest run (an error only where every round failed), with every round's seconds."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    best = min(good, key=lambda r: r["seconds"])
+    return {**best, "rounds": [r["seconds"] for r in good]} if len(runs) > 1 else best
+
+
 def plan(quick: bool) -> list[tuple[str, str, int, int]]:
     """(section, measurement, batch, records) of each row."""
     if quick:
-        return [("speed", m, 2, 4) for m in ("floor", "dpa", "dpa_edges")] + [("processes", "dpa", 2, 4)]
+        return [("speed", m, 2, 4) for m in ("floor", "dpa", "dpa_edges")] + [("processes", "dpa", 2, 4), ("breakdown", "dpa", 2, 4)]
     rows = [("speed", m, b, 64) for b in (1, 8, 16) for m in ("floor", "dpa")]
     rows += [("speed", m, b, 32) for b in (1, 8) for m in ("floor", "dpa_edges")]
-    rows += [("processes", "dpa", 8, 64)]
+    rows += [("processes", "dpa", 8, 64), ("breakdown", "dpa", 8, 64)]
     rows += [(kind, "dpa", 8, n) for kind in ("memory-one-length", "memory") for n in (10, 100, 1000)]
     return rows
+
+
+def rounds_note(rows: list[dict]) -> str:
+    """What the speed rows' rounds were, where they had several."""
+    rounds = [r["rounds"] for r in rows if r["section"] in ("speed", "processes") and "rounds" in r]
+    if not rounds:
+        return ""
+    spread = max(max(x) / min(x) for x in rounds)
+    return (f" Each timed row (speed, processes) is the fastest of {len(rounds[0])} rounds, the rows measured in turn in each "
+            f"round (a row's slowest round took up to {spread:.2f}× its fastest on this machine).")
 
 
 def markdown(result: dict) -> str:
@@ -246,7 +327,7 @@ def markdown(result: dict) -> str:
         "logit difference) and Known 1000 (the answer's first token); each row is a fresh process timing one whole "
         "`attribute_dataset` call (tokenizing, batching by length, the method, writing the Parquet shards) after a "
         "warm-up on other records. The floor: the same model in transformers (SDPA), the same batches, one forward and "
-        "a backward to the input embeddings.",
+        "a backward to the input embeddings." + rounds_note(rows),
         "",
         "## Seconds per record against the floor",
         "",
@@ -274,6 +355,19 @@ def markdown(result: dict) -> str:
                 continue
             lines.append(f"| {r['measurement']} | {r['batch']} | {r['records']} | {one['seconds']:.1f} s ({one.get('threads', '?')} threads) | "
                          f"{r['seconds']:.1f} s ({r.get('threads_each', '?')} threads each) | {r['seconds'] / one['seconds']:.2f}× |")
+    breakdown = [r for r in rows if r["section"] == "breakdown" and "error" not in r]
+    for r in breakdown:
+        st, n = r["stages"], r["records"]
+        lines += ["", f"## Where a dataset run's time goes (DPA, batch {r['batch']}, {n} records, one process)", "",
+                  f"Each stage timed in turn in one process, {len(r['rounds']['floor'])} rounds after a warm-up round, the "
+                  "fastest kept; per record, and against the floor:", "",
+                  "| stage | per record | / floor |", "|---|---:|---:|"]
+        labels = {"floor": "the floor (transformers forward + backward)", "floor_forward": "the floor's forward alone",
+                  "cache_forward": "DPA's cache forward (`cache_for`)", "method_calls": "DPA's calls as the runner makes them "
+                  "(cache forward + sweep + checks; no files)", "dataset_call": "the whole `attribute_dataset` call (+ tokenizing, "
+                  "batching, Parquet shards)"}
+        for k, label in labels.items():
+            lines.append(f"| {label} | {st[k] / n * 1000:.0f} ms | {st[k] / st['floor']:.2f}× |")
     memory = {kind: sorted((r for r in rows if r["section"] == kind and "error" not in r), key=lambda r: r["records"])
               for kind in ("memory-one-length", "memory")}
     if any(memory.values()):
@@ -302,8 +396,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--sections", nargs="+", choices=["speed", "processes", "memory-one-length", "memory"], default=None,
+    parser.add_argument("--sections", nargs="+", choices=["speed", "processes", "breakdown", "memory-one-length", "memory"], default=None,
                         help="measure these sections only (default: all)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times each timed row (speed, processes) is measured, in interleaved rounds; the fastest is kept "
+                        "(default 3, quick 1)")
     parser.add_argument("--update", action="store_true", help="merge the rows measured into the committed results")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "BATCH", "RECORDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -312,6 +409,8 @@ def main() -> None:
         try:
             if kind == "processes":
                 out = child_processes(method, batch, n, args.device, args.dtype)
+            elif kind == "breakdown":
+                out = child_breakdown(batch, n, args.device, args.dtype)
             elif method == "floor":
                 out = child_floor(batch, n, args.device, args.dtype)
             else:
@@ -326,22 +425,28 @@ def main() -> None:
         return
     started = time.perf_counter()
     dtypes = [args.dtype] if not args.device.startswith("cuda") else ["float32", "bfloat16"]
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     rows = []
     for dtype in dtypes:
-        for section, measurement, batch, n in plan(args.quick):
-            if args.sections and section not in args.sections:
-                continue
+        todo = [row for row in plan(args.quick) if not args.sections or row[0] in args.sections]
+        runs: dict[tuple, list[dict]] = {}
+        for k in range(rounds):  # the timed rows measured in turn, round after round: the machine's drift meets them all
+            for section, measurement, batch, n in todo:
+                if k and section not in ("speed", "processes"):  # memory rows: one round; the breakdown has its own
+                    continue
+                print(f"{section} {measurement} batch {batch}, {n} records, {dtype} (round {k + 1}) ...", file=sys.stderr, flush=True)
+                if section == "processes":
+                    got = run_processes(measurement, batch, n, args.device, dtype, 2, args.timeout)
+                else:
+                    got = run_child("bench.datasets", [section, measurement, str(batch), str(n), "--device", args.device, "--dtype", dtype],
+                                    timeout=args.timeout)
+                    if "error" in got:
+                        got["error"] = short_error(got["error"])
+                runs.setdefault((section, measurement, batch, n), []).append(got)
+                print(f"  {got}", file=sys.stderr, flush=True)
+        for (section, measurement, batch, n), got in runs.items():
             base = {"section": section, "measurement": measurement, "batch": batch, "records": n, "dtype": dtype}
-            print(f"{section} {measurement} batch {batch}, {n} records, {dtype} ...", file=sys.stderr, flush=True)
-            if section == "processes":
-                got = run_processes(measurement, batch, n, args.device, dtype, 2, args.timeout)
-            else:
-                got = run_child("bench.datasets", [section, measurement, str(batch), str(n), "--device", args.device, "--dtype", dtype],
-                                timeout=args.timeout)
-                if "error" in got:
-                    got["error"] = short_error(got["error"])
-            rows.append({**base, **got})
-            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+            rows.append({**base, **fastest(got)})
     import torch
 
     command = "python -m bench.datasets" + (" --quick" if args.quick else "") + (f" --device {args.device}" if args.device != "cpu" else "")

@@ -276,8 +276,9 @@ def mib_protocol(r: dict, signed: dict | None = None) -> list[str]:
     return lines + (["", "Not shown: " + "; ".join(notes) + "."] if notes else []) + (["", *after] if after else [])
 
 
-def mib_second_model(r: dict) -> str:
-    """MIB's protocol on a second model (``python -m bench.circuits --model ... --mib-only``)."""
+def mib_second_model(r: dict, signed: dict | None = None) -> str:
+    """MIB's protocol on a second model (``python -m bench.circuits --model ... --mib-only``); ``signed``: its
+    bench/results/eap_ig_signed_gemma3.json, the diagnosis of EAP-IG-activations' signed ranking there."""
     m, name = r["mib"], r["settings"]["model"].split(" (")[0]
     lines = [f"The same protocol on {name} ({m['train']} train and {m['test']} held-out IOI prompts that it answers correctly, "
              f"{m['n_total']:,} edges), from [`bench/results/circuits_gemma3.md`](bench/results/circuits_gemma3.md) "
@@ -286,6 +287,24 @@ def mib_second_model(r: dict) -> str:
     for label, v in sorted(m["methods"].items(), key=lambda kv: -kv[1]["cpr"]):
         curve = v["curve_signed"]
         lines.append(f"| {label} | {v['cpr']:.3f} | {v['cmd']:.3f} | {curve[0]:.2f} / {curve[3]:.2f} | {v['cpr_abs']:.3f} |")
+    act = m["methods"].get("EAP-IG (activations)")
+    if act:
+        lines += ["", f"EAP-IG (activations)' signed ranking fails here as on SmolLM2 (CPR {act['cpr']:.3f}; f at most "
+                  f"{max(act['curve_signed'][:-1]):.2f} short of the full graph), while its |score| ranking has CPR {act['cpr_abs']:.3f} "
+                  f"and CMD {act['cmd']:.3f} ({act['seconds_per_train_prompt']:.0f} s a train prompt, "
+                  f"{m['eap_ig_activations_passes']} runs of the model each, on a shared machine)."]
+        if signed:
+            writer, reader, _ = signed["edge"]
+            s, f = signed["scores"], signed["faithfulness"]
+            inputs, acts = s["EAP-IG (inputs)"], s["EAP-IG (activations)"]
+            mended = next(v for k, v in f.items() if "scored as by the inputs form" in k)
+            lines[-1] += (f" The same edge is the cause ([`bench/results/eap_ig_signed_gemma3.md`](bench/results/eap_ig_signed_gemma3.md), "
+                          f"`python -m bench.eap_ig_signed --model {r['settings']['model_name']}`, {signed['train']} train and "
+                          f"{signed['test']} held-out prompts): it scores {writer} → {reader} {acts['score']:+.3f} (signed rank "
+                          f"{acts['rank']:,} of {signed['n_edges']:,}), where EAP-IG (inputs) scores it {inputs['score']:+.3f} "
+                          f"(rank {inputs['rank']:,}) and exact edge patching {signed['exact']:+.3f}; with that one edge scored as by "
+                          f"the inputs form its signed CPR goes from {f['EAP-IG (activations)']['cpr']:.3f} to {mended['cpr']:.3f} "
+                          f"(EAP-IG (inputs) {f['EAP-IG (inputs)']['cpr']:.3f}).")
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +383,13 @@ def datasets(r: dict) -> str:
     if two and one:
         text += (f" Two processes under torchrun with {two.get('threads_each', '?')} thread each: {two['seconds'] / one['seconds']:.2f}× "
                  f"the time of one process with {one.get('threads', '?')} ({two['records']} records).")
+    for x in (x for x in ok if x["section"] == "breakdown"):
+        st = x["stages"]
+        text += (f" Where the time of batch {x['batch']} goes (one process, the stages timed in turn): DPA's calls as the runner "
+                 f"makes them take {st['method_calls'] / st['floor']:.2f}× the floor (its cache forward "
+                 f"{st['cache_forward'] / st['floor_forward']:.2f}× the floor's forward), the whole dataset call "
+                 f"{st['dataset_call'] / st['floor']:.2f}×: tokenizing, batching and writing the Parquet shards add "
+                 f"{(st['dataset_call'] - st['method_calls']) / st['floor']:.2f}× of the floor.")
     for kind, label in (("memory-one-length", "records of one length, every full batch of the warm-up's shape"),
                         ("memory", "records of mixed lengths, whose batches take more shapes as records are added, each "
                                    "keeping some native memory under torch")):
@@ -387,12 +413,12 @@ SOURCES: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "speed-answer-gemma3": ((RESULTS / "speed_gemma3.json",), speed_answer),
     "ioi-heads": ((RESULTS / "faithfulness_smollm2.json",), ioi_heads),
     "circuits": ((RESULTS / "circuits_smollm2.json", RESULTS / "eap_ig_signed.json"), circuits),
-    "circuits-gemma3": ((RESULTS / "circuits_gemma3.json",), mib_second_model),
+    "circuits-gemma3": ((RESULTS / "circuits_gemma3.json", RESULTS / "eap_ig_signed_gemma3.json"), mib_second_model),
     "notebooks": ((RESULTS / "notebooks.json",), notebooks),
     "loading": ((RESULTS / "loading.json",), loading),
     "datasets": ((RESULTS / "datasets_smollm2.json",), datasets),
 }
-OPTIONAL = {RESULTS / "faithfulness_gemma3.json", RESULTS / "eap_ig_signed.json"}
+OPTIONAL = {RESULTS / "faithfulness_gemma3.json", RESULTS / "eap_ig_signed.json", RESULTS / "eap_ig_signed_gemma3.json"}
 
 
 def render(text: str) -> str:

@@ -99,6 +99,12 @@ class CachedForward:
         """Where what reads the unembedding runs: its weights' device on a split model, else this forward's device."""
         return self.device if self.layer_devices is None else self.view.unembed_device
 
+    def verify_weights(self) -> None:
+        """After a sweep that recorded into ``weight_probe``: `WeightProbe.verify` against this forward's cache
+        (`CacheError` where the weights it multiplied are not the cached forward's); nothing without a probe."""
+        if self.weight_probe is not None:
+            self.weight_probe.verify(self.cache, self.rotary, self.inputs.real)
+
     def device_for(self, name: str) -> torch.device:
         """Where `act` reads the hook ``name``: a block's hook on its layer's device, any other on this forward's."""
         if self.layer_devices is None:

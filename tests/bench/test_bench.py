@@ -100,7 +100,21 @@ def test_datasets_bench_quick_run(tmp_path):
     data, text = quick_run("datasets", tmp_path)
     assert [r for r in data["rows"] if "error" in r] == []
     assert all(r["written"] == r["records"] for r in data["rows"] if r["measurement"] != "floor")
-    assert "| 2 | 4 |" in text and "## One process or two" in text
+    assert "| 2 | 4 |" in text and "## One process or two" in text and "## Where a dataset run's time goes" in text
+    stages = next(r for r in data["rows"] if r["section"] == "breakdown")["stages"]
+    assert set(stages) == {"floor", "floor_forward", "cache_forward", "method_calls", "dataset_call"}
+    assert stages["floor_forward"] < stages["floor"] and stages["cache_forward"] < stages["method_calls"]
+
+
+def test_a_timed_row_of_several_rounds_keeps_its_fastest_and_fails_only_when_every_round_did():
+    datasets = _module("datasets")
+    runs = [{"seconds": 3.0, "written": 4}, {"error": "killed"}, {"seconds": 2.0, "written": 4}]
+    assert datasets.fastest(runs) == {"seconds": 2.0, "written": 4, "rounds": [3.0, 2.0]}
+    assert datasets.fastest([{"seconds": 5.0}]) == {"seconds": 5.0}
+    assert datasets.fastest([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
+    rows = [{"section": "speed", "rounds": [2.0, 3.0, 2.5]}, {"section": "memory", "rounds": [1.0, 9.0]}]
+    assert "fastest of 3 rounds" in datasets.rounds_note(rows) and "1.50×" in datasets.rounds_note(rows)
+    assert datasets.rounds_note([{"section": "speed", "seconds": 1.0}]) == ""
 
 
 @pytest.mark.smollm2

@@ -158,8 +158,7 @@ def dpa_edges(
         del outs
         value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
         found = search_paths(fwd, start, mu, root=rooted, k=paths) if paths else None
-        if fwd.weight_probe is not None:
-            fwd.weight_probe.verify(fwd.cache, fwd.rotary, fwd.inputs.real)
+        fwd.verify_weights()  # W_Q, W_K and the MLP inputs' weights, read by the sweep through its probe
     result, mask, per_pos = edges.result, edges.mask, edges.per_position
     writers, readers, b = g.writers, g.readers, fwd.batch
     nodes = None

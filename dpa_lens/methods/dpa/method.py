@@ -220,8 +220,7 @@ def dpa(
         scores = sweep(fwd, start, mu, kinds=kinds, neuron_target=neuron_target, head_keys=head_keys,
                        keep_targets=effective_targets, flow=flow, **({} if rooted is None else rooted.sweep_args))
         value = fwd.target.value(fwd.final_input()) if rooted is None else rooted.value(fwd)
-        if fwd.weight_probe is not None:  # the queries', keys' and MLP inputs' weights, read by the sweep (WeightProbe)
-            fwd.weight_probe.verify(fwd.cache, fwd.rotary, fwd.inputs.real)
+        fwd.verify_weights()  # the queries', keys' and MLP inputs' weights, read by the sweep through its probe
     return Attribution(
         method="dpa",
         tokens=scores.tokens,
