@@ -30,9 +30,21 @@ def test_committed_tables_are_rendered_from_the_committed_results(stem):
     assert (results / f"{stem}.md").read_text() == markdown(data)
 
 
-def test_the_eap_ig_signed_table_is_rendered_from_its_committed_results():
-    data = json.loads((BENCH / "results" / "eap_ig_signed.json").read_text())
-    assert (BENCH / "results" / "eap_ig_signed.md").read_text() == _module("eap_ig_signed").markdown(data)
+@pytest.mark.parametrize("stem", ["eap_ig_signed", "eap_ig_signed_gemma3"])
+def test_the_eap_ig_signed_table_is_rendered_from_its_committed_results(stem):
+    data = json.loads((BENCH / "results" / f"{stem}.json").read_text())
+    assert (BENCH / "results" / f"{stem}.md").read_text() == _module("eap_ig_signed").markdown(data)
+
+
+def test_the_eap_ig_signed_edge_is_the_embeddings_edge_into_an_mlp_the_inputs_form_scores_highest():
+    import types
+
+    import torch
+
+    readers = [("L0.mlp", "mlp"), ("L1H0", "q"), ("L1.mlp", "mlp"), ("logit", "logit")]
+    scores = torch.tensor([[[1.0, 9.0, 2.0, 8.0], [5.0, 0.0, 7.0, 0.0]]])  # [row, writer, reader]
+    circuit = types.SimpleNamespace(writers=["embed", "L0.mlp"], readers=readers, scores=scores)
+    assert _module("eap_ig_signed").embedding_to_mlp(circuit) == ("embed", "L1.mlp", "mlp")
 
 
 def test_failures_are_reported_by_their_first_sentence_and_readme_cells_say_why():
