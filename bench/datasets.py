@@ -104,26 +104,31 @@ def floor_batches(model, recs: list[dict], batch: int):
     return out
 
 
-def child_floor(batch: int, n: int, device: str, dtype: str) -> dict:
-    """The floor: transformers (SDPA), forward and backward to the input embeddings, the runner's batches."""
+def floor_pass(hf, batches, device: str, backward: bool = True) -> None:
+    """The floor over `floor_batches`: the transformers model's forward of each batch from its input embeddings and,
+    with ``backward``, the backward of the batch's targets to them."""
     import torch
 
+    for tokens, mask, last, targets in batches:
+        embeds = hf.get_input_embeddings()(tokens.to(device)).detach().requires_grad_(backward)
+        with torch.set_grad_enabled(backward):
+            logits = hf(inputs_embeds=embeds, attention_mask=mask.to(device)).logits
+            if backward:
+                at = logits[torch.arange(len(targets), device=device), last.to(device)]
+                sum(at[i, a] - (at[i, b] if b is not None else 0) for i, (a, b) in enumerate(targets)).backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child_floor(batch: int, n: int, device: str, dtype: str) -> dict:
+    """The floor: transformers (SDPA), forward and backward to the input embeddings, the runner's batches."""
     from bench.speed import load_hf
 
     model = load(device, dtype)
     hf = load_hf(NAME, device, dtype)
 
     def run(recs):
-        for tokens, mask, last, targets in floor_batches(model, recs, batch):
-            tokens, mask = tokens.to(device), mask.to(device)
-            embeds = hf.get_input_embeddings()(tokens).detach().requires_grad_(True)
-            logits = hf(inputs_embeds=embeds, attention_mask=mask).logits
-            rows = torch.arange(len(targets), device=device)
-            at = logits[rows, last.to(device)]
-            value = sum(at[i, a] - (at[i, b] if b is not None else 0) for i, (a, b) in enumerate(targets))
-            value.backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        floor_pass(hf, floor_batches(model, recs, batch), device)
 
     run(records(model, WARMUP, skip=n))
     recs = records(model, n)
@@ -206,15 +211,6 @@ def child_breakdown(batch: int, n: int, device: str, dtype: str, rounds: int = 4
                 if isinstance(p, Prepared)]
     groups, spec = list(batches(prepared, batch)), get_method("dpa")
 
-    def floor(backward: bool = True) -> None:
-        for tokens, mask, last, targets in padded:
-            embeds = hf.get_input_embeddings()(tokens).detach().requires_grad_(backward)
-            with torch.set_grad_enabled(backward):
-                logits = hf(inputs_embeds=embeds, attention_mask=mask).logits
-                if backward:
-                    at = logits[torch.arange(len(targets), device=device), last.to(device)]
-                    sum(at[i, a] - (at[i, b] if b is not None else 0) for i, (a, b) in enumerate(targets)).backward()
-
     def forward() -> None:
         for tokens, mask, _, _ in padded:
             cache_for(model, tokens, attention_mask=mask)
@@ -229,8 +225,8 @@ def child_breakdown(batch: int, n: int, device: str, dtype: str, rounds: int = 4
             folder = Path(tmp) / f"run{len(os.listdir(tmp))}"
             written.append(len(dpa_lens.attribute_dataset(model, "dpa", recs, folder, batch_size=batch, progress=False)))
 
-        stages = {"floor": floor, "floor_forward": lambda: floor(False), "cache_forward": forward, "method_calls": calls,
-                  "dataset_call": dataset}
+        stages = {"floor": lambda: floor_pass(hf, padded, device), "floor_forward": lambda: floor_pass(hf, padded, device, backward=False),
+                  "cache_forward": forward, "method_calls": calls, "dataset_call": dataset}
         seconds: dict[str, list[float]] = {k: [] for k in stages}
         for _ in range(rounds + 1):  # the first round warms up
             for name, fn in stages.items():

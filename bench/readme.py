@@ -226,6 +226,19 @@ def circuits(r: dict, signed: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def signed_cause(signed: dict) -> tuple[str, str]:
+    """The figures of a diagnosis of EAP-IG-activations' signed ranking (bench/results/eap_ig_signed*.json), as two
+    clauses: the edge's scores and ranks, and the signed CPR with that edge scored as by the inputs form."""
+    (writer, reader, _), x, f = signed["edge"], signed["scores"], signed["faithfulness"]
+    acts, inputs = x["EAP-IG (activations)"], x["EAP-IG (inputs)"]
+    rescored = next(v for k, v in f.items() if "scored as by the inputs form" in k)
+    return (f"EAP-IG (activations) scores the edge {writer} → {reader} {acts['score']:+.3f} (signed rank {acts['rank']:,} of "
+            f"{signed['n_edges']:,}), where EAP-IG (inputs) scores it {inputs['score']:+.3f} (rank {inputs['rank']:,}) and exact "
+            f"edge patching {signed['exact']:+.3f}",
+            f"With that one edge scored as by the inputs form its signed CPR on those prompts goes from "
+            f"{f['EAP-IG (activations)']['cpr']:.3f} to {rescored['cpr']:.3f} (EAP-IG (inputs) {f['EAP-IG (inputs)']['cpr']:.3f})")
+
+
 def mib_protocol(r: dict, signed: dict | None = None) -> list[str]:
     """MIB's protocol (a circuit averaged over train prompts, evaluated on held-out prompts) with each method's cost;
     ``signed``: bench/results/eap_ig_signed.json, why EAP-IG-activations' signed ranking fails."""
@@ -259,17 +272,12 @@ def mib_protocol(r: dict, signed: dict | None = None) -> list[str]:
                             else "") + "."]
              if act else [])
     if act and signed:
-        (writer, reader, _), x, f = signed["edge"], signed["scores"], list(signed["faithfulness"].values())
-        acts, inputs = x["EAP-IG (activations)"], x["EAP-IG (inputs)"]
+        edge, rescored = signed_cause(signed)
         after.append(
             f"Why ([`bench/results/eap_ig_signed.md`](bench/results/eap_ig_signed.md), `python -m bench.eap_ig_signed`, "
-            f"{signed['train']} train and {signed['test']} held-out prompts of this section): EAP-IG (activations) scores the "
-            f"edge {writer} → {reader} {acts['score']:+.3f} (signed rank {acts['rank']:,} of {signed['n_edges']:,}), where "
-            f"EAP-IG (inputs) scores it {inputs['score']:+.3f} (rank {inputs['rank']:,}) and exact edge patching "
-            f"{signed['exact']:+.3f}. Every circuit of its signed ranking short of the full graph leaves that edge out, so "
-            f"layer 0's MLP, which the value edges it keeps on top read, gets the corrupted input. With that one edge scored "
-            f"as by the inputs form its signed CPR on those prompts goes from {f[1]['cpr']:.3f} to {f[2]['cpr']:.3f} "
-            f"(EAP-IG (inputs) {f[0]['cpr']:.3f}). The activations form averages each reader's gradient over runs that "
+            f"{signed['train']} train and {signed['test']} held-out prompts of this section): {edge}. Every circuit of its "
+            "signed ranking short of the full graph leaves that edge out, so layer 0's MLP, which the value edges it keeps on "
+            f"top read, gets the corrupted input. {rescored}. The activations form averages each reader's gradient over runs that "
             "each interpolate one group of writers between the corrupted and the clean output and keep the others clean (the "
             "reference's rule): that MLP's input is the clean run's in all of them but those of the embeddings and layer 0's "
             "attention, where the inputs form's runs go from the corrupted input to the clean one.")
@@ -294,17 +302,10 @@ def mib_second_model(r: dict, signed: dict | None = None) -> str:
                   f"and CMD {act['cmd']:.3f} ({act['seconds_per_train_prompt']:.0f} s a train prompt, "
                   f"{m['eap_ig_activations_passes']} runs of the model each, on a shared machine)."]
         if signed:
-            writer, reader, _ = signed["edge"]
-            s, f = signed["scores"], signed["faithfulness"]
-            inputs, acts = s["EAP-IG (inputs)"], s["EAP-IG (activations)"]
-            mended = next(v for k, v in f.items() if "scored as by the inputs form" in k)
+            edge, rescored = signed_cause(signed)
             lines[-1] += (f" The same edge is the cause ([`bench/results/eap_ig_signed_gemma3.md`](bench/results/eap_ig_signed_gemma3.md), "
                           f"`python -m bench.eap_ig_signed --model {r['settings']['model_name']}`, {signed['train']} train and "
-                          f"{signed['test']} held-out prompts): it scores {writer} → {reader} {acts['score']:+.3f} (signed rank "
-                          f"{acts['rank']:,} of {signed['n_edges']:,}), where EAP-IG (inputs) scores it {inputs['score']:+.3f} "
-                          f"(rank {inputs['rank']:,}) and exact edge patching {signed['exact']:+.3f}; with that one edge scored as by "
-                          f"the inputs form its signed CPR goes from {f['EAP-IG (activations)']['cpr']:.3f} to {mended['cpr']:.3f} "
-                          f"(EAP-IG (inputs) {f['EAP-IG (inputs)']['cpr']:.3f}).")
+                          f"{signed['test']} held-out prompts): {edge}. {rescored}.")
     return "\n".join(lines) + "\n"
 
 
