@@ -201,6 +201,39 @@ def profile_sweep(name: str, length: int, device: str) -> dict:
     return {"measurement": "profile", "length": length, "option": "", "seconds": total, "rules": rules, "peak_bytes": 0}
 
 
+def probe_ab(name: str, length: int, device: str, rounds: int) -> dict:
+    """The weight probe's cost in one process: DPA calls on one full cache with the probe and without it, alternated
+    (which goes first alternating too) for ``rounds`` rounds after a warm-up; the fastest and the median of each.
+    Processes differ from one another by more than the probe costs on this machine; calls of one process do not."""
+    import torch
+
+    import dpa_lens
+    import dpa_lens.forward
+    from dpa_lens.validation import WeightProbe
+
+    model = load(name, device, "float32")
+    clean, _ = random_pair(model, length, device)
+    target = (model.to_single_token(" Mary"), model.to_single_token(" John"))
+    times: dict[str, list[float]] = {"probe": [], "noprobe": []}
+    with torch.no_grad():
+        _, cache = dpa_cache(model, clean)
+        try:
+            for k in range(rounds + 1):
+                for arm in ("probe", "noprobe") if k % 2 else ("noprobe", "probe"):
+                    dpa_lens.forward.WeightProbe = WeightProbe if arm == "probe" else (lambda view: None)
+                    start = time.perf_counter()
+                    dpa_lens.run("dpa", model, clean, target, cache=cache, flow=False)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    if k:  # the first round warms up
+                        times[arm].append(time.perf_counter() - start)
+        finally:
+            dpa_lens.forward.WeightProbe = WeightProbe
+    best, median = ({a: f(sorted(t)) for a, t in times.items()} for f in (lambda t: t[0], lambda t: t[len(t) // 2]))
+    return {"measurement": "probe_ab", "length": length, "option": "", "seconds": best["probe"], "noprobe_seconds": best["noprobe"],
+            "median_seconds": median["probe"], "noprobe_median_seconds": median["noprobe"], "rounds": rounds, "peak_bytes": 0}
+
+
 def units(name: str) -> dict:
     """How many heads and neurons the model has (the scaling table's labels)."""
     from dpa_lens.models.bundled import load_bundled_hf
@@ -217,6 +250,7 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     if quick:
         rows = [(m, n, "", "floor") for n in (32, 128) for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
         rows += [(m, 32, "", "methods") for m in ("dpa_edges", "atp", "depass", "unpack", "integrated_gradients")]
+        rows += [("dpa_sweep", 128, "noprobe", "probe"), ("probe_ab", 128, "", "probe")]
         rows += [("cache_check", 128, "", "floor"), ("dpa", 128, "tokens", "scaling"), ("patching", 128, "9", "scaling"),
                  ("profile", 128, "", "profile")]
         rows += [(m, 128, "checkpoint", "checkpoint") for m in ("cache_forward", "dpa")]
@@ -227,7 +261,7 @@ def plan(quick: bool, max_length: int = 8192, max_method_length: int = 1024) -> 
     rows += [(m, 8192, "", "floor") for m in ("hf_forward", "hf_forward_backward", "cache_forward", "dpa_sweep", "dpa")]
     rows += [("cache_check", n, "", "floor") for n in (32, 256, 1024)]  # a fixed cost, inside the sweep's row
     # the A/B of the weight probe (a DPA call with and without it) and the explicit check of the same weights
-    rows += [(m, n, o, "probe") for n in (32, 256, 1024) for m, o in (("dpa_sweep", "noprobe"), ("cache_check", "every"))]
+    rows += [(m, n, o, "probe") for n in (32, 256, 1024) for m, o in (("dpa_sweep", "noprobe"), ("cache_check", "every"), ("probe_ab", ""))]
     rows += [(m, n, "", "methods") for n in (32, 256, 1024) for m in ("dpa_edges", "depass", "atp")]
     rows += [("unpack", n, "", "methods") for n in (32, 256)]  # float64 components × positions × d_mlp per layer: not at 1024
     rows += [(m, n, "", "methods") for n in (32, 256) for m in ("integrated_gradients", "patching")]
@@ -372,6 +406,16 @@ def markdown(result: dict) -> str:
             ratio = f"{a['seconds'] / b['seconds']:.3f}" if a and b else "—"
             lines.append(f"| {n} | {cost_cell(a)} | {cost_cell(b)} | {ratio} | {cost_cell(_get(rows, 'cache_check', n))} | "
                          f"{cost_cell(_get(rows, 'cache_check', n, 'every'))} |")
+        same = [r for n in probe if (r := _get(rows, "probe_ab", n))]
+        if same:
+            lines += ["", "In one process (`probe_ab`: DPA calls on one cache, with the probe and without it alternated, "
+                      "after a warm-up), where the processes' own differences do not enter:", "",
+                      "| tokens | calls of each | probe: fastest, median | no probe: fastest, median | probe / no probe: "
+                      "fastest, median |", "|---:|---:|---|---|---|"]
+            for r in same:
+                lines.append(f"| {r['length']} | {r['rounds']} | {r['seconds']:.3g} s, {r['median_seconds']:.3g} s | "
+                             f"{r['noprobe_seconds']:.3g} s, {r['noprobe_median_seconds']:.3g} s | "
+                             f"{r['seconds'] / r['noprobe_seconds']:.3f}, {r['median_seconds'] / r['noprobe_median_seconds']:.3f} |")
     profiles = sorted((r for r in rows if r["measurement"] == "profile" and "error" not in r), key=lambda r: r["length"])
     if profiles:
         lines += ["", "## Where a DPA call spends its time", "",
@@ -396,6 +440,8 @@ def measure(args: argparse.Namespace, measurement: str, length: int, option: str
     """One row of the plan, in this process."""
     if measurement == "profile":
         return profile_sweep(args.model, length, args.device)
+    if measurement == "probe_ab":
+        return probe_ab(args.model, length, args.device, 2 if args.quick else 16 if length <= 256 else 6)
     return run_one(args.model, measurement, length, args.repeats, args.device, option, args.dtype, args.quick)
 
 

@@ -148,7 +148,7 @@ class CachedForward:
         """Σ_j α_ij per query and head: 1 where a query attends anywhere, 0 on padding rows (a value bias
         reaches a head's output times this)."""
         name = hooks.attn(layer, "pattern")
-        if name in self.cache:
+        if hooks.cached(self.cache, name):
             return self.act(name).sum(-1).transpose(1, 2)
         real = self.inputs.real.to(self.layer_device(layer))
         attends = (real.cumsum(-1) > 0).float()  # some real key at or before the query
@@ -174,7 +174,7 @@ class CachedForward:
         """The layer's attention pattern: cached, or recomputed from the queries and keys (``q``, ``k``
         if given) with a causal and padding mask, then checked against the cached head outputs."""
         name = hooks.attn(layer, "pattern")
-        if name in self.cache:
+        if hooks.cached(self.cache, name):
             return self.act(name)
         if q is None or k is None:
             q, k = self.queries_keys(layer)
@@ -214,7 +214,7 @@ def _rotary_source(view: ModelView, cache: Cache, inputs: RunInputs, device_of: 
 
     # HookedTransformer: buffers indexed by the position ids its forward used. With left padding
     # (an attention mask) those start at each row's first real token; check against the cache.
-    if hooks.attn(0, "pattern") in cache:
+    if hooks.cached(cache, hooks.attn(0, "pattern")):
         pattern = cache[hooks.attn(0, "pattern")]
         attended = pattern.detach().amax(dim=(1, 2)) > 0  # [batch, key]: padded keys get no attention
     else:
@@ -263,7 +263,7 @@ def check_cache_shapes(view: ModelView, cache: Cache, inputs: RunInputs) -> None
         hooks.FINAL_SCALE: (b, n, 1),
     }
     for name, shape in expected.items():
-        if name not in cache:
+        if not hooks.cached(cache, name):
             continue
         got = tuple(cache[name].shape)
         if got != shape:
@@ -339,7 +339,7 @@ def read_forward(
     layer_devices = tuple(view.layer_device(l) for l in range(view.n_layers)) if view.split else None
     fwd = CachedForward(view=view, cache=cache, inputs=inputs, positions=positions, target=resolved, device=device,
                         layer_devices=layer_devices, weight_probe=WeightProbe(view) if checked and weights == "probe" else None)
-    if resolved is not None and hooks.FINAL_NORMALIZED in cache:  # the logits where the unembedding is (never moved)
+    if resolved is not None and hooks.cached(cache, hooks.FINAL_NORMALIZED):  # the logits where the unembedding is (never moved)
         warn_if_not_predicted(model, resolved, fwd.final_input().to(fwd.unembed_device))
     return fwd
 

@@ -121,7 +121,7 @@ def read_inputs(
     attention_mask: Tensor | None = None,
 ) -> RunInputs:
     """Tokens, padding mask and string tokens of the run that made ``cache``."""
-    if hooks.EMBED not in cache:
+    if not hooks.cached(cache, hooks.EMBED):
         raise CacheError(f"the cache has no {hooks.EMBED!r}; dpa_lens needs it to read the input tokens")
     embed = cache[hooks.EMBED]
     if embed.ndim != 3 or embed.shape[-1] != view.d_model:
@@ -129,7 +129,7 @@ def read_inputs(
             f"cache['hook_embed'] has shape {tuple(embed.shape)}, expected [batch, pos, d_model={view.d_model}]: "
             "the cache is from another model, or was made with remove_batch_dim=True (not supported)"
         )
-    if hooks.TOKENS in cache and cache[hooks.TOKENS].shape == embed.shape[:2]:
+    if hooks.cached(cache, hooks.TOKENS) and cache[hooks.TOKENS].shape == embed.shape[:2]:
         found = cache[hooks.TOKENS].long()
         rows = view.W_E[found.to(view.W_E.device)].float() * view.embed_scale
         if not torch.allclose(rows, embed.float().to(view.W_E.device), rtol=1e-3, atol=1e-5 * view.embed_scale):

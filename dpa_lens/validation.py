@@ -42,7 +42,7 @@ def _drops(module: torch.nn.Module) -> bool:
 
 def check_hooks(cache: Any, names: Iterable[str], *, method: str, filter_hint: str) -> None:
     """Raise `CacheError` naming the missing hooks and the ``names_filter`` that caches them."""
-    missing = [n for n in names if n not in cache]
+    missing = [n for n in names if not hooks.cached(cache, n)]
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise CacheError(
@@ -71,7 +71,7 @@ def check_cache_object(cache: Any, method: str) -> None:
 def check_cache_shape(view: ModelView, cache: Any, needed: Iterable[str] = ()) -> None:
     """Raise `CacheError` when the cache's layers or width are not this model's (a cache of another model),
     before any missing hook is reported one by one."""
-    if hooks.EMBED in cache and cache[hooks.EMBED].shape[-1] != view.d_model:
+    if hooks.cached(cache, hooks.EMBED) and cache[hooks.EMBED].shape[-1] != view.d_model:
         raise CacheError(f"this cache was made by a model of width {cache[hooks.EMBED].shape[-1]}; this model's d_model is "
                          f"{view.d_model}: pass the cache of this model's run")
     layers = [l for l in (hooks.layer_of(name) for name in cache.keys()) if l is not None]
@@ -89,7 +89,7 @@ def check_cache_shape(view: ModelView, cache: Any, needed: Iterable[str] = ()) -
 
 def check_finite(cache: Any, names: Iterable[str], method: str) -> None:
     """Raise `CacheError` naming the first hook (among ``names``) whose cached values are not all finite."""
-    named = [(n, cache[n]) for n in names if n in cache and n != hooks.TOKENS and not n.endswith("attn_scores")]
+    named = [(n, cache[n]) for n in names if hooks.cached(cache, n) and n != hooks.TOKENS and not n.endswith("attn_scores")]
     named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
     if not named:
         return
@@ -108,7 +108,7 @@ def check_padding(real: torch.Tensor, cache: Any, *, given_mask: bool) -> None:
     Read from the first cached attention pattern: a key the forward masked gets no attention from any
     real query in any head; a real key gets some (at least from itself). Padding that only padding
     attends to (right padding under a causal mask) changes no real token and passes."""
-    name = next((hooks.attn(l, "pattern") for l in range(64) if hooks.attn(l, "pattern") in cache), None)
+    name = next((hooks.attn(l, "pattern") for l in range(64) if hooks.cached(cache, hooks.attn(l, "pattern"))), None)
     if name is None:
         return
     pattern = cache[name].detach().float().nan_to_num(0.0).cpu()  # [batch, head, query, key]
@@ -158,16 +158,20 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
     every_weight = os.environ.get("DPA_LENS_CHECK") == "every-weight" if every_weight is None else every_weight
     center = rules.norm == "ln"
     checked = 0
-    low = any(cache[n].dtype in (torch.float16, torch.bfloat16) for n in (hooks.EMBED,) if n in cache)
+    low = any(cache[n].dtype in (torch.float16, torch.bfloat16) for n in (hooks.EMBED,) if hooks.cached(cache, n))
     rel = 3e-2 if low else 2e-3
 
     at: list[torch.device | None] = [None]  # a split model: where the layer checked is (its weights never move)
+    spreads: dict[int, _Positions] = {}  # by the number of positions
 
     def get(name: str, spread: bool = True) -> torch.Tensor | None:
-        if name not in cache:
+        if not hooks.cached(cache, name):
             return None
         t = cache[name]
-        t = (t[:, _spread(t.shape[1], n_pos)] if spread else t).float()
+        if spread:
+            n = t.shape[1]
+            t = (spreads.get(n) or spreads.setdefault(n, _Positions(_spread(n, n_pos))))(t)
+        t = t.float()
         return t if at[0] is None else t.to(at[0])
 
     def differ(pred: torch.Tensor, cached: torch.Tensor, atol: float = 1e-5) -> bool:
@@ -219,7 +223,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
         nxt = hooks.resid_pre(layer + 1) if layer + 1 < view.n_layers else hooks.resid_post(layer)
         z, after = get(hooks.attn(layer, "z")), get(nxt)
         attn = None
-        if z is not None and (not rules.post_norms or hooks.norm_scale(layer, "ln1_post") in cache):
+        if z is not None and (not rules.post_norms or hooks.cached(cache, hooks.norm_scale(layer, "ln1_post"))):
             attn = attn_write(view, layer, z)
             if rules.post_norms:
                 attn = push_norm(attn, get(hooks.norm_scale(layer, "ln1_post")), view.norm_weight("ln1_post", layer), center=False)
@@ -241,7 +245,7 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
             post = mlp_post(rules, pre, pre_linear)
         if resid is None or after is None or attn is None or (post is None and rules.has_mlp):
             continue
-        if rules.post_norms and hooks.norm_scale(layer, "ln2_post") not in cache:
+        if rules.post_norms and not hooks.cached(cache, hooks.norm_scale(layer, "ln2_post")):
             continue
         mlp = mlp_write(view, layer, post) if rules.has_mlp else torch.zeros_like(attn)
         if rules.post_norms:
@@ -260,13 +264,28 @@ def _qk_norm_cached(view: ModelView, cache: Any, layer: int, which: str, y: torc
     cached scale, as DPA's sweep reads it (the scale recomputed would hide an edit that scales a head's weights),
     or in full where the cache has no scale."""
     name = hooks.qk_norm(layer, which)
-    if name not in cache:
+    if not hooks.cached(cache, name):
         return qk_normalize(y, view, layer, which)
     n = cache[hooks.EMBED].shape[1]
     s = view.qk_norm_scale(cache, layer, which, y.shape[0], n, heads=y.shape[2])[:, _spread(n, n_pos)].float().to(y.device)
     gain = view.qk_norm_weight(layer, which)
     y = y / s
     return y * gain.detach().float().to(y.device) if gain is not None else y
+
+
+class _Positions:
+    """``t[:, P]`` for positions ``P`` (of `_spread`), by one index tensor per device: indexing with a list makes a
+    new index tensor on every read, a third of `WeightProbe.verify`'s time."""
+
+    def __init__(self, P: list[int]):
+        self.P = P
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        index = self._index.get(t.device)
+        if index is None:
+            index = self._index[t.device] = torch.tensor(self.P, device=t.device)
+        return t.index_select(1, index)
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -281,7 +300,7 @@ def _rotary_dim(view: ModelView, cache: Any, layer: int) -> int | None:
         return None
     if view.rotary_from_cache():
         name = hooks.attn(layer, "cos")
-        return cache[name].shape[-1] if name in cache else None
+        return cache[name].shape[-1] if hooks.cached(cache, name) else None
     return view.rotary_buffers(layer)[0].shape[-1]
 
 
@@ -352,13 +371,14 @@ class WeightProbe:
         center = rules.norm == "ln"
         low = cache[hooks.EMBED].dtype in (torch.float16, torch.bfloat16)
         rel = 3e-2 if low else 1e-4
+        P = _spread(cache[hooks.EMBED].shape[1], self.n_pos)
+        at = _Positions(P)
+        checked: dict[torch.device, list[tuple[int, str, torch.Tensor, torch.Tensor]]] = {}
         for (layer, block), v in self._products.items():
-            n = cache[hooks.EMBED].shape[1]
-            P = _spread(n, self.n_pos)
             dev = v.device
 
-            def get(name: str, P: list[int] = P, dev: torch.device = dev) -> torch.Tensor | None:
-                return cache[name][:, P].float().to(dev) if name in cache else None
+            def get(name: str, dev: torch.device = dev) -> torch.Tensor | None:
+                return at(cache[name]).float().to(dev) if hooks.cached(cache, name) else None
 
             if block == "attn":
                 stream, scale, gain = get(hooks.resid_pre(layer)), get(hooks.norm_scale(layer, "ln1")), view.norm_weight("ln1", layer)
@@ -366,27 +386,30 @@ class WeightProbe:
                 stream, scale, gain = _mlp_stream(view, cache, layer, get), get(hooks.norm_scale(layer, "ln2")), view.norm_weight("ln2", layer)
             if stream is None or scale is None:
                 continue  # not checkable from this cache (as in check_cache_model)
-            x = push_norm(stream, view.stream_scale(scale), gain, center=center)  # [b, P, d_model]
-            lhs = x @ v
-            size = (x * v).abs().sum(-1)
-            rhs = torch.zeros_like(lhs)
+            xs = [push_norm(stream, view.stream_scale(scale), gain, center=center)]  # [b, P, d_model]
+            us = [v]
             for which, weight, r in self._rows[(layer, block)]:
-                y, b = _projection(view, cache, layer, which, P, rotary, get)
+                y, b = _projection(view, cache, layer, which, at, rotary, get)
                 if y is None:
                     break
-                y = y.flatten(2) - (b.to(dev).flatten() if b is not None else 0.0)
-                rhs = rhs + weight * (y @ r)
-                size = size + abs(weight) * (y * r).abs().sum(-1)
-            else:
-                off = (lhs - rhs).abs() > rel * size + 1e-6
-                if real is not None:
-                    off &= real[:, P].to(off.device).bool()
-                if bool(off.any()):
-                    names = {"attn": "W_Q, W_K and W_V", "mlp": "W_in and W_gate" if rules.gated else "W_in"}[block]
-                    raise CacheError(f"the cache does not match this model's weights at layer {layer} ({names} applied to the "
-                                     "cached stream differ from the cached projections): it was made by another model (another "
-                                     "checkpoint or seed) or before the weights were edited, or its activations were edited after "
-                                     "caching; pass the cache of this model's run")
+                xs.append(y.flatten(2) - b.to(dev).flatten() if b is not None else y.flatten(2))
+                us.append(r * -weight)
+            else:  # x·v − Σ_i w_i (y_i − b_i)·r_i as one product, and the size of its terms
+                x, u = torch.cat(xs, -1), torch.cat(us)
+                checked.setdefault(dev, []).append((layer, block, x @ u, x.abs() @ u.abs()))
+        for dev, found in checked.items():  # compared at the end, all layers of a device at once
+            diff, size = torch.stack([f[2] for f in found]), torch.stack([f[3] for f in found])  # [layers, b, P]
+            off = diff.abs() > rel * size + 1e-6
+            if real is not None:
+                off &= real[:, P].to(dev).bool()
+            off = off.flatten(1).any(-1)
+            if bool(off.any()):
+                layer, block = found[int(off.nonzero()[0])][:2]
+                names = {"attn": "W_Q, W_K and W_V", "mlp": "W_in and W_gate" if rules.gated else "W_in"}[block]
+                raise CacheError(f"the cache does not match this model's weights at layer {layer} ({names} applied to the "
+                                 "cached stream differ from the cached projections): it was made by another model (another "
+                                 "checkpoint or seed) or before the weights were edited, or its activations were edited after "
+                                 "caching; pass the cache of this model's run")
 
 
 def _mlp_stream(view: ModelView, cache: Any, layer: int, get: Any) -> torch.Tensor | None:
@@ -400,7 +423,7 @@ def _mlp_stream(view: ModelView, cache: Any, layer: int, get: Any) -> torch.Tens
     if mid is not None or resid is None:
         return mid
     z = get(hooks.attn(layer, "z"))
-    if z is None or (rules.post_norms and hooks.norm_scale(layer, "ln1_post") not in cache):
+    if z is None or (rules.post_norms and not hooks.cached(cache, hooks.norm_scale(layer, "ln1_post"))):
         return None
     attn = attn_write(view, layer, z)
     if rules.post_norms:
@@ -408,7 +431,7 @@ def _mlp_stream(view: ModelView, cache: Any, layer: int, get: Any) -> torch.Tens
     return resid + attn
 
 
-def _projection(view: ModelView, cache: Any, layer: int, which: str, P: list[int], rotary: Any,
+def _projection(view: ModelView, cache: Any, layer: int, which: str, at: _Positions, rotary: Any,
                 get: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A sublayer's cached projection ``y = x W + b`` before any rotary or query-key norm, ``[batch, P, heads,
     d_head]`` (``[batch, P, d_mlp]`` for ``"in"``/``"gate"``), with its bias ``b``; None where the cache lacks it."""
@@ -428,12 +451,12 @@ def _projection(view: ModelView, cache: Any, layer: int, which: str, P: list[int
     rot = rotary(layer)
     if rot is None:
         return None, bias
-    cos, sin = (t[:, P].float().to(y.device) for t in rot)
+    cos, sin = (at(t).float().to(y.device) for t in rot)
     y = unrotate(y, cos, sin, view.adjacent_pairs)
     if rules.qk_norm:  # y was normed per head: undo it with the cached scale (dimensions of gain 0 are out of r)
         gain = view.qk_norm_weight(layer, which)
-        s = view.qk_norm_scale(cache, layer, which, y.shape[0], cache[hooks.EMBED].shape[1], heads=y.shape[2])[:, P]
-        s = s.float().to(y.device)
+        s = view.qk_norm_scale(cache, layer, which, y.shape[0], cache[hooks.EMBED].shape[1], heads=y.shape[2])
+        s = at(s).float().to(y.device)
         y = y * s
         if gain is not None:
             g = gain.detach().float().to(y.device)

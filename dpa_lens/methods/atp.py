@@ -50,7 +50,7 @@ def clean_activations(
 ) -> dict[str, Tensor]:
     needed = [hooks.EMBED, hooks.FINAL_NORMALIZED] + [n for n in names if not n.endswith(("pattern", "attn_scores"))]
     if clean_cache is not None:
-        missing = [n for n in needed if n not in clean_cache]
+        missing = [n for n in needed if not hooks.cached(clean_cache, n)]
         if missing:
             raise CacheError(f"clean_cache lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}; cache the clean run without a names_filter")
         read_inputs(view, clean_cache, tokens=tokens)  # the cache must be of these clean tokens

@@ -145,7 +145,7 @@ def activation_patching(
         elif metric:
             clean_logits = model(clean_tok, **kwargs)
         corr_logits, corr_cache = model.run_with_cache(corr_tok, names_filter=lambda n: n == hooks.FINAL_NORMALIZED, **kwargs)
-    missing = [n for n in wanted if n not in clean_cache]
+    missing = [n for n in wanted if not hooks.cached(clean_cache, n)]
     if missing:
         raise CacheError(f"clean_cache lacks {missing[:3]}; cache the clean run without a names_filter")
     if metric:

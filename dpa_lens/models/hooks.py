@@ -12,11 +12,20 @@ hooks the same way; every hook name dpa_lens reads or writes is built here::
 
 from __future__ import annotations
 
+from typing import Any
+
 EMBED = "hook_embed"
 POS_EMBED = "hook_pos_embed"
 TOKENS = "embed.hook_in"  # the input token ids, cached by the bridge
 FINAL_SCALE = "ln_final.hook_scale"
 FINAL_NORMALIZED = "ln_final.hook_normalized"
+
+
+def cached(cache: Any, name: str) -> bool:
+    """Whether ``cache`` (an ``ActivationCache`` or a dict) holds the hook ``name``. Asked of its dictionary:
+    ``name in cache`` walks every key of an ``ActivationCache`` (36 µs on a TransformerLens 4 bridge of
+    SmolLM2, 1,333 keys; a DPA call asks about 1,400 times)."""
+    return name in getattr(cache, "cache_dict", cache)
 
 
 def block(layer: int, name: str) -> str:

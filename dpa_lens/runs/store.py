@@ -133,7 +133,7 @@ class Store:
         # no dictionary encoding (scores repeat no values: trying it was 85 % of a shard's write) and statistics only of
         # the record columns (they let a reader find an id without reading the scores)
         options = {"use_dictionary": False, "write_statistics": ["id", "index"]}
-        return write_atomic(path, lambda handle: pq.write_table(table, handle, **options), what="a shard of results")
+        return write_atomic(path, lambda name: pq.write_table(table, name, **options), what="a shard of results", by_name=True)
 
     def write_skipped(self, rank: int, skipped: Sequence[Skip]) -> None:
         """The records process ``rank`` could not attribute (replacing its earlier list)."""

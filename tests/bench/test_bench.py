@@ -98,6 +98,8 @@ def test_bench_quick_run(script, tmp_path):
         assert "## Activation checkpointing" in text and {r["measurement"] for r in rows if r["option"] == "checkpoint"} == {
             "cache_forward", "dpa"}
         assert "## The same with the logits at the answer position only" in text
+        ab = next(r for r in rows if r["measurement"] == "probe_ab")  # the probe's A/B in one process
+        assert ab["rounds"] == 2 and ab["noprobe_seconds"] > 0 and "In one process (`probe_ab`" in text and "| 128 | 2 |" in text
         assert {r["measurement"] for r in rows if r["option"] == "answer"} == {"hf_forward_backward", "tl_forward",
                                                                                  "cache_forward", "dpa"}
         profile = next(r for r in rows if r["measurement"] == "profile")

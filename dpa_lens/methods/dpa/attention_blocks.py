@@ -78,7 +78,7 @@ def head_paths(
     G = H // K
     scale, cap = view.attn_scale(layer), view.rules.attn_softcap
     name = hooks.attn(layer, "pattern")
-    cached = name in fwd.cache
+    cached = hooks.cached(fwd.cache, name)
     real = fwd.inputs.real.to(lam.device)
     padded = not bool(real.all())  # only then can a query row have no key to attend to
     split = lambda t: t.view(b, n, K, G, -1).permute(0, 2, 3, 1, 4)  # noqa: E731  [b, n, H, e] -> [b, K, G, n, e]

@@ -47,14 +47,14 @@ def is_checkpointed(view: ModelView, cache: Cache) -> bool:
     them, ``dpa_names_filter(model, checkpoint=True)`` (read as a full cache, its error would list the layers'
     internals instead)."""
     names = checkpoint_hook_names(view)
-    if hooks.attn(0, "v") in cache:
+    if hooks.cached(cache, hooks.attn(0, "v")):
         return False
-    if all(name in cache for name in names):
+    if all(hooks.cached(cache, name) for name in names):
         return True
     streams = flow_hooks(view)
-    if 2 * sum(name in cache for name in streams) < len(streams):
+    if 2 * sum(hooks.cached(cache, name) for name in streams) < len(streams):
         return False
-    if any(name in cache for layer in range(1, view.n_layers) for name in layer_internals(view, layer)):
+    if any(hooks.cached(cache, name) for layer in range(1, view.n_layers) for name in layer_internals(view, layer)):
         return False
     try:
         check_checkpointable(view)  # a model dpa_names_filter(model, checkpoint=True) refuses: read as a full cache
