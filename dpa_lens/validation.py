@@ -162,16 +162,13 @@ def check_cache_model(view: ModelView, cache: Any, n_pos: int = 4, *, every_weig
     rel = 3e-2 if low else 2e-3
 
     at: list[torch.device | None] = [None]  # a split model: where the layer checked is (its weights never move)
-    spreads: dict[int, _Positions] = {}  # by the number of positions
+    spread_at = _Positions(n_pos)
 
     def get(name: str, spread: bool = True) -> torch.Tensor | None:
         if not hooks.cached(cache, name):
             return None
         t = cache[name]
-        if spread:
-            n = t.shape[1]
-            t = (spreads.get(n) or spreads.setdefault(n, _Positions(_spread(n, n_pos))))(t)
-        t = t.float()
+        t = (spread_at(t) if spread else t).float()
         return t if at[0] is None else t.to(at[0])
 
     def differ(pred: torch.Tensor, cached: torch.Tensor, atol: float = 1e-5) -> bool:
@@ -266,25 +263,26 @@ def _qk_norm_cached(view: ModelView, cache: Any, layer: int, which: str, y: torc
     name = hooks.qk_norm(layer, which)
     if not hooks.cached(cache, name):
         return qk_normalize(y, view, layer, which)
-    n = cache[hooks.EMBED].shape[1]
-    s = view.qk_norm_scale(cache, layer, which, y.shape[0], n, heads=y.shape[2])[:, _spread(n, n_pos)].float().to(y.device)
+    s = _Positions(n_pos)(view.qk_norm_scale(cache, layer, which, y.shape[0], cache[hooks.EMBED].shape[1], heads=y.shape[2]))
+    s = s.float().to(y.device)
     gain = view.qk_norm_weight(layer, which)
     y = y / s
     return y * gain.detach().float().to(y.device) if gain is not None else y
 
 
 class _Positions:
-    """``t[:, P]`` for positions ``P`` (of `_spread`), by one index tensor per device: indexing with a list makes a
-    new index tensor on every read, a third of `WeightProbe.verify`'s time."""
+    """``t[:, P]`` for ``P`` = `_spread` ``(t.shape[1], n_pos)``, by one index tensor per length and device: indexing
+    with a list makes a new index tensor on every read, a third of `WeightProbe.verify`'s time."""
 
-    def __init__(self, P: list[int]):
-        self.P = P
-        self._index: dict[torch.device, torch.Tensor] = {}
+    def __init__(self, n_pos: int):
+        self.n_pos = n_pos
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        index = self._index.get(t.device)
+        key = (t.shape[1], t.device)
+        index = self._index.get(key)
         if index is None:
-            index = self._index[t.device] = torch.tensor(self.P, device=t.device)
+            index = self._index[key] = torch.tensor(_spread(t.shape[1], self.n_pos), device=t.device)
         return t.index_select(1, index)
 
 
@@ -371,8 +369,7 @@ class WeightProbe:
         center = rules.norm == "ln"
         low = cache[hooks.EMBED].dtype in (torch.float16, torch.bfloat16)
         rel = 3e-2 if low else 1e-4
-        P = _spread(cache[hooks.EMBED].shape[1], self.n_pos)
-        at = _Positions(P)
+        at = _Positions(self.n_pos)
         checked: dict[torch.device, list[tuple[int, str, torch.Tensor, torch.Tensor]]] = {}
         for (layer, block), v in self._products.items():
             dev = v.device
@@ -401,7 +398,7 @@ class WeightProbe:
             diff, size = torch.stack([f[2] for f in found]), torch.stack([f[3] for f in found])  # [layers, b, P]
             off = diff.abs() > rel * size + 1e-6
             if real is not None:
-                off &= real[:, P].to(dev).bool()
+                off &= at(real.to(dev)).bool()
             off = off.flatten(1).any(-1)
             if bool(off.any()):
                 layer, block = found[int(off.nonzero()[0])][:2]
